@@ -1,0 +1,133 @@
+"""Scan operators and the one place where an implementation is chosen.
+
+`impl` picks the implementation: "auto" (Pallas on GPU when available, XLA elsewhere), "pallas",
+"xla" or "reference" (the slow sequential scan used by tests).
+"""
+
+import math
+
+import jax
+
+from mamba_jax.ops.selective_scan.reference import selective_scan_reference
+from mamba_jax.ops.selective_scan.xla import selective_scan_xla
+from mamba_jax.ops.ssd.reference import ssd_reference
+from mamba_jax.ops.ssd.xla import ssd_xla
+
+IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+def _pallas_module(op: str):
+  """The Pallas implementation of `op`, or None where it does not exist (yet)."""
+  try:
+    if op == "ssd":
+      from mamba_jax.ops.ssd import pallas_triton as mod  # noqa: PLC0415
+    else:
+      from mamba_jax.ops.selective_scan import pallas_triton as mod  # noqa: PLC0415
+  except ImportError:
+    return None
+  return mod
+
+
+def resolve_impl(impl: str, op: str) -> str:
+  """Turns "auto" into a concrete implementation for the default backend."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" and _pallas_module(op) is not None else "xla"
+  if impl == "pallas" and _pallas_module(op) is None:
+    raise NotImplementedError(f"no Pallas implementation of {op} in this build; use impl='xla'")
+  return impl
+
+
+def ssd(
+  x,
+  dt,
+  A,
+  B,
+  C,
+  chunk_size: int,
+  D=None,
+  z=None,
+  dt_bias=None,
+  dt_softplus: bool = False,
+  dt_limit: tuple[float, float] = (0.0, math.inf),
+  initial_states=None,
+  return_final_states: bool = False,
+  *,
+  impl: str = "auto",
+):
+  """Mamba2 SSD scan (the semantics of mamba_ssm's `mamba_chunk_scan_combined`).
+
+  Per head h (group g = h // (nheads / ngroups)), with dt' = clamp(softplus(dt + dt_bias)) when asked:
+    S_t = exp(dt'_t A_h) S_{t-1} + dt'_t x_t B_t^T,   y_t = S_t C_t + D_h x_t,   y_t *= silu(z_t).
+
+  Args:
+    x: `(batch, seqlen, nheads, headdim)`.
+    dt: `(batch, seqlen, nheads)`, raw time step.
+    A: `(nheads,)`, negative decay rates (`-exp(A_log)`).
+    B, C: `(batch, seqlen, ngroups, dstate)`.
+    chunk_size: SSD block length; any seqlen works (the tail chunk is padded).
+    D: `(nheads,)` or `(nheads, headdim)` skip connection.
+    z: `(batch, seqlen, nheads, headdim)` gate.
+    dt_bias: `(nheads,)`. dt_softplus: apply softplus (threshold 20). dt_limit: clamp after softplus.
+    initial_states: `(batch, nheads, headdim, dstate)`.
+    return_final_states: also return the final state, float32 `(batch, nheads, headdim, dstate)`.
+    impl: "auto" | "pallas" | "xla" | "reference".
+
+  Returns:
+    y `(batch, seqlen, nheads, headdim)` in x's dtype (state and accumulation are float32), and the
+    final state when `return_final_states`.
+  """
+  args = (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, tuple(dt_limit), initial_states, return_final_states)
+  impl = resolve_impl(impl, "ssd")
+  if impl == "reference":
+    return ssd_reference(*args)
+  if impl == "pallas":
+    return _pallas_module("ssd").ssd_pallas(*args)
+  return ssd_xla(*args)
+
+
+def selective_scan(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D=None,
+  z=None,
+  delta_bias=None,
+  delta_softplus: bool = False,
+  initial_state=None,
+  return_last_state: bool = False,
+  *,
+  impl: str = "auto",
+):
+  """Mamba1 selective scan (the semantics of mamba_ssm's `selective_scan_fn`), **channels-last**.
+
+  Unlike `selective_scan_fn`, whose tensors are `(batch, d_inner, seqlen)`, every sequence tensor here
+  is `(batch, seqlen, channels)`, the layout the rest of the model uses. With d' = softplus(delta +
+  delta_bias) when asked:
+    h_t = exp(d'_t A) h_{t-1} + d'_t B_t u_t,   y_t = h_t C_t + D u_t,   y_t *= silu(z_t).
+
+  Args:
+    u, delta, z: `(batch, seqlen, d_inner)`.
+    A: `(d_inner, dstate)`.
+    B, C: `(batch, seqlen, dstate)`.
+    D, delta_bias: `(d_inner,)`.
+    initial_state: `(batch, d_inner, dstate)`.
+    return_last_state: also return the last state, float32 `(batch, d_inner, dstate)`.
+    impl: "auto" | "pallas" | "xla" | "reference".
+
+  Returns:
+    y `(batch, seqlen, d_inner)` in u's dtype, and the last state when `return_last_state`.
+  """
+  args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+  impl = resolve_impl(impl, "selective_scan")
+  if impl == "reference":
+    return selective_scan_reference(*args)
+  if impl == "pallas":
+    return _pallas_module("selective_scan").selective_scan_pallas(*args)
+  return selective_scan_xla(*args)
+
+
+__all__ = ["ssd", "selective_scan", "ssd_reference", "selective_scan_reference", "ssd_xla", "selective_scan_xla"]

@@ -1,0 +1,1 @@
+"""Mamba1 selective scan: sequential reference and chunked XLA implementation."""

@@ -1,0 +1,1 @@
+"""Mamba2 chunked state-space duality (SSD) scan: sequential reference and XLA implementation."""
