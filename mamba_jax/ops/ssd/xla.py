@@ -69,9 +69,7 @@ def ssd_xla(
 
   # 3. Recurrence over chunks (sequential over c only; each step is one (b, h, p, n) update).
   chunk_decay = jnp.exp(dA_cum[:, :, -1])  # (b, c, g, r)
-  S0 = (
-    jnp.zeros((b, g, r, p, n), acc) if initial_states is None else initial_states.astype(acc).reshape(b, g, r, p, n)
-  )
+  S0 = jnp.zeros((b, g, r, p, n), acc) if initial_states is None else initial_states.astype(acc).reshape(b, g, r, p, n)
 
   def carry_over(S, inputs):
     new, dec = inputs

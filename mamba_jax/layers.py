@@ -1,0 +1,91 @@
+"""Building blocks shared by both mixers: RMSNorm, grouped gated RMSNorm, causal depthwise conv.
+
+Shape legend: b batch, l length, d model width, c conv channels, k conv width.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 with the weight applied before the cast."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5):
+    self.weight = nnx.Param(jnp.ones((dim,), F32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    out_dtype = out_dtype or x.dtype
+    x32 = x.astype(F32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(F32)).astype(out_dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+  """mamba_ssm's gated RMSNorm with `ngroups` contiguous groups of channels.
+
+  norm_before_gate=False: norm(y * silu(z)); True: norm(y) * silu(z). Each group of `dim / ngroups`
+  channels is normalised on its own (transformers' Mamba2 ignores groups; this follows mamba_ssm).
+  """
+
+  def __init__(self, dim: int, *, ngroups: int = 1, eps: float = 1e-5, norm_before_gate: bool = False):
+    self.weight = nnx.Param(jnp.ones((dim,), F32))
+    self.ngroups = ngroups
+    self.eps = eps
+    self.norm_before_gate = norm_before_gate
+
+  def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+    out_dtype = y.dtype
+    y32, gate = y.astype(F32), jax.nn.silu(z.astype(F32))
+    if not self.norm_before_gate:
+      y32 = y32 * gate
+    grouped = y32.reshape(*y32.shape[:-1], self.ngroups, -1)
+    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
+    out = grouped.reshape(y32.shape) * self.weight[...].astype(F32)
+    if self.norm_before_gate:
+      out = out * gate
+    return out.astype(out_dtype)
+
+
+class CausalConv1d(nnx.Module):
+  """Depthwise causal conv over time, channels-last. `kernel` (k, c): kernel[k-1] multiplies the current step.
+
+  torch's `Conv1d(groups=c)` weight (c, 1, k) maps to `kernel = weight[:, 0, :].T`; both are cross-correlations.
+  """
+
+  def __init__(self, channels: int, width: int, *, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+    bound = 1.0 / width**0.5  # torch's default Conv1d init for fan_in = width
+    self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound))
+    self.bias = (
+      nnx.Param(jax.random.uniform(rngs.params(), (channels,), param_dtype, -bound, bound)) if use_bias else None
+    )
+    self.width = width
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x (b, l, c) -> (b, l, c), zero history before t = 0."""
+    w = self.kernel[...].astype(F32)
+    k, l = self.width, x.shape[1]
+    xp = jnp.pad(x.astype(F32), ((0, 0), (k - 1, 0), (0, 0)))
+    out = sum(xp[:, i : i + l] * w[i] for i in range(k))  # k shifted multiply-adds, fused by XLA
+    if self.bias is not None:
+      out = out + self.bias[...].astype(F32)
+    return out.astype(x.dtype)
+
+  def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step. x_t (b, c); conv_state (b, k, c) holds the last k inputs, oldest first."""
+    conv_state = jnp.concatenate([conv_state[:, 1:], x_t[:, None].astype(conv_state.dtype)], axis=1)
+    out = jnp.einsum("bkc,kc->bc", conv_state.astype(F32), self.kernel[...].astype(F32))
+    if self.bias is not None:
+      out = out + self.bias[...].astype(F32)
+    return out.astype(x_t.dtype), conv_state
+
+  @staticmethod
+  def state_from_inputs(x: jax.Array, width: int) -> jax.Array:
+    """The conv state after a prefill: the last `width` inputs (b, k, c), left zero-padded."""
+    l = x.shape[1]
+    if l >= width:
+      return x[:, l - width :]
+    return jnp.pad(x, ((0, 0), (width - l, 0), (0, 0)))

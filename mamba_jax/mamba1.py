@@ -1,0 +1,88 @@
+"""Mamba1 mixer (mamba_ssm `Mamba`): in_proj -> causal conv -> selective scan -> gate -> out_proj.
+
+Shape legend: b batch, l length, d model width, e inner channels (d_inner), n state, r dt rank, k conv width.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax import ops
+from mamba_jax.cache import MixerCache
+from mamba_jax.config import MambaConfig
+from mamba_jax.layers import F32, CausalConv1d
+from mamba_jax.ops._dt import softplus
+
+
+class Mamba1Mixer(nnx.Module):
+  """Selective SSM mixer with parameter names as in mamba_ssm (`A_log`, `D`, `dt_proj`, ...)."""
+
+  def __init__(self, cfg: MambaConfig, *, dtype=None, param_dtype=F32, scan_impl: str = "auto", rngs: nnx.Rngs):
+    e, n, r, d = cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_model
+    lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.in_proj = nnx.Linear(d, 2 * e, use_bias=cfg.bias, **lin)
+    self.conv1d = CausalConv1d(e, cfg.d_conv, use_bias=cfg.conv_bias, param_dtype=param_dtype, rngs=rngs)
+    self.x_proj = nnx.Linear(e, r + 2 * n, use_bias=False, **lin)
+    self.dt_proj = nnx.Linear(r, e, use_bias=True, **lin)
+    # S4D-real init, overwritten by any checkpoint. Kept in float32 like mamba_ssm.
+    self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=F32), (e, n))))
+    self.D = nnx.Param(jnp.ones((e,), F32))
+    self.out_proj = nnx.Linear(e, d, use_bias=cfg.bias, **lin)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.scan_impl = scan_impl
+
+  def _A(self) -> jax.Array:  # (e, n)
+    return -jnp.exp(self.A_log[...].astype(F32))
+
+  def _project(self, xc: jax.Array):
+    """xc (..., e) -> dt_low-projected dt (..., e) without bias, B (..., n), C (..., n)."""
+    r, n = self.cfg.dt_rank_value, self.cfg.d_state
+    x_dbl = self.x_proj(xc)
+    dt_low, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+    dt = dt_low @ self.dt_proj.kernel[...].astype(dt_low.dtype)  # the bias is added in float32 by the scan
+    return dt, B, C
+
+  @jax.named_scope("mamba1_mixer")
+  def __call__(self, u: jax.Array, *, return_cache: bool = False):
+    """u (b, l, d) -> (b, l, d); with `return_cache`, also the MixerCache after the last step."""
+    x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, e) each
+    xc = jax.nn.silu(self.conv1d(x))
+    dt, B, C = self._project(xc)
+    y, h = ops.selective_scan(
+      xc,
+      dt,
+      self._A(),
+      B,
+      C,
+      D=self.D[...],
+      z=z,
+      delta_bias=self.dt_proj.bias[...],
+      delta_softplus=True,
+      return_last_state=True,
+      impl=self.scan_impl,
+    )
+    out = self.out_proj(y)
+    if return_cache:
+      return out, MixerCache(CausalConv1d.state_from_inputs(x, self.cfg.d_conv), h)
+    return out
+
+  def init_cache(self, batch: int, dtype=F32) -> MixerCache:
+    cfg = self.cfg
+    return MixerCache(
+      jnp.zeros((batch, cfg.d_conv, cfg.d_inner), dtype), jnp.zeros((batch, cfg.d_inner, cfg.d_state), F32)
+    )
+
+  @jax.named_scope("mamba1_step")
+  def step(self, u_t: jax.Array, cache: MixerCache) -> tuple[jax.Array, MixerCache]:
+    """One token: u_t (b, d) -> (b, d)."""
+    x, z = jnp.split(self.in_proj(u_t), 2, axis=-1)  # (b, e)
+    xc, conv_state = self.conv1d.step(x, cache.conv_state)
+    xc = jax.nn.silu(xc)
+    dt, B, C = self._project(xc)
+    dt = softplus(dt.astype(F32) + self.dt_proj.bias[...].astype(F32))  # (b, e)
+    dA = jnp.exp(dt[..., None] * self._A())  # (b, e, n)
+    h = cache.ssm_state * dA + (dt * xc.astype(F32))[..., None] * B.astype(F32)[:, None, :]
+    y = jnp.einsum("ben,bn->be", h, C.astype(F32), precision="highest") + self.D[...] * xc.astype(F32)
+    y = (y * jax.nn.silu(z.astype(F32))).astype(xc.dtype)
+    return self.out_proj(y), MixerCache(conv_state, h)

@@ -1,0 +1,128 @@
+"""The language model: embedding -> pre-norm residual blocks -> final norm -> LM head.
+
+Shape legend: b batch, l length, d model width, v padded vocabulary.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba_jax.cache import MixerCache
+from mamba_jax.config import MambaConfig
+from mamba_jax.layers import F32, RMSNorm
+from mamba_jax.mamba1 import Mamba1Mixer
+from mamba_jax.mamba2 import Mamba2Mixer
+
+
+class Block(nnx.Module):
+  """x + Mixer(RMSNorm(x)), the residual stream kept in float32 when `residual_in_fp32`."""
+
+  def __init__(self, cfg: MambaConfig, *, dtype, param_dtype, scan_impl: str, rngs: nnx.Rngs):
+    self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
+    mixer_cls = Mamba1Mixer if cfg.arch == "mamba1" else Mamba2Mixer
+    self.mixer = mixer_cls(cfg, dtype=dtype, param_dtype=param_dtype, scan_impl=scan_impl, rngs=rngs)
+
+  def __call__(self, residual: jax.Array, compute_dtype, *, return_cache: bool = False):
+    out = self.mixer(self.norm(residual, compute_dtype), return_cache=return_cache)
+    hidden, cache = out if return_cache else (out, None)
+    residual = (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype)
+    return residual, cache
+
+  def step(self, residual: jax.Array, cache: MixerCache, compute_dtype):
+    hidden, cache = self.mixer.step(self.norm(residual, compute_dtype), cache)
+    return (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype), cache
+
+
+class Backbone(nnx.Module):
+  """mamba_ssm `MixerModel`: embedding, blocks, final RMSNorm."""
+
+  def __init__(self, cfg: MambaConfig, *, dtype, param_dtype, scan_impl: str, rngs: nnx.Rngs):
+    self.embedding = nnx.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, scan_impl=scan_impl, rngs=rngs)
+    self.layers = nnx.List([Block(cfg, **kw) for _ in range(cfg.n_layer)])
+    self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
+
+
+class MambaLM(nnx.Module):
+  """Mamba1 or Mamba2 causal language model (mamba_ssm `MambaLMHeadModel`).
+
+  Calling it on int token ids `(b, l)` returns logits `(b, l, padded_vocab)` in the compute dtype.
+  `prefill` + `step` decode recurrently with a per-layer `MixerCache`.
+  """
+
+  def __init__(
+    self,
+    cfg: MambaConfig,
+    *,
+    dtype=None,
+    param_dtype=F32,
+    scan_impl: str = "auto",
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
+    """Args:
+    cfg: the architecture.
+    dtype: compute dtype (None: the parameter dtype).
+    param_dtype: dtype of the weight matrices, embedding and conv (A_log, D, dt biases and norms stay float32).
+    scan_impl: "auto" | "pallas" | "xla" | "reference", passed to `mamba_jax.ops`.
+    remat: rematerialise each block in the backward pass (long-context gradients).
+    """
+    self.cfg = cfg
+    self.dtype = jnp.dtype(dtype or param_dtype)
+    self.remat = remat
+    self.backbone = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, scan_impl=scan_impl, rngs=rngs)
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else nnx.Linear(
+        cfg.d_model, cfg.padded_vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+      )
+    )
+
+  def _embed(self, input_ids: jax.Array) -> jax.Array:
+    x = self.backbone.embedding(input_ids).astype(self.dtype)
+    return x.astype(F32) if self.cfg.residual_in_fp32 else x
+
+  def _head(self, residual: jax.Array) -> jax.Array:
+    return self.logits_from_hidden(self.backbone.norm_f(residual, self.dtype))
+
+  def hidden_states(self, input_ids: jax.Array) -> jax.Array:
+    """(b, l) int -> final-normed hidden states (b, l, d), before the LM head."""
+    residual = self._embed(input_ids)
+    for layer in self.backbone.layers:
+      if self.remat:
+        residual, _ = nnx.remat(lambda blk, r: blk(r, self.dtype))(layer, residual)
+      else:
+        residual, _ = layer(residual, self.dtype)
+    return self.backbone.norm_f(residual, self.dtype)
+
+  def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+    """(..., d) final-normed hidden states -> (..., v) logits."""
+    if self.lm_head is None:
+      return self.backbone.embedding.attend(h)
+    return self.lm_head(h)
+
+  @jax.named_scope("mamba_lm")
+  def __call__(self, input_ids: jax.Array) -> jax.Array:
+    return self.logits_from_hidden(self.hidden_states(input_ids))
+
+  def prefill(self, input_ids: jax.Array) -> tuple[jax.Array, tuple[MixerCache, ...]]:
+    """Processes the prompt in parallel. Returns logits (b, l, v) and the cache after its last token."""
+    residual = self._embed(input_ids)
+    caches = []
+    for layer in self.backbone.layers:
+      residual, cache = layer(residual, self.dtype, return_cache=True)
+      caches.append(cache)
+    return self._head(residual), tuple(caches)
+
+  def init_cache(self, batch: int) -> tuple[MixerCache, ...]:
+    return tuple(layer.mixer.init_cache(batch, self.dtype) for layer in self.backbone.layers)
+
+  def step(self, token: jax.Array, caches: tuple[MixerCache, ...]) -> tuple[jax.Array, tuple[MixerCache, ...]]:
+    """One token per sequence: token (b,) int -> logits (b, v) and the updated cache."""
+    residual = self._embed(token)
+    new = []
+    for layer, cache in zip(self.backbone.layers, caches, strict=True):
+      residual, cache = layer.step(residual, cache, self.dtype)
+      new.append(cache)
+    return self._head(residual), tuple(new)
