@@ -12,6 +12,7 @@ from mamba_jax.cache import MixerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import F32, CausalConv1d
 from mamba_jax.ops._dt import softplus
+from mamba_jax.scales import scaled_A
 
 
 class Mamba1Mixer(nnx.Module):
@@ -29,11 +30,27 @@ class Mamba1Mixer(nnx.Module):
     self.D = nnx.Param(jnp.ones((e,), F32))
     self.out_proj = nnx.Linear(e, d, use_bias=cfg.bias, **lin)
     self.cfg = cfg
+    # Calibration (see mamba_jax.scales): None, or a CalibrationScale set by `attach_scales`.
+    self.a_scale = nnx.data(None)
+    self.dt_scale = nnx.data(None)
+    self.scale_mode = "linear"
+    self.scales_in_decode = True
     self.dtype = dtype
     self.scan_impl = scan_impl
 
-  def _A(self) -> jax.Array:  # (e, n)
-    return -jnp.exp(self.A_log[...].astype(F32))
+  def _scale(self, name: str, decode: bool) -> jax.Array | None:
+    var = getattr(self, name)
+    if var is None or (decode and not self.scales_in_decode):
+      return None
+    return var[...]
+
+  def _A(self, decode: bool = False) -> jax.Array:  # (e, n)
+    return scaled_A(self.A_log[...], self._scale("a_scale", decode), self.scale_mode)
+
+  def _delta(self, dt: jax.Array, dt_scale: jax.Array | None) -> jax.Array:
+    """softplus(dt + dt_proj.bias) [* dt_scale], float32."""
+    delta = softplus(dt.astype(F32) + self.dt_proj.bias[...].astype(F32))
+    return delta if dt_scale is None else delta * dt_scale.astype(F32)
 
   def _project(self, xc: jax.Array):
     """xc (..., e) -> dt_low-projected dt (..., e) without bias, B (..., n), C (..., n)."""
@@ -49,6 +66,11 @@ class Mamba1Mixer(nnx.Module):
     x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, e) each
     xc = jax.nn.silu(self.conv1d(x))
     dt, B, C = self._project(xc)
+    dt_scale = self._scale("dt_scale", decode=False)
+    if dt_scale is None:  # bias and softplus fused into the scan
+      delta_bias, delta_softplus = self.dt_proj.bias[...], True
+    else:  # MambaExtend: scale after the softplus, before discretisation
+      dt, delta_bias, delta_softplus = self._delta(dt, dt_scale), None, False
     y, h = ops.selective_scan(
       xc,
       dt,
@@ -57,8 +79,8 @@ class Mamba1Mixer(nnx.Module):
       C,
       D=self.D[...],
       z=z,
-      delta_bias=self.dt_proj.bias[...],
-      delta_softplus=True,
+      delta_bias=delta_bias,
+      delta_softplus=delta_softplus,
       return_last_state=True,
       impl=self.scan_impl,
     )
@@ -80,8 +102,8 @@ class Mamba1Mixer(nnx.Module):
     xc, conv_state = self.conv1d.step(x, cache.conv_state)
     xc = jax.nn.silu(xc)
     dt, B, C = self._project(xc)
-    dt = softplus(dt.astype(F32) + self.dt_proj.bias[...].astype(F32))  # (b, e)
-    dA = jnp.exp(dt[..., None] * self._A())  # (b, e, n)
+    dt = self._delta(dt, self._scale("dt_scale", decode=True))  # (b, e)
+    dA = jnp.exp(dt[..., None] * self._A(decode=True))  # (b, e, n)
     h = cache.ssm_state * dA + (dt * xc.astype(F32))[..., None] * B.astype(F32)[:, None, :]
     y = jnp.einsum("ben,bn->be", h, C.astype(F32), precision="highest") + self.D[...] * xc.astype(F32)
     y = (y * jax.nn.silu(z.astype(F32))).astype(xc.dtype)

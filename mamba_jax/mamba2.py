@@ -13,6 +13,7 @@ from mamba_jax.cache import MixerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import F32, CausalConv1d, GatedRMSNorm
 from mamba_jax.ops._dt import process_dt
+from mamba_jax.scales import scaled_A
 
 
 class Mamba2Mixer(nnx.Module):
@@ -35,10 +36,26 @@ class Mamba2Mixer(nnx.Module):
       self.norm = None
     self.out_proj = nnx.Linear(cfg.d_inner, cfg.d_model, use_bias=cfg.bias, **lin)
     self.cfg = cfg
+    # Calibration (see mamba_jax.scales): None, or a CalibrationScale set by `attach_scales`.
+    self.a_scale = nnx.data(None)
+    self.dt_scale = nnx.data(None)
+    self.scale_mode = "linear"
+    self.scales_in_decode = True
     self.scan_impl = scan_impl
 
-  def _A(self) -> jax.Array:  # (h,)
-    return -jnp.exp(self.A_log[...].astype(F32))
+  def _scale(self, name: str, decode: bool) -> jax.Array | None:
+    var = getattr(self, name)
+    if var is None or (decode and not self.scales_in_decode):
+      return None
+    return var[...]
+
+  def _A(self, decode: bool = False) -> jax.Array:  # (h,)
+    return scaled_A(self.A_log[...], self._scale("a_scale", decode), self.scale_mode)
+
+  def _dt(self, dt: jax.Array, dt_scale: jax.Array | None) -> jax.Array:
+    """clamp(softplus(dt + dt_bias), dt_limit) [* dt_scale], float32."""
+    dt = process_dt(dt, self.dt_bias[...], True, self.cfg.dt_limit)
+    return dt if dt_scale is None else dt * dt_scale.astype(F32)
 
   def _D(self) -> jax.Array:  # (h,) or (h, p)
     D = self.D[...].astype(F32)
@@ -77,6 +94,11 @@ class Mamba2Mixer(nnx.Module):
     z0, x0, z, xBC_in, dt = self._split_in_proj(self.in_proj(u))
     xBC = jax.nn.silu(self.conv1d(xBC_in))
     x, B, C = self._split_xBC(xBC)  # (b,l,h,p), (b,l,g,n), (b,l,g,n)
+    dt_scale = self._scale("dt_scale", decode=False)
+    if dt_scale is None:  # bias, softplus and clamp fused into the scan
+      dt_args = dict(dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=cfg.dt_limit)
+    else:  # MambaExtend: scale after the softplus, before discretisation
+      dt, dt_args = self._dt(dt, dt_scale), {}
     y, S = ops.ssd(
       x,
       dt,
@@ -86,9 +108,7 @@ class Mamba2Mixer(nnx.Module):
       cfg.chunk_size,
       D=self._D(),
       z=None if self.norm is not None else z.reshape(x.shape),
-      dt_bias=self.dt_bias[...],
-      dt_softplus=True,
-      dt_limit=cfg.dt_limit,
+      **dt_args,
       return_final_states=True,
       impl=self.scan_impl,
     )
@@ -111,12 +131,12 @@ class Mamba2Mixer(nnx.Module):
     z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(u_t))
     xBC, conv_state = self.conv1d.step(xBC, cache.conv_state)
     x, B, C = self._split_xBC(jax.nn.silu(xBC))  # (b,h,p), (b,g,n), (b,g,n)
-    dt = process_dt(dt, self.dt_bias[...], True, cfg.dt_limit)  # (b, h) float32
+    dt = self._dt(dt, self._scale("dt_scale", decode=True))  # (b, h) float32
     r = cfg.nheads // cfg.ngroups
     Bh = jnp.repeat(B.astype(F32), r, axis=1)  # (b, h, n): head h reads group h // r
     Ch = jnp.repeat(C.astype(F32), r, axis=1)
     x32 = x.astype(F32)
-    dA = jnp.exp(dt * self._A())  # (b, h)
+    dA = jnp.exp(dt * self._A(decode=True))  # (b, h)
     S = cache.ssm_state * dA[..., None, None] + (dt[..., None] * x32)[..., None] * Bh[:, :, None, :]
     y = jnp.einsum("bhpn,bhn->bhp", S, Ch, precision="highest")
     D = self._D()

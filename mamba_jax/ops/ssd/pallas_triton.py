@@ -1,0 +1,596 @@
+"""Mamba2 SSD (chunked state-space duality) as Pallas GPU kernels (Triton lowering), forward and backward.
+
+Shape legend: b batch, l length, c chunks, k chunks in a segment, s segments, t/u positions in a chunk,
+h heads, p head dim, g groups, r heads per group, n state.
+
+Design (see benchmarks/results/scans.md for measurements):
+  * The sequence is cut into chunks of `T` tokens (`SSDConfig.block_t`, a tuning parameter: the result does
+    not depend on it beyond float rounding, so the caller's `chunk_size` is only a hint) and the chunks into
+    `s` segments of `k` chunks. One program owns one (batch, head, segment) and walks its chunks in order,
+    keeping the (p, n) state in registers: there is no chunk-state round trip through memory in the
+    forward pass, and the number of programs (b * h * s) is chosen to fill the GPU at any length.
+  * Forward = 3 steps: (1) a Pallas kernel computes each segment's state from a zero start; (2) a tiny
+    XLA scan over segments gives each segment's incoming state; (3) the main Pallas kernel recomputes the
+    segment from its true incoming state and writes y with D and the z gate fused. Step 1 only does the
+    state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass.
+  * Backward = the same pattern in reverse for the adjoint state (Pallas segment pass, XLA scan over
+    segments) and one fused Pallas kernel per (batch, head, segment) walking chunks backwards that writes
+    dx, dz, d(dt), d(log-decay cumsum), per-head dB and dC, and per-segment dD. Chunk-entry states needed
+    there are written by the forward kernel when it runs under `jax.vjp`. Per-head dB/dC are summed over
+    the heads of a group in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
+    (they are cheap elementwise/scan ops on (b, h, l) float32 arrays).
+  * Triton rather than Mosaic GPU: the kernels are a sequential loop of small (T x T, T x n, p x n) matrix
+    products per program with elementwise exp/mask work between them; the Triton lowering handles that
+    with automatic layouts and works on both jax 0.10 and 0.11, while Mosaic GPU's API differs between
+    those releases and needs hand-written warpgroup pipelines. Not compared by measurement (time).
+  * 64-bit safety: every BlockSpec block starts at a per-dimension block index (no flattened offsets in
+    our code), and the Pallas Triton lowering switches pointer offsets to int64 for arrays above 4 GiB;
+    in-kernel `pl.ds` starts stay below the segment length.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mamba_jax.ops._dt import process_dt
+
+_SQ = pl.squeezed if hasattr(pl, "squeezed") else None
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDConfig:
+  """Block sizes and launch parameters.
+
+  Attributes:
+    block_t: tokens per chunk inside a kernel (a power of two, >= 16).
+    target_programs: aim for at least this many programs (b * h * segments) per launch.
+    num_warps: warps per program.
+    num_stages: Triton software-pipelining depth of the chunk loop.
+  """
+
+  block_t: int = 128
+  target_programs: int = 264
+  num_warps: int = 8
+  num_stages: int = 2
+
+
+DEFAULT_CONFIG = SSDConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers used inside kernels.
+
+
+def _mm(a, b, *, ta=False, tb=False, cdt=jnp.float32):
+  """(a or a^T) @ (b or b^T) with `cdt` operands and float32 accumulation."""
+  a = a.astype(cdt)
+  b = b.astype(cdt)
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  prec = jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None
+  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _last(v, T):
+  """v[T - 1] of a (T,) vector as a scalar (a masked sum: Triton has no element extraction)."""
+  return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == T - 1, v, 0.0))
+
+
+def _decay_matrix(c, T):
+  """L[t, u] = exp(c_t - c_u) for u <= t else 0, (T, T) float32."""
+  row = jax.lax.broadcasted_iota(jnp.int32, (T, T), 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, (T, T), 1)
+  return jnp.exp(jnp.where(row >= col, c[:, None] - c[None, :], -jnp.inf))
+
+
+def _silu_parts(z):
+  sig = jax.nn.sigmoid(z)
+  return z * sig, sig * (1.0 + z * (1.0 - sig))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward kernels.
+
+
+def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cdt):
+  """State at the end of one segment from a zero start.
+
+  Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n) -> out (p, n) float32.
+  """
+  p, n = out_ref.shape
+
+  def body(k, S):
+    sl = pl.ds(k * T, T)
+    x = x_ref[sl, :].astype(jnp.float32)  # (t, p)
+    dt = dt_ref[sl]  # (t,)
+    c = cs_ref[sl]  # (t,)
+    c_end = _last(c, T)
+    w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
+    return jnp.exp(c_end) * S + _mm(w, b_ref[sl, :], ta=True, cdt=cdt)  # (p, n)
+
+  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
+
+
+def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
+  """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
+
+  Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S_in (p, n)
+  -> y (k*T, p), [chunk-entry states (k, p, n) float32].
+  """
+  refs = list(refs)
+  x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
+  i = 5
+  d_ref = z_ref = None
+  if has_d:
+    d_ref = refs[i]
+    i += 1
+  if has_z:
+    z_ref = refs[i]
+    i += 1
+  s0_ref, y_ref = refs[i], refs[i + 1]
+  st_ref = refs[i + 2] if save_states else None
+
+  def body(k, S):
+    sl = pl.ds(k * T, T)
+    if save_states:
+      st_ref[k] = S
+    xr = x_ref[sl, :]
+    x = xr.astype(jnp.float32)  # (t, p)
+    dt = dt_ref[sl]  # (t,)
+    c = cs_ref[sl]  # (t,)
+    Bm = b_ref[sl, :]  # (t, n)
+    Cm = c_ref[sl, :]  # (t, n)
+    c_end = _last(c, T)
+    cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u)
+    M = cb * _decay_matrix(c, T) * dt[None, :]  # (t, u)
+    y = _mm(M, xr, cdt=cdt) + jnp.exp(c)[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p)
+    if has_d:
+      y = y + d_ref[...][None, :] * x
+    if has_z:
+      y = y * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
+    y_ref[sl, :] = y.astype(y_ref.dtype)
+    w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
+    return jnp.exp(c_end) * S + _mm(w, Bm, ta=True, cdt=cdt)  # (p, n)
+
+  jax.lax.fori_loop(0, K, body, s0_ref[...])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward kernels.
+
+
+def _bwd_segment_state_kernel(*refs, T, K, cdt, has_z):
+  """Adjoint state at the start of one segment from a zero adjoint at its end.
+
+  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n) -> out (p, n) float32.
+  """
+  if has_z:
+    do_ref, z_ref, cs_ref, c_ref, out_ref = refs
+  else:
+    do_ref, cs_ref, c_ref, out_ref = refs
+    z_ref = None
+  p, n = out_ref.shape
+
+  def body(i, G):
+    sl = pl.ds((K - 1 - i) * T, T)
+    dy = do_ref[sl, :].astype(jnp.float32)
+    if has_z:
+      dy = dy * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
+    c = cs_ref[sl]
+    c_end = _last(c, T)
+    return jnp.exp(c_end) * G + _mm(jnp.exp(c)[:, None] * dy, c_ref[sl, :], ta=True, cdt=cdt)
+
+  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
+
+
+def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
+  """All gradients of one (batch, head, segment), walking its chunks backwards with the adjoint state.
+
+  Refs in: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], dout (k*T, p),
+    chunk-entry states (k, p, n), adjoint at the segment end G_out (p, n).
+  Refs out: dx (k*T, p), [dz (k*T, p)], ddt (k*T,), dcs (k*T,), dB per head (k*T, n), dC per head (k*T, n),
+    [dD partial (p,)].
+  """
+  refs = list(refs)
+  x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
+  i = 5
+  d_ref = z_ref = dz_ref = dd_ref = None
+  if has_d:
+    d_ref = refs[i]
+    i += 1
+  if has_z:
+    z_ref = refs[i]
+    i += 1
+  do_ref, st_ref, g_ref, dx_ref = refs[i : i + 4]
+  i += 4
+  if has_z:
+    dz_ref = refs[i]
+    i += 1
+  ddt_ref, dcs_ref, db_ref, dc_ref = refs[i : i + 4]
+  i += 4
+  if has_d:
+    dd_ref = refs[i]
+  p, n = g_ref.shape
+  last = jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == T - 1
+
+  def body(j, carry):
+    G, dD = carry
+    k = K - 1 - j
+    sl = pl.ds(k * T, T)
+    xr = x_ref[sl, :]
+    x = xr.astype(jnp.float32)  # (t, p)
+    dt = dt_ref[sl]  # (t,)
+    c = cs_ref[sl]  # (t,)
+    Bm = b_ref[sl, :]  # (t, n)
+    Cm = c_ref[sl, :]  # (t, n)
+    S = st_ref[k]  # (p, n) state entering the chunk
+    dout = do_ref[sl, :].astype(jnp.float32)  # (t, p)
+    if has_z:
+      z = z_ref[sl, :].astype(jnp.float32)
+      silu_z, dsilu_z = _silu_parts(z)
+      dy = dout * silu_z
+    else:
+      dy = dout
+    c_end = _last(c, T)
+    ec = jnp.exp(c)  # (t,)
+    edec = jnp.exp(c_end - c)  # (t,)
+    L = _decay_matrix(c, T)  # (t, u)
+    cbL = _mm(Cm, Bm, tb=True, cdt=cdt) * L  # (t, u)
+    dtx = dt[:, None] * x  # (t, p)
+    # Forward recompute of the scan output.
+    ys = _mm(cbL * dt[None, :], xr, cdt=cdt) + ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p)
+    # P[t, u] = (dy_t . dt_u x_u) L[t, u].
+    P = _mm(dy, dtx, tb=True, cdt=cdt) * L  # (t, u)
+    dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, cdt=cdt)  # (t, n)
+    dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
+    dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
+    S_out = jnp.exp(c_end) * S + _mm(edec[:, None] * dtx, Bm, ta=True, cdt=cdt)  # (p, n)
+    xdxs = jnp.sum(x * dxs, axis=1)  # (t,)
+    dcs = jnp.sum(dy * ys, axis=1) - dt * xdxs + jnp.where(last, jnp.sum(G * S_out), 0.0)
+    dx = dt[:, None] * dxs
+    y_pre = ys
+    if has_d:
+      Dv = d_ref[...][None, :]
+      dx = dx + Dv * dy
+      y_pre = ys + Dv * x
+      dD = dD + jnp.sum(dy * x, axis=0)
+    if has_z:
+      dz_ref[sl, :] = (dout * y_pre * dsilu_z).astype(dz_ref.dtype)
+    dx_ref[sl, :] = dx.astype(dx_ref.dtype)
+    ddt_ref[sl] = xdxs
+    dcs_ref[sl] = dcs
+    db_ref[sl, :] = dB
+    dc_ref[sl, :] = dC
+    G = jnp.exp(c_end) * G + _mm(ec[:, None] * dy, Cm, ta=True, cdt=cdt)  # (p, n)
+    return G, dD
+
+  _, dD = jax.lax.fori_loop(0, K, body, (g_ref[...], jnp.zeros((p,), jnp.float32)))
+  if has_d:
+    dd_ref[...] = dD
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Wrappers: grids and BlockSpecs.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+  """Static description of one call (hashable: it is a `custom_vjp` non-differentiable argument)."""
+
+  T: int
+  K: int  # chunks per segment
+  S: int  # segments
+  g: int
+  has_d: bool
+  has_z: bool
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+
+def _cdt(dtype):
+  return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+
+
+def _specs(meta, b, h, p, n):
+  """BlockSpecs over the grid (h, s, b) for the tensor layouts used by the kernels."""
+  KT = meta.K * meta.T
+  r = h // meta.g
+  seq_hp = pl.BlockSpec((_SQ, KT, _SQ, p), lambda hi, si, bi: (bi, si, hi, 0))  # (b, l, h, p)
+  seq_hn = pl.BlockSpec((_SQ, KT, _SQ, n), lambda hi, si, bi: (bi, si, hi, 0))  # (b, l, h, n)
+  seq_gn = pl.BlockSpec((_SQ, KT, _SQ, n), lambda hi, si, bi: (bi, si, hi // r, 0))  # (b, l, g, n)
+  seq_h = pl.BlockSpec((_SQ, _SQ, KT), lambda hi, si, bi: (bi, hi, si))  # (b, h, l)
+  head_p = pl.BlockSpec((_SQ, p), lambda hi, si, bi: (hi, 0))  # (h, p)
+  seg_pn = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, s, p, n)
+  seg_p = pl.BlockSpec((_SQ, _SQ, _SQ, p), lambda hi, si, bi: (bi, hi, si, 0))  # (b, h, s, p)
+  chunks_pn = pl.BlockSpec((_SQ, _SQ, meta.K, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, p, n)
+  return dict(
+    seq_hp=seq_hp,
+    seq_hn=seq_hn,
+    seq_gn=seq_gn,
+    seq_h=seq_h,
+    head_p=head_p,
+    seg_pn=seg_pn,
+    seg_p=seg_p,
+    chunks_pn=chunks_pn,
+  )
+
+
+def _call(kernel, meta, grid, in_specs, out_specs, out_shape, name):
+  return pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    compiler_params=plgpu.CompilerParams(num_warps=meta.num_warps, num_stages=meta.num_stages),
+    interpret=meta.interpret,
+    name=name,
+  )
+
+
+def _fwd_segment_states(meta, x, dtp, cs, B):
+  """(b, h, s, p, n) float32 state at each segment's end from a zero start."""
+  b, _, h, p = x.shape
+  n = B.shape[-1]
+  sp = _specs(meta, b, h, p, n)
+  kernel = functools.partial(_fwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype))
+  return _call(
+    kernel,
+    meta,
+    (h, meta.S, b),
+    [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"]],
+    sp["seg_pn"],
+    jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32),
+    "ssd_fwd_segment_states",
+  )(x, dtp, cs, B)
+
+
+def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
+  """y (b, l, h, p) and, when `save_states`, the (b, h, c, p, n) float32 chunk-entry states."""
+  b, l, h, p = x.shape
+  n = B.shape[-1]
+  sp = _specs(meta, b, h, p, n)
+  kernel = functools.partial(
+    _fwd_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z, save_states=save_states
+  )
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
+  args = [x, dtp, cs, B, C]
+  if meta.has_d:
+    in_specs.append(sp["head_p"])
+    args.append(D)
+  if meta.has_z:
+    in_specs.append(sp["seq_hp"])
+    args.append(z)
+  in_specs.append(sp["seg_pn"])
+  args.append(S_seg)
+  out_specs = [sp["seq_hp"]]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  if save_states:
+    out_specs.append(sp["chunks_pn"])
+    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), jnp.float32))
+  outs = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_fwd")(*args)
+  return outs if save_states else (outs[0], None)
+
+
+def _bwd_segment_states(meta, dout, z, cs, C, h):
+  b, _, _, p = dout.shape
+  n = C.shape[-1]
+  sp = _specs(meta, b, h, p, n)
+  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
+  in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
+  args = [dout] + ([z] if meta.has_z else []) + [cs, C]
+  return _call(
+    kernel,
+    meta,
+    (h, meta.S, b),
+    in_specs,
+    sp["seg_pn"],
+    jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32),
+    "ssd_bwd_segment_states",
+  )(*args)
+
+
+def _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, states, G_seg):
+  b, l, h, p = x.shape
+  n = B.shape[-1]
+  sp = _specs(meta, b, h, p, n)
+  kernel = functools.partial(_bwd_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z)
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
+  args = [x, dtp, cs, B, C]
+  if meta.has_d:
+    in_specs.append(sp["head_p"])
+    args.append(D)
+  if meta.has_z:
+    in_specs.append(sp["seq_hp"])
+    args.append(z)
+  in_specs += [sp["seq_hp"], sp["chunks_pn"], sp["seg_pn"]]
+  args += [dout, states, G_seg]
+  out_specs = [sp["seq_hp"]]
+  out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  if meta.has_z:
+    out_specs.append(sp["seq_hp"])
+    out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
+  out_specs += [sp["seq_h"], sp["seq_h"], sp["seq_hn"], sp["seq_hn"]]
+  out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
+  out_shape += [jax.ShapeDtypeStruct((b, l, h, n), jnp.float32)] * 2
+  if meta.has_d:
+    out_specs.append(sp["seg_p"])
+    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S, p), jnp.float32))
+  outs = list(_call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd")(*args))
+  dx = outs.pop(0)
+  dz = outs.pop(0) if meta.has_z else None
+  ddt, dcs, dBh, dCh = outs[:4]
+  dD = outs[4] if meta.has_d else None
+  return dx, dz, ddt, dcs, dBh, dCh, dD
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segment-level scans (XLA; (b, h, s, p, n) arrays with s small).
+
+
+def _segment_decay(meta, cs):
+  """exp(total log-decay of each segment), (b, h, s)."""
+  b, h, _ = cs.shape
+  chunk_end = cs.reshape(b, h, meta.S * meta.K, meta.T)[..., -1]
+  return jnp.exp(chunk_end.reshape(b, h, meta.S, meta.K).sum(-1))
+
+
+def _forward_over_segments(S0, S_loc, dec):
+  """Incoming state of each segment (b, h, s, p, n) and the final state (b, h, p, n)."""
+
+  def step(S, inp):
+    loc, d = inp
+    return d[..., None, None] * S + loc, S
+
+  S_fin, S_in = jax.lax.scan(step, S0, (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0)))
+  return jnp.moveaxis(S_in, 0, 2), S_fin
+
+
+def _backward_over_segments(dS_fin, G_loc, dec):
+  """Adjoint at each segment's end (b, h, s, p, n) and at the start of the sequence (b, h, p, n)."""
+
+  def step(G, inp):
+    loc, d = inp
+    return d[..., None, None] * G + loc, G
+
+  G0, G_out = jax.lax.scan(step, dS_fin, (jnp.moveaxis(G_loc, 2, 0), jnp.moveaxis(dec, 2, 0)), reverse=True)
+  return jnp.moveaxis(G_out, 0, 2), G0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The differentiable core on padded, preprocessed inputs.
+
+
+def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
+  dec = _segment_decay(meta, cs)
+  if meta.S > 1:
+    S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
+    S_seg, S_fin = _forward_over_segments(S0, S_loc, dec)
+  else:
+    S_seg = S0[:, :, None]
+    S_fin = None
+  y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states)
+  if S_fin is None:
+    # One segment: the final state is the last chunk's state advanced over the last chunk; recompute in XLA
+    # cheaply only when asked (the caller drops it otherwise, and XLA removes dead code).
+    S_fin = _final_state_one_segment(meta, x, dtp, cs, B, S0)
+  return y, S_fin, states
+
+
+def _final_state_one_segment(meta, x, dtp, cs, B, S0):
+  S_loc = _fwd_segment_states(meta, x, dtp, cs, B)[:, :, 0]
+  dec = _segment_decay(meta, cs)[:, :, 0]
+  return dec[..., None, None] * S0 + S_loc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(meta, x, dtp, cs, B, C, D, z, S0):
+  y, S_fin, _ = _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states=False)
+  return y, S_fin
+
+
+def _core_fwd(meta, x, dtp, cs, B, C, D, z, S0):
+  y, S_fin, states = _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states=True)
+  return (y, S_fin), (x, dtp, cs, B, C, D, z, states)
+
+
+def _core_bwd(meta, res, cts):
+  x, dtp, cs, B, C, D, z, states = res
+  dout, dS_fin = cts
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
+  dout = dout.astype(x.dtype)
+  dec = _segment_decay(meta, cs)
+  G_loc = _bwd_segment_states(meta, dout, z, cs, C, h)
+  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, dec)
+  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, states, G_seg)
+  dB = dBh.reshape(b, l, g, h // g, n).sum(3).astype(B.dtype)
+  dC = dCh.reshape(b, l, g, h // g, n).sum(3).astype(C.dtype)
+  if meta.has_d:
+    dD = dD.sum((0, 2)).astype(D.dtype)
+  return dx, ddt, dcs, dB, dC, dD, dz, G0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public function.
+
+
+def _segments(nc: int, b: int, h: int, cfg: SSDConfig) -> tuple[int, int]:
+  """(segments, chunks per segment) with segments * chunks >= nc, preferring exact divisors of nc."""
+  want = max(1, min(nc, -(-cfg.target_programs // (b * h))))
+  for s in range(want, min(nc, 4 * want) + 1):
+    if nc % s == 0:
+      return s, nc // s
+  k = -(-nc // want)
+  return -(-nc // k), k
+
+
+def ssd_pallas(
+  x: jax.Array,  # (b, l, h, p)
+  dt: jax.Array,  # (b, l, h)
+  A: jax.Array,  # (h,)
+  B: jax.Array,  # (b, l, g, n)
+  C: jax.Array,  # (b, l, g, n)
+  chunk_size: int = 256,
+  D: jax.Array | None = None,  # (h,) or (h, p)
+  z: jax.Array | None = None,  # (b, l, h, p)
+  dt_bias: jax.Array | None = None,  # (h,)
+  dt_softplus: bool = False,
+  dt_limit: tuple[float, float] = (0.0, math.inf),
+  initial_states: jax.Array | None = None,  # (b, h, p, n)
+  return_final_states: bool = False,
+  *,
+  interpret: bool = False,
+  config: SSDConfig | None = None,
+):
+  """Same contract as `mamba_jax.ops.ssd`; differentiable in every array argument.
+
+  Args:
+    chunk_size: accepted for API compatibility; the kernels' chunk length is `config.block_t` (the result
+      is the same function up to float rounding).
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+    config: block sizes; `DEFAULT_CONFIG` when None.
+  """
+  del chunk_size
+  cfg = config or DEFAULT_CONFIG
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
+  if h % g:
+    raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
+  T = cfg.block_t
+  nc = -(-l // T)
+  S, K = _segments(nc, b, h, cfg)
+  lp = S * K * T
+  pad = lp - l
+  meta = _Meta(T, K, S, g, D is not None, z is not None, cfg.num_warps, cfg.num_stages, interpret)
+
+  def pad_l(a, axis=1):
+    if not pad:
+      return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)
+
+  # Time step and chunk-local cumulative log-decay, (b, h, l) float32; padded steps have dt = 0 (identity).
+  dtp = jnp.swapaxes(process_dt(dt, dt_bias, dt_softplus, tuple(dt_limit)).astype(jnp.float32), 1, 2)
+  dtp = pad_l(dtp, axis=2)
+  cs = jnp.cumsum((dtp * A.astype(jnp.float32)[None, :, None]).reshape(b, h, lp // T, T), axis=-1).reshape(b, h, lp)
+  Dp = None
+  if D is not None:
+    Dp = jnp.broadcast_to((D[:, None] if D.ndim == 1 else D).astype(jnp.float32), (h, p))
+  S0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_states is None else initial_states.astype(jnp.float32)
+  zp = None if z is None else pad_l(z)
+  y, S_fin = _core(meta, pad_l(x), dtp, cs, pad_l(B), pad_l(C), Dp, zp, S0)
+  y = y[:, :l] if pad else y
+  return (y, S_fin) if return_final_states else y
+
+
+__all__ = ["SSDConfig", "DEFAULT_CONFIG", "ssd_pallas"]
