@@ -1,0 +1,52 @@
+"""Shared test helpers: float64 context, tiny transformers checkpoints written by the official code."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+
+@contextlib.contextmanager
+def float64():
+  """Enables float64 in JAX for the duration (the references run in float64)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def rel_err(actual, expected) -> float:
+  """max |actual - expected| / max |expected|."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def torch_mods():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  transformers.logging.set_verbosity_error()
+  return torch, transformers
+
+
+def make_hf_mamba(torch_mods, directory, arch: str, seed: int = 0, **overrides):
+  """Writes a tiny random transformers Mamba/Mamba2 checkpoint with `save_pretrained`; returns the torch model."""
+  torch, transformers = torch_mods
+  torch.manual_seed(seed)
+  if arch == "mamba1":
+    kw = dict(vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+    kw.update(time_step_rank=4, use_bias=False)
+    kw.update(overrides)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(**kw))
+  else:
+    kw = dict(vocab_size=96, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2, num_heads=4, head_dim=16)
+    kw.update(n_groups=1, chunk_size=8, tie_word_embeddings=False)
+    kw.update(overrides)
+    model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**kw))
+  # Random A_log / D / dt biases away from their init so that a mis-mapped parameter cannot hide.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(("A_log", ".D", "dt_bias", "norm.weight", "norm_f.weight")):
+        p.add_(0.3 * torch.randn_like(p))
+  model.eval()
+  model.save_pretrained(directory)
+  return model
