@@ -41,7 +41,15 @@ SSD_CASES = {
 
 @pytest.mark.parametrize(
   "case,l,chunk",
-  [("plain", 1, 8), ("all", 7, 8), ("all", 8, 8), ("all", 37, 8), ("dt_limit", 17, 8), ("D_hdim", 9, 8), ("all", 64, 16)],
+  [
+    ("plain", 1, 8),
+    ("all", 7, 8),
+    ("all", 8, 8),
+    ("all", 37, 8),
+    ("dt_limit", 17, 8),
+    ("D_hdim", 9, 8),
+    ("all", 64, 16),
+  ],
 )
 def test_ssd_xla_matches_sequential_reference(case, l, chunk):
   spec = SSD_CASES[case]
@@ -94,7 +102,9 @@ def test_ssd_gradients_match_reference():
   cot = jax.random.normal(jax.random.PRNGKey(9), inp["x"].shape)
 
   def loss(impl, *vals):
-    y, S = ops.ssd(chunk_size=8, dt_softplus=True, return_final_states=True, impl=impl, **dict(zip(names, vals)))
+    y, S = ops.ssd(
+      chunk_size=8, dt_softplus=True, return_final_states=True, impl=impl, **dict(zip(names, vals, strict=True))
+    )
     return jnp.sum(y * cot) + jnp.sum(S**2) * 0.01
 
   argnums = tuple(range(1, len(names) + 1))
@@ -147,7 +157,9 @@ def test_selective_scan_gradients_match_reference():
   cot = jax.random.normal(jax.random.PRNGKey(3), inp["u"].shape)
 
   def loss(impl, *vals):
-    y, h = ops.selective_scan(impl=impl, delta_softplus=True, return_last_state=True, **dict(zip(names, vals)))
+    y, h = ops.selective_scan(
+      impl=impl, delta_softplus=True, return_last_state=True, **dict(zip(names, vals, strict=True))
+    )
     return jnp.sum(y * cot) + 0.01 * jnp.sum(h**2)
 
   argnums = tuple(range(1, len(names) + 1))
