@@ -3,12 +3,15 @@
 Shape legend: b batch, l length, e inner channels (d_inner), n state.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from mamba_jax.ops._dt import process_dt
 
 
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "return_last_state"))
 def selective_scan_reference(
   u: jax.Array,  # (b, l, e)
   delta: jax.Array,  # (b, l, e)

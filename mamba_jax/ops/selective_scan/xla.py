@@ -5,6 +5,8 @@ stays O(chunk_size * e * n) at any length instead of O(l * e * n).
 Shape legend: b batch, l length, c chunks, t positions in a chunk, e inner channels, n state.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +22,7 @@ def _combine(left, right):
   return a1 * a2, a2 * b1 + b2
 
 
+@functools.partial(jax.jit, static_argnames=("delta_softplus", "return_last_state", "chunk_size"))
 def selective_scan_xla(
   u: jax.Array,  # (b, l, e)
   delta: jax.Array,  # (b, l, e)

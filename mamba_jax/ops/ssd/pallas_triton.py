@@ -47,16 +47,22 @@ class SSDConfig:
   """Block sizes and launch parameters.
 
   Attributes:
-    block_t: tokens per chunk inside a kernel (a power of two, >= 16).
+    block_t: tokens per chunk in the forward kernels (a power of two, >= 16).
+    block_t_bwd: tokens per chunk under `jax.vjp` (forward and backward kernels); divides `block_t`. The
+      backward kernel holds several (T, T) float32 matrices, and T = 128 exceeds the shared memory of an H100.
     target_programs: aim for at least this many programs (b * h * segments) per launch.
     num_warps: warps per program.
     num_stages: Triton software-pipelining depth of the chunk loop.
+    num_warps_bwd, num_stages_bwd: the same under `jax.vjp`.
   """
 
   block_t: int = 128
+  block_t_bwd: int = 64
   target_programs: int = 264
   num_warps: int = 8
   num_stages: int = 2
+  num_warps_bwd: int = 8
+  num_stages_bwd: int = 2
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -242,15 +248,22 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
     cbL = _mm(Cm, Bm, tb=True, cdt=cdt) * L  # (t, u)
     dtx = dt[:, None] * x  # (t, p)
     # Forward recompute of the scan output.
-    ys = _mm(cbL * dt[None, :], xr, cdt=cdt) + ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p)
+    CS = _mm(Cm, S, tb=True, cdt=cdt)  # (t, p)
+    ys = _mm(cbL * dt[None, :], xr, cdt=cdt) + ec[:, None] * CS  # (t, p)
     # P[t, u] = (dy_t . dt_u x_u) L[t, u].
-    P = _mm(dy, dtx, tb=True, cdt=cdt) * L  # (t, u)
+    R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
+    P = R * L
     dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, cdt=cdt)  # (t, n)
     dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
-    dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
-    S_out = jnp.exp(c_end) * S + _mm(edec[:, None] * dtx, Bm, ta=True, cdt=cdt)  # (p, n)
+    BG = _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
+    dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * BG  # (t, p)
     xdxs = jnp.sum(x * dxs, axis=1)  # (t,)
-    dcs = jnp.sum(dy * ys, axis=1) - dt * xdxs + jnp.where(last, jnp.sum(G * S_out), 0.0)
+    # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
+    # diagonal of W, and the q terms against <G, S_out>): W[t, u] = (dy_t . dt_u x_u) cb[t, u] L[t, u].
+    W = R * cbL  # (t, u)
+    q = edec * dt * jnp.sum(x * BG, axis=1)  # (t,)
+    GS_out = jnp.exp(c_end) * jnp.sum(G * S) + jnp.sum(q)
+    dcs = jnp.sum(W, axis=1) - jnp.sum(W, axis=0) + ec * jnp.sum(dy * CS, axis=1) - q + jnp.where(last, GS_out, 0.0)
     dx = dt[:, None] * dxs
     y_pre = ys
     if has_d:
@@ -290,6 +303,13 @@ class _Meta:
   num_warps: int
   num_stages: int
   interpret: bool
+
+  bwd: tuple[int, int, int] = (64, 8, 2)  # (chunk length, warps, stages) under jax.vjp
+
+  def for_vjp(self) -> "_Meta":
+    """The same segments cut into the backward's chunks, with the backward's launch parameters."""
+    t, w, st = self.bwd
+    return dataclasses.replace(self, T=t, K=self.K * self.T // t, num_warps=w, num_stages=st)
 
 
 def _cdt(dtype):
@@ -488,18 +508,29 @@ def _final_state_one_segment(meta, x, dtp, cs, B, S0):
   return dec[..., None, None] * S0 + S_loc
 
 
+def _chunk_cumsum(meta, da):
+  """Log-decay cumulated from each chunk's start, (b, h, l) float32."""
+  b, h, l = da.shape
+  return jnp.cumsum(da.reshape(b, h, l // meta.T, meta.T), axis=-1).reshape(b, h, l)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(meta, x, dtp, cs, B, C, D, z, S0):
+def _core(meta, x, dtp, da, B, C, D, z, S0):
+  """(y, final state) from padded inputs; dtp and da = dtp * A are (b, h, l) float32."""
+  cs = _chunk_cumsum(meta, da)
   y, S_fin, _ = _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states=False)
   return y, S_fin
 
 
-def _core_fwd(meta, x, dtp, cs, B, C, D, z, S0):
+def _core_fwd(meta, x, dtp, da, B, C, D, z, S0):
+  meta = meta.for_vjp()
+  cs = _chunk_cumsum(meta, da)
   y, S_fin, states = _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states=True)
   return (y, S_fin), (x, dtp, cs, B, C, D, z, states)
 
 
 def _core_bwd(meta, res, cts):
+  meta = meta.for_vjp()
   x, dtp, cs, B, C, D, z, states = res
   dout, dS_fin = cts
   b, l, h, p = x.shape
@@ -513,7 +544,9 @@ def _core_bwd(meta, res, cts):
   dC = dCh.reshape(b, l, g, h // g, n).sum(3).astype(C.dtype)
   if meta.has_d:
     dD = dD.sum((0, 2)).astype(D.dtype)
-  return dx, ddt, dcs, dB, dC, dD, dz, G0
+  # cs = chunk-local cumsum of da, so d(da)_j = sum over t >= j in j's chunk of d(cs)_t.
+  dda = jnp.flip(jnp.cumsum(jnp.flip(dcs.reshape(b, h, l // meta.T, meta.T), -1), axis=-1), -1).reshape(b, h, l)
+  return dx, ddt, dda, dB, dC, dD, dz, G0
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -570,7 +603,8 @@ def ssd_pallas(
   S, K = _segments(nc, b, h, cfg)
   lp = S * K * T
   pad = lp - l
-  meta = _Meta(T, K, S, g, D is not None, z is not None, cfg.num_warps, cfg.num_stages, interpret)
+  bwd = (min(cfg.block_t_bwd, T), cfg.num_warps_bwd, cfg.num_stages_bwd)
+  meta = _Meta(T, K, S, g, D is not None, z is not None, cfg.num_warps, cfg.num_stages, interpret, bwd)
 
   def pad_l(a, axis=1):
     if not pad:
@@ -582,13 +616,13 @@ def ssd_pallas(
   # Time step and chunk-local cumulative log-decay, (b, h, l) float32; padded steps have dt = 0 (identity).
   dtp = jnp.swapaxes(process_dt(dt, dt_bias, dt_softplus, tuple(dt_limit)).astype(jnp.float32), 1, 2)
   dtp = pad_l(dtp, axis=2)
-  cs = jnp.cumsum((dtp * A.astype(jnp.float32)[None, :, None]).reshape(b, h, lp // T, T), axis=-1).reshape(b, h, lp)
+  da = dtp * A.astype(jnp.float32)[None, :, None]
   Dp = None
   if D is not None:
     Dp = jnp.broadcast_to((D[:, None] if D.ndim == 1 else D).astype(jnp.float32), (h, p))
   S0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_states is None else initial_states.astype(jnp.float32)
   zp = None if z is None else pad_l(z)
-  y, S_fin = _core(meta, pad_l(x), dtp, cs, pad_l(B), pad_l(C), Dp, zp, S0)
+  y, S_fin = _core(meta, pad_l(x), dtp, da, pad_l(B), pad_l(C), Dp, zp, S0)
   y = y[:, :l] if pad else y
   return (y, S_fin) if return_final_states else y
 

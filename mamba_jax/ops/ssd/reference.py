@@ -3,6 +3,7 @@
 Shape legend: b batch, l length, h heads, p head dim, g groups, n state.
 """
 
+import functools
 import math
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from mamba_jax.ops._dt import process_dt
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size", "dt_softplus", "dt_limit", "return_final_states"))
 def ssd_reference(
   x: jax.Array,  # (b, l, h, p)
   dt: jax.Array,  # (b, l, h)

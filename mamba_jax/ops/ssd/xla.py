@@ -5,6 +5,7 @@ Shape legend: b batch, l length, c chunks, s/t positions in a chunk, h heads, p 
 g groups, r heads per group (h = g * r), n state.
 """
 
+import functools
 import math
 
 import jax
@@ -17,6 +18,7 @@ def _pad_seq(a: jax.Array, pad: int) -> jax.Array:
   return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) if pad else a
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size", "dt_softplus", "dt_limit", "return_final_states"))
 def ssd_xla(
   x: jax.Array,  # (b, l, h, p)
   dt: jax.Array,  # (b, l, h)
