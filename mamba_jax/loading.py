@@ -1,10 +1,10 @@
 """Building a model from a config and named weights, and `from_pretrained` for checkpoint directories.
 
-Formats read here: Hugging Face (`config.json` + `model.safetensors` or a sharded index), state-spaces
-(`config.json` + `pytorch_model.bin`, read without torch) and this project's converted directories.
+Formats: Hugging Face (`config.json` + `model.safetensors` or a sharded index), state-spaces (`config.json` +
+`pytorch_model.bin`, read without torch), Mistral, and this project's converted directories; the readers live in
+`convert/` (checkpoint.py for official checkpoints, artifact.py for converted ones).
 """
 
-import json
 import os
 import pathlib
 from collections.abc import Mapping
@@ -98,59 +98,6 @@ def model_from_params(
   return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def params_from_torch(cfg: MambaConfig, tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> dict:
-  """Maps a mamba_ssm / transformers state dict (numpy arrays) to flat {Flax path: array} (arrays not copied)."""
-  params, unknown = {}, []
-  for key, array in tensors.items():
-    hit = torch_names.flax_path(key)
-    if hit is None:
-      unknown.append(key)
-      continue
-    path, transform = hit
-    if path == ("lm_head", "kernel") and cfg.tie_embeddings:
-      continue  # the tied head is the embedding; torch's state_dict lists both names
-    params[path] = torch_names.to_flax(array, transform)
-  if unknown:
-    raise CheckpointError(f"{source} has keys this model does not know: {sorted(unknown)}")
-  return params
-
-
-def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads `model.safetensors` or the shards named by `model.safetensors.index.json` (keys as stored)."""
-  from safetensors import safe_open  # noqa: PLC0415
-
-  index = directory / "model.safetensors.index.json"
-  if index.exists():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-  else:
-    files = ["model.safetensors"] if (directory / "model.safetensors").exists() else []
-    files += sorted(p.name for p in directory.glob("consolidated*.safetensors"))
-  tensors = {}
-  for name in files:
-    path = directory / name
-    if not path.exists():
-      raise CheckpointError(f"{path} is named by the shard index but missing; re-download the checkpoint")
-    with safe_open(str(path), framework="numpy") as f:
-      for key in f.keys():
-        tensors[key] = f.get_tensor(key)
-  # Mistral-native files wrap the model in `model.`.
-  if tensors and all(k.startswith("model.") for k in tensors):
-    tensors = {k[len("model.") :]: v for k, v in tensors.items()}
-  return tensors
-
-
-def _weights_in(directory: pathlib.Path) -> str | None:
-  if (directory / "manifest.json").exists():
-    return "converted"
-  if (directory / "model.safetensors").exists() or (directory / "model.safetensors.index.json").exists():
-    return "safetensors"
-  if any(directory.glob("consolidated*.safetensors")):
-    return "safetensors"
-  if (directory / "pytorch_model.bin").exists():
-    return "bin"
-  return None
-
-
 def _resolve(source: str | os.PathLike, revision: str | None) -> pathlib.Path:
   path = pathlib.Path(source)
   if path.is_dir():
@@ -193,23 +140,16 @@ def from_pretrained(
     A `MambaLM`: `model(ids)` maps int token ids (b, l) to logits (b, l, padded_vocab).
   """
   directory = _resolve(source, revision)
-  cfg = load_config(directory)
-  kind = _weights_in(directory)
-  if kind == "converted":
+  if (directory / "manifest.json").exists():  # written by `python -m convert`
     from convert.artifact import read_params  # noqa: PLC0415
 
-    params = read_params(directory)
-  elif kind == "safetensors":
-    params = params_from_torch(cfg, read_safetensors(directory), source=str(directory))
-  elif kind == "bin":
-    from convert.torch_bin import load_state_dict  # noqa: PLC0415
+    cfg, params = load_config(directory), read_params(directory)
+  else:  # an official checkpoint: read lazily (memory-mapped), with every key and shape checked
+    from convert.checkpoint import read_checkpoint  # noqa: PLC0415
 
-    params = params_from_torch(cfg, load_state_dict(directory / "pytorch_model.bin"), source=str(directory))
-  else:
-    raise FileNotFoundError(
-      f"no weights in {directory}: expected model.safetensors (or a shard index), pytorch_model.bin, "
-      "or a directory written by `python -m convert`"
-    )
+    checkpoint = read_checkpoint(directory)
+    cfg = checkpoint.cfg
+    params = {path: torch_names.to_flax(p.tensor.read(), p.transform) for path, p in checkpoint.plan.items()}
   model = model_from_params(cfg, params, dtype, scan_impl, source=str(directory))
   if scales is not None:
     from calibrate.scales import load_scales  # noqa: PLC0415

@@ -1,5 +1,7 @@
 """Logits of `from_pretrained` models against transformers' MambaForCausalLM / Mamba2ForCausalLM (CPU, float32)."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,9 +103,28 @@ def test_from_pretrained_sharded_safetensors(torch_mods, tmp_path):
 
 
 def test_from_pretrained_missing_pieces(tmp_path, torch_mods):
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(ValueError, match="config.json"):
     mamba_jax.from_pretrained(tmp_path)
   make_hf_mamba(torch_mods, tmp_path, "mamba1")
   (tmp_path / "model.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="no weights"):
+  with pytest.raises(ValueError, match="weights"):
     mamba_jax.from_pretrained(tmp_path)
+  with pytest.raises(Exception, match="no such directory"):
+    mamba_jax.from_pretrained(tmp_path / "missing")
+
+
+def test_from_pretrained_state_spaces_bin(torch_mods, tmp_path):
+  """A state-spaces directory (config.json with ssm_cfg + torch.save'd pytorch_model.bin) loads without conversion."""
+  torch, _ = torch_mods
+  ref = make_hf_mamba(torch_mods, tmp_path / "hf", "mamba2", tie_word_embeddings=True)
+  state = {k.replace("embeddings", "embedding"): v for k, v in ref.state_dict().items()}
+  (tmp_path / "ss").mkdir()
+  torch.save(state, tmp_path / "ss" / "pytorch_model.bin")
+  cfg = mamba_jax.MambaConfig.from_json(tmp_path / "hf" / "config.json")
+  ss_config = cfg.to_state_spaces_dict()
+  ss_config["vocab_size"], ss_config["pad_vocab_size_multiple"] = 93, 8  # 93 padded to 96 rows, as mamba_ssm does
+  (tmp_path / "ss" / "config.json").write_text(json.dumps(ss_config))
+  model = mamba_jax.from_pretrained(tmp_path / "ss")
+  assert model.cfg.vocab_size == 93 and model.cfg.padded_vocab_size == 96 and model.lm_head is None
+  ids = np.arange(20)[None] % 93
+  assert rel_err(model(jnp.asarray(ids)), _torch_logits(torch, ref, ids)) <= 1e-4
