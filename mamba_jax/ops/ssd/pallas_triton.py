@@ -50,19 +50,20 @@ class SSDConfig:
     block_t: tokens per chunk in the forward kernels (a power of two, >= 16).
     block_t_bwd: tokens per chunk under `jax.vjp` (forward and backward kernels); divides `block_t`. The
       backward kernel holds several (T, T) float32 matrices, and T = 128 exceeds the shared memory of an H100.
+    Defaults: the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py --tune).
     target_programs: aim for at least this many programs (b * h * segments) per launch.
     num_warps: warps per program.
     num_stages: Triton software-pipelining depth of the chunk loop.
     num_warps_bwd, num_stages_bwd: the same under `jax.vjp`.
   """
 
-  block_t: int = 128
-  block_t_bwd: int = 64
+  block_t: int = 64
+  block_t_bwd: int = 32
   target_programs: int = 264
-  num_warps: int = 8
+  num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
-  num_stages_bwd: int = 2
+  num_stages_bwd: int = 1
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -304,7 +305,7 @@ class _Meta:
   num_stages: int
   interpret: bool
 
-  bwd: tuple[int, int, int] = (64, 8, 2)  # (chunk length, warps, stages) under jax.vjp
+  bwd: tuple[int, int, int] = (32, 8, 1)  # (chunk length, warps, stages) under jax.vjp
 
   def for_vjp(self) -> "_Meta":
     """The same segments cut into the backward's chunks, with the backward's launch parameters."""
