@@ -1,0 +1,97 @@
+"""Perplexity per context length (each document truncated to the length, every token scored), and its plot.
+
+PPL at length L = exp(mean over documents of each document's mean NLL), over the first `samples` documents that
+have at least L tokens (with BOS: L-1 document tokens); a length no document reaches is reported with 0 documents.
+
+Shape legend: s samples, l length.
+"""
+
+import math
+
+import numpy as np
+from flax import nnx
+
+from calibrate.objective import token_nll
+
+
+def _nll_fn(chunk: int):
+  return nnx.jit(lambda model, ids: token_nll(model, ids, chunk))
+
+
+def per_sample_nll(model, ids: np.ndarray, batch_size: int = 1, chunk: int = 2048, fn=None) -> np.ndarray:
+  """(s,) mean NLL of each sample of ids (s, l), `batch_size` samples per forward."""
+  fn = fn or _nll_fn(chunk)
+  out = []
+  for i in range(0, ids.shape[0], batch_size):
+    out.append(np.asarray(fn(model, ids[i : i + batch_size])))
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def perplexity(model, ids: np.ndarray, batch_size: int = 1, chunk: int = 2048) -> float:
+  """exp(mean over samples of the per-sample mean NLL)."""
+  return float(math.exp(float(np.mean(per_sample_nll(model, ids, batch_size, chunk)))))
+
+
+def samples_at_length(docs: list[np.ndarray], length: int, samples: int, bos: int | None) -> np.ndarray:
+  """(s', l) the first `samples` documents with enough tokens, truncated; s' may be smaller, even 0."""
+  need = length - (bos is not None)
+  prefix = [] if bos is None else [bos]
+  rows = [prefix + d[:need].tolist() for d in docs if len(d) >= need][:samples]
+  return np.asarray(rows, np.int32).reshape(len(rows), length)
+
+
+def stream_to_documents(tokens: np.ndarray, length: int) -> list[np.ndarray]:
+  """A single token stream cut into consecutive pieces of `length` tokens (the last partial piece dropped)."""
+  return [tokens[i : i + length] for i in range(0, len(tokens) - length + 1, length)]
+
+
+def ppl_per_length(
+  model,
+  docs: list[np.ndarray],
+  lengths: list[int],
+  samples: int,
+  bos: int | None,
+  *,
+  batch_size: int = 1,
+  chunk: int = 2048,
+  progress=None,
+) -> list[dict]:
+  """[{length, ppl, nll, docs}] for each length; ppl is None where no document is long enough."""
+  fn = _nll_fn(chunk)
+  results = []
+  for length in lengths:
+    ids = samples_at_length(docs, length, samples, bos)
+    if ids.shape[0] == 0:
+      results.append({"length": length, "ppl": None, "nll": None, "docs": 0})
+    else:
+      nll = per_sample_nll(model, ids, batch_size, chunk, fn)
+      mean = float(np.mean(nll))
+      results.append({"length": length, "ppl": math.exp(mean), "nll": mean, "docs": int(ids.shape[0])})
+    if progress is not None:
+      progress(results[-1])
+  return results
+
+
+def plot_ppl(curves: dict[str, list[dict]], out_png: str, title: str = "") -> None:
+  """Perplexity against context length (log-log), one line per label in `curves`."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, rows in curves.items():
+    pts = [(r["length"], r["ppl"]) for r in rows if r["ppl"] is not None]
+    if pts:
+      ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("perplexity")
+  if title:
+    ax.set_title(title)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+  plt.close(fig)

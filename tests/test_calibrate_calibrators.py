@@ -1,0 +1,161 @@
+"""Objective (chunked NLL), gradients against finite differences, SPSA and gradient calibrators on a tiny model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from calibrate.gradient import Gradient
+from calibrate.objective import mean_nll, scale_loss, token_nll
+from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
+from mamba_jax import MambaConfig, MambaLM, generate
+from mamba_jax.scales import CalibrationScale, attach_scales
+
+
+def tiny(arch: str, n_layer: int = 1, seed: int = 0) -> MambaLM:
+  model = MambaLM(MambaConfig.tiny(arch, n_layer=n_layer), rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for layer in model.backbone.layers:  # time steps of order 1, so that the scales matter within a few tokens
+    bias = layer.mixer.dt_bias if arch == "mamba2" else layer.mixer.dt_proj.bias
+    bias.set_value(jnp.asarray(rng.uniform(-0.5, 1.0, bias.shape), jnp.float32))
+  return model
+
+
+def test_chunked_nll_equals_full_logits():
+  model = tiny("mamba2", n_layer=2)
+  x = jax.random.randint(jax.random.key(0), (3, 23), 0, 100)
+  logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, x), np.float64)[:, :-1]
+  logp = (
+    logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1)[..., None]
+  )
+  want = -np.take_along_axis(logp, np.asarray(x)[:, 1:, None], -1)[..., 0].mean(-1)  # (b,)
+  f = nnx.jit(lambda m, x: token_nll(m, x, chunk=5))  # 22 targets: 5 slices, the last padded
+  np.testing.assert_allclose(np.asarray(f(model, x)), want, rtol=1e-5)
+  np.testing.assert_allclose(float(nnx.jit(lambda m, x: mean_nll(m, x, 3, 64))(model, x)), want.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "arch,target,mode,granularity",
+  [("mamba1", "A", "linear", "channel"), ("mamba1", "dt", "linear", "layer"), ("mamba2", "A", "power", "head")],
+)
+def test_gradient_matches_finite_differences(arch, target, mode, granularity):
+  """Directional derivatives of the mean NLL along random directions: jax.grad against central differences.
+
+  float32 end to end (A is computed in float32 whatever the model dtype): with eps = 1e-2 the rounding error of
+  a difference quotient is ~1e-5, the truncation error ~1e-5, against derivatives of order 1e-2 to 1.
+  """
+  model = tiny(arch)
+  attach_scales(model, target, mode, granularity, init=0.7)
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  x = jax.random.randint(jax.random.key(1), (2, 32), 0, 100)
+  loss = jax.jit(scale_loss(graphdef, batch_size=2, chunk=8))
+  grad = jax.jit(jax.grad(scale_loss(graphdef, batch_size=2, chunk=8)))(scales, rest, x)
+  eps = 1e-2
+  for seed in range(3):
+    leaves, treedef = jax.tree.flatten(scales)
+    keys = jax.random.split(jax.random.key(10 + seed), len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.normal(k, jnp.shape(a)) for k, a in zip(keys, leaves, strict=True)])
+    plus = jax.tree.map(lambda s, d: s + eps * d, scales, v)
+    minus = jax.tree.map(lambda s, d: s - eps * d, scales, v)
+    fd = (float(loss(plus, rest, x)) - float(loss(minus, rest, x))) / (2 * eps)
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(v), strict=True))
+    assert abs(analytic) > 1e-3, "the loss does not depend on the scales: the test would prove nothing"
+    assert analytic == pytest.approx(fd, rel=2e-2, abs=2e-4), (seed, analytic, fd)
+
+
+@pytest.fixture(scope="module")
+def self_generated():
+  """A model and 8 samples drawn from it: identity scales are the truth, scales of 0.2 are far from it."""
+  model = tiny("mamba2")
+  ids = generate(model, jnp.zeros((8, 1), jnp.int32), 47, temperature=1.0, seed=0)  # (8, 48)
+  attach_scales(model, "A", "linear", "head", init=0.2)
+  return model, ids
+
+
+def test_spsa_reduces_the_calibration_loss(self_generated):
+  model, ids = self_generated
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  spsa = SPSA(
+    graphdef, make_optimizer("adam", make_schedule("constant", 0.1)), SPSAConfig(objective="nll"), batch_size=8
+  )
+  start = float(spsa.evaluate(scales, rest, ids))
+  truth = float(spsa.evaluate(jax.tree.map(jnp.ones_like, scales), rest, ids))
+  assert start - truth > 0.03  # the setup leaves something to recover
+  opt_state = spsa.init(scales)
+  for k in range(20):
+    scales, opt_state, metrics = spsa.step(scales, opt_state, k, rest, ids)
+    assert bool(metrics["finite"])
+  end = float(spsa.evaluate(scales, rest, ids))
+  assert end < start - 0.5 * (start - truth), (start, end, truth)
+  assert all(float(jnp.min(s)) >= 0.01 for s in jax.tree.leaves(scales))  # projected onto the clamp range
+
+
+def test_spsa_pairing_and_perturbations(self_generated):
+  """vmap-paired and sequential evaluation give the same step; Gaussian perturbations are used when asked."""
+  model, ids = self_generated
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  tx = make_optimizer("sgd", make_schedule("constant", 0.01))
+  out = {}
+  for pair in ("vmap", "sequential"):
+    spsa = SPSA(graphdef, tx, SPSAConfig(pair=pair), batch_size=8)
+    out[pair] = spsa.step(scales, spsa.init(scales), 3, rest, ids)
+  for a, b in zip(jax.tree.leaves(out["vmap"]), jax.tree.leaves(out["sequential"]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+  assert float(out["vmap"][2]["c_k"]) == pytest.approx(0.1 / 4**0.1)
+  gauss = SPSA(graphdef, tx, SPSAConfig(perturbation="gaussian", pair="sequential"), batch_size=8)
+  new, _, _ = gauss.step(scales, gauss.init(scales), 3, rest, ids)
+  delta = np.abs(np.asarray(jax.tree.leaves(new)[0]) - 0.2)
+  assert len(np.unique(np.round(delta / delta.max(), 4))) > 1  # Rademacher steps would all have one size
+
+
+def test_gradient_calibrator_trains_scales_only(self_generated):
+  model, ids = self_generated
+  params_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  calib = Gradient(graphdef, make_optimizer("adamw", make_schedule("constant", 0.1), clip=1.0), batch_size=2, accum=2)
+  opt_state = calib.init(scales)
+  # Optimizer state exists for the scales only: every array in it is a step count or has a scale's shape.
+  shapes = {jnp.shape(s) for s in jax.tree.leaves(scales)}
+  assert all(jnp.shape(a) in shapes | {()} for a in jax.tree.leaves(opt_state))
+  start = float(calib.evaluate(scales, rest, ids))
+  for k in range(6):
+    scales, opt_state, metrics = calib.step(scales, opt_state, k, rest, ids)
+    assert bool(metrics["finite"])
+  assert float(calib.evaluate(scales, rest, ids)) < start - 0.02
+  after = nnx.merge(graphdef, scales, rest)
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(after, nnx.Param)), jax.tree.leaves(params_before), strict=True
+  ):  # frozen weights bit-identical
+    np.testing.assert_array_equal(np.asarray(a), b)
+  # Every sample is seen once per epoch of 8 samples (2 steps x 2 micro-batches x 2 samples = 8).
+  seen = np.concatenate([np.asarray(calib.sample_indices(k, 8)).ravel() for k in range(2)])
+  assert sorted(seen.tolist()) == list(range(8))
+
+
+def test_released_schedules():
+  cos = make_schedule("cosine", 0.001)
+  assert float(cos(0)) == pytest.approx(0.001)
+  assert float(cos(49)) == pytest.approx(0.001 * math.cos(49 * math.pi / 198))
+  assert float(cos(99)) == pytest.approx(0.0, abs=1e-12)
+  assert float(cos(150)) == 0.0  # held at 0 instead of turning negative
+  assert float(make_schedule("constant", 0.005)(77)) == 0.005
+  assert isinstance(make_optimizer("adamw", cos, clip=1.0), optax.GradientTransformation)
+
+
+def test_remat_gives_the_same_loss_and_gradient():
+  """Rematerialised blocks (what long-context gradient calibration uses) change memory, not values."""
+  out = []
+  for remat in (False, True):
+    model = tiny("mamba2", n_layer=2)
+    attach_scales(model, "dt", "linear", "head", init=0.7)
+    model.remat = remat
+    graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+    x = jax.random.randint(jax.random.key(0), (2, 16), 0, 100)
+    out.append(jax.jit(jax.value_and_grad(scale_loss(graphdef, 1, 8)))(scales, rest, x))
+  np.testing.assert_allclose(float(out[1][0]), float(out[0][0]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1]), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
