@@ -12,26 +12,6 @@ F32 = jnp.float32
 OBJECTIVES = ("nll", "ppl")
 
 
-def hidden_states(model, ids: jax.Array) -> jax.Array:
-  """`model.hidden_states(ids)` (b, l, d); when `model.remat` is set, each block is rematerialised here.
-
-  Why not the model's own `remat`: its per-block `nnx.remat` raises TraceContextError under `jax.grad` and
-  `jax.lax.scan` (flax 0.12), which the calibrators use. Splitting each block and wrapping a pure function of its
-  state in `jax.checkpoint` gives the same memory saving under any JAX transform.
-  """
-  if not getattr(model, "remat", False):
-    return model.hidden_states(ids)
-  residual = model._embed(ids)
-  for layer in model.backbone.layers:
-    graphdef, state = nnx.split(layer)
-
-    def block(state, residual, graphdef=graphdef):
-      return nnx.merge(graphdef, state)(residual, model.dtype)[0]
-
-    residual = jax.checkpoint(block)(state, residual)
-  return model.backbone.norm_f(residual, model.dtype)
-
-
 def token_nll(model, ids: jax.Array, chunk: int = 2048) -> jax.Array:
   """Per-sample mean next-token NLL.
 
@@ -47,7 +27,7 @@ def token_nll(model, ids: jax.Array, chunk: int = 2048) -> jax.Array:
     (b,) float32 mean NLL of each sample.
   """
   b, l = ids.shape
-  h = hidden_states(model, ids)[:, :-1]  # (b, l-1, d): the last position predicts nothing
+  h = model.hidden_states(ids)[:, :-1]  # (b, l-1, d): the last position predicts nothing
   targets = ids[:, 1:]  # (b, l-1)
   n = l - 1
   c = max(1, min(chunk, n))
@@ -84,8 +64,7 @@ def mean_nll(model, ids: jax.Array, batch_size: int = 1, chunk: int = 2048) -> j
   if s % batch_size:
     raise ValueError(f"{s} samples are not a multiple of batch_size={batch_size}")
   batches = ids.reshape(s // batch_size, batch_size, l)
-  # The model is rebuilt inside the scan body: NNX transforms in the forward (the per-block `nnx.remat`) may only
-  # touch Variables created at their own trace level, not ones closed over from outside the scan.
+  # The model is rebuilt inside the scan body, so that no Variable is closed over from outside the scan's trace.
   graphdef, state = nnx.split(model)
 
   def body(total, batch):

@@ -91,7 +91,14 @@ class MambaLM(nnx.Module):
     residual = self._embed(input_ids)
     for layer in self.backbone.layers:
       if self.remat:
-        residual, _ = nnx.remat(lambda blk, r: blk(r, self.dtype))(layer, residual)
+        # A pure function of the block's state under jax.checkpoint: unlike nnx.remat on the live module, this
+        # works at any trace level (inside jax.grad, lax.scan or vmap over a model closed over from outside).
+        graphdef, state = nnx.split(layer)
+
+        def block(state, residual, graphdef=graphdef):
+          return nnx.merge(graphdef, state)(residual, self.dtype)[0]
+
+        residual = jax.checkpoint(block)(state, residual)
       else:
         residual, _ = layer(residual, self.dtype)
     return self.backbone.norm_f(residual, self.dtype)
