@@ -177,53 +177,63 @@ def check_256k(op, pallas_fn, xla_fn, make, inputs, l, pieces, log):
   return err
 
 
-SSD_FWD_SWEEP = [(128, 8, 2), (128, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 1), (64, 4, 3)]  # (block_t, warps, stages)
-SSD_BWD_SWEEP = [(64, 8, 2), (64, 4, 2), (32, 4, 2), (32, 8, 1), (64, 8, 1), (32, 4, 1)]  # (block_t_bwd, warps, stages)
-SS_SWEEP = [
-  (64, 16, 4, 1056),
-  (32, 16, 2, 1056),
+SSD_FWD_SWEEP = [(64, 4, 2, 264), (64, 4, 2, 528), (64, 4, 2, 1056), (64, 8, 2, 528), (128, 8, 2, 528), (64, 4, 3, 528)]
+SSD_BWD_SWEEP = [(32, 8, 1), (32, 4, 1), (64, 8, 1)]  # (block_t_bwd, warps, stages)
+SS_FWD_SWEEP = [  # (block_e, unroll, warps, target_programs)
   (128, 16, 4, 1056),
-  (64, 8, 4, 2112),
-  (64, 32, 4, 1056),
+  (64, 16, 4, 1056),
+  (64, 16, 2, 2112),
   (32, 16, 1, 2112),
+  (128, 32, 4, 1056),
+  (128, 16, 8, 2112),
 ]
+SS_BWD_SWEEP = [(32, 16, 4), (32, 8, 2), (64, 8, 4), (16, 16, 2), (32, 16, 2)]  # (block_e_bwd, unroll_bwd, warps)
 
 
-def tune(l, log):
-  """Times config variants at one length; returns the best SSD and selective-scan configs."""
+def tune(l, ops, log):
+  """Times config variants at one length; returns the best SSD and selective-scan configs (None: not tuned)."""
   from mamba_jax.ops.selective_scan import pallas_triton as sp  # noqa: PLC0415
   from mamba_jax.ops.ssd import pallas_triton as pt  # noqa: PLC0415
 
-  args = ssd_inputs(l, jax.random.PRNGKey(1))
-  best_f, best_b = None, None
-  for T, w, st in SSD_FWD_SWEEP:
-    cfg = pt.SSDConfig(block_t=T, num_warps=w, num_stages=st)
-    f = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
-    t = _safe(lambda f=f: _time(f, *args, iters=15), log)
-    log(f"tune ssd fwd T={T} warps={w} stages={st}: {t:.3f} ms")
-    if best_f is None or t < best_f[0]:
-      best_f = (t, T, w, st)
-  for T, w, st in SSD_BWD_SWEEP:
-    cfg = pt.SSDConfig(block_t=best_f[1], num_warps=best_f[2], num_stages=best_f[3])
-    cfg = dataclasses.replace(cfg, block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st)
-    f = jax.jit(fwd_bwd(make_ssd(functools.partial(pt.ssd_pallas, config=cfg))))
-    t = _safe(lambda f=f: _time(f, *args, iters=5), log)
-    log(f"tune ssd fwd+bwd T_bwd={T} warps={w} stages={st}: {t:.3f} ms")
-    if best_b is None or t < best_b[0]:
-      best_b = (t, T, w, st)
-  ssd_cfg = pt.SSDConfig(best_f[1], best_b[1], num_warps=best_f[2], num_stages=best_f[3])
-  ssd_cfg = dataclasses.replace(ssd_cfg, num_warps_bwd=best_b[2], num_stages_bwd=best_b[3])
-  args = ss_inputs(l, jax.random.PRNGKey(2))
-  best_s = None
-  for eb, un, w, tp in SS_SWEEP:
-    cfg = sp.SelectiveScanConfig(block_e=eb, unroll=un, num_warps=w, target_programs=tp)
-    f = jax.jit(make_ss(functools.partial(sp.selective_scan_pallas, config=cfg)))
-    t = _safe(lambda f=f: _time(f, *args, iters=15), log)
-    log(f"tune selective_scan fwd block_e={eb} unroll={un} warps={w} programs={tp}: {t:.3f} ms")
-    if best_s is None or t < best_s[0]:
-      best_s = (t, cfg)
-  log(f"chosen: {ssd_cfg} {best_s[1]}")
-  return ssd_cfg, best_s[1]
+  ssd_cfg = ss_cfg = None
+  if "ssd" in ops:
+    args = ssd_inputs(l, jax.random.PRNGKey(1))
+    best_f = best_b = None
+    for T, w, st, tp in SSD_FWD_SWEEP:
+      cfg = pt.SSDConfig(block_t=T, num_warps=w, num_stages=st, target_programs=tp)
+      f = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
+      t = _safe(lambda f=f: _time(f, *args, iters=15), log)
+      log(f"tune ssd fwd T={T} warps={w} stages={st} programs={tp}: {t:.3f} ms")
+      if best_f is None or t < best_f[0]:
+        best_f = (t, cfg)
+    for T, w, st in SSD_BWD_SWEEP:
+      cfg = dataclasses.replace(best_f[1], block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st)
+      f = jax.jit(fwd_bwd(make_ssd(functools.partial(pt.ssd_pallas, config=cfg))))
+      t = _safe(lambda f=f: _time(f, *args, iters=5), log)
+      log(f"tune ssd fwd+bwd T_bwd={T} warps={w} stages={st}: {t:.3f} ms")
+      if best_b is None or t < best_b[0]:
+        best_b = (t, cfg)
+    ssd_cfg = best_b[1]
+  if "selective_scan" in ops:
+    args = ss_inputs(l, jax.random.PRNGKey(2))
+    best_f = best_b = None
+    for eb, un, w, tp in SS_FWD_SWEEP:
+      cfg = sp.SelectiveScanConfig(block_e=eb, unroll=un, num_warps=w, target_programs=tp)
+      f = jax.jit(make_ss(functools.partial(sp.selective_scan_pallas, config=cfg)))
+      t = _safe(lambda f=f: _time(f, *args, iters=15), log)
+      log(f"tune selective_scan fwd block_e={eb} unroll={un} warps={w} programs={tp}: {t:.3f} ms")
+      if best_f is None or t < best_f[0]:
+        best_f = (t, cfg)
+    for eb, K, w in SS_BWD_SWEEP:
+      cfg = dataclasses.replace(best_f[1], block_e_bwd=eb, unroll_bwd=K, num_warps_bwd=w)
+      f = jax.jit(fwd_bwd(make_ss(functools.partial(sp.selective_scan_pallas, config=cfg))))
+      t = _safe(lambda f=f: _time(f, *args, iters=5), log)
+      log(f"tune selective_scan fwd+bwd block_e_bwd={eb} unroll_bwd={K} warps_bwd={w}: {t:.3f} ms")
+      if best_b is None or t < best_b[0]:
+        best_b = (t, cfg)
+    ss_cfg = best_b[1]
+  log(f"chosen: {ssd_cfg} {ss_cfg}")
+  return ssd_cfg, ss_cfg
 
 
 def main():
@@ -233,6 +243,7 @@ def main():
   ap.add_argument("--check-len", type=int, default=262144)
   ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "scans.md"))
   ap.add_argument("--tune", type=int, default=0, help="sweep block sizes at this length first and use the best")
+  ap.add_argument("--no-xla-bwd-above", type=int, default=65536, help="skip timing XLA fwd+bwd above this length")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test of this script)")
   a = ap.parse_args()
   lens = [int(s) for s in a.lens.split(",")]
@@ -248,7 +259,7 @@ def main():
   ops = a.ops.split(",")
   ssd_cfg = ss_cfg = None
   if a.tune:
-    ssd_cfg, ss_cfg = tune(a.tune, log)
+    ssd_cfg, ss_cfg = tune(a.tune, ops, log)
   if "ssd" in ops:
     from mamba_jax.ops.ssd.pallas_triton import ssd_pallas  # noqa: PLC0415
 
@@ -258,7 +269,7 @@ def main():
       ssd_pallas = functools.partial(ssd_pallas, config=ssd_cfg)
 
     floor = lambda l: l * H * P * 2 * 2 + l * G * N * 2 * 2 + l * H * 4
-    rows += run_op("ssd", lens, ssd_pallas, ssd_xla, make_ssd, ssd_inputs, floor, log, 65536)
+    rows += run_op("ssd", lens, ssd_pallas, ssd_xla, make_ssd, ssd_inputs, floor, log, a.no_xla_bwd_above)
     if a.check_len:
       checks["ssd"] = check_256k("ssd", ssd_pallas, ssd_xla, make_ssd, ssd_inputs, a.check_len, 8, log)
   if "selective_scan" in ops:
@@ -271,7 +282,15 @@ def main():
 
     floor = lambda l: l * E * (2 * 3 + 4) + l * NS * 2 * 2
     rows += run_op(
-      "selective_scan", lens, selective_scan_pallas, selective_scan_xla, make_ss, ss_inputs, floor, log, 65536
+      "selective_scan",
+      lens,
+      selective_scan_pallas,
+      selective_scan_xla,
+      make_ss,
+      ss_inputs,
+      floor,
+      log,
+      a.no_xla_bwd_above,
     )
     if a.check_len:
       checks["selective_scan"] = check_256k(

@@ -58,6 +58,7 @@ class MambaLM(nnx.Module):
     param_dtype=F32,
     scan_impl: str = "auto",
     remat: bool = False,
+    scan_layers: bool = True,
     rngs: nnx.Rngs,
   ):
     """Args:
@@ -66,10 +67,12 @@ class MambaLM(nnx.Module):
     param_dtype: dtype of the weight matrices, embedding and conv (A_log, D, dt biases and norms stay float32).
     scan_impl: "auto" | "pallas" | "xla" | "reference", passed to `mamba_jax.ops`.
     remat: rematerialise each block in the backward pass (long-context gradients).
+    scan_layers: run the blocks of the parallel forward as one `lax.scan` (compile time independent of depth).
     """
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype or param_dtype)
     self.remat = remat
+    self.scan_layers = scan_layers
     self.backbone = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, scan_impl=scan_impl, rngs=rngs)
     self.lm_head = (
       None
@@ -89,19 +92,30 @@ class MambaLM(nnx.Module):
   def hidden_states(self, input_ids: jax.Array) -> jax.Array:
     """(b, l) int -> final-normed hidden states (b, l, d), before the LM head."""
     residual = self._embed(input_ids)
-    for layer in self.backbone.layers:
-      if self.remat:
-        # A pure function of the block's state under jax.checkpoint: unlike nnx.remat on the live module, this
-        # works at any trace level (inside jax.grad, lax.scan or vmap over a model closed over from outside).
+    layers = list(self.backbone.layers)
+    graphdef = nnx.graphdef(layers[0])
+    if self.scan_layers and all(nnx.graphdef(layer) == graphdef for layer in layers[1:]):
+      # One compiled block applied n_layer times (lax.scan over the stacked layer states) instead of n_layer
+      # inlined copies: compile time independent of depth. Stacking copies the weights once per call.
+      stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer) for layer in layers])
+      residual, _ = jax.lax.scan(self._block_fn(graphdef), residual, stacked)
+    else:
+      for layer in layers:
         graphdef, state = nnx.split(layer)
-
-        def block(state, residual, graphdef=graphdef):
-          return nnx.merge(graphdef, state)(residual, self.dtype)[0]
-
-        residual = jax.checkpoint(block)(state, residual)
-      else:
-        residual, _ = layer(residual, self.dtype)
+        residual, _ = self._block_fn(graphdef)(residual, state)
     return self.backbone.norm_f(residual, self.dtype)
+
+  def _block_fn(self, graphdef):
+    """A pure (residual, block state) -> (residual, None) function, rematerialised when `remat` is set.
+
+    Pure functions of the state (rather than calls on the live modules) work at any trace level: inside jax.grad,
+    lax.scan or vmap over a model closed over from outside.
+    """
+
+    def block(residual, state):
+      return nnx.merge(graphdef, state)(residual, self.dtype)[0], None
+
+    return jax.checkpoint(block) if self.remat else block
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """(..., d) final-normed hidden states -> (..., v) logits."""

@@ -75,7 +75,14 @@ def test_identity_scales_leave_logits_bitwise_unchanged(arch):
     attach_scales(m, "A", mode, a_gran)
     attach_scales(m, "dt", "linear", dt_gran)
     attach_scales(m, "A", mode, a_gran)  # the A mode is the mixer's scale_mode: set it last
-    np.testing.assert_array_equal(np.asarray(FWD(m, x)), ref, err_msg=f"A {mode} {a_gran}, dt {dt_gran}")
+    # A scales of 1 are bitwise neutral. A dt scale moves the softplus out of the fused scan into the mixer, and XLA
+    # fuses the layer-scan body differently then, so those logits agree to float32 rounding (a few ulp), not bitwise.
+    np.testing.assert_allclose(
+      np.asarray(FWD(m, x)), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max(), err_msg=f"A {mode} {a_gran}, dt {dt_gran}"
+    )
+    a_only = tiny(arch)
+    attach_scales(a_only, "A", mode, a_gran)
+    np.testing.assert_array_equal(np.asarray(FWD(a_only, x)), ref, err_msg=f"A {mode} {a_gran}")
 
 
 def _softplus(x):

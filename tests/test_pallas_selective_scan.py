@@ -11,7 +11,7 @@ from tests.conftest import float64, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
 # Few channels per program and short segments, so that short test sequences span several segments.
-CFG = pt.SelectiveScanConfig(block_e=16, unroll=4, target_programs=8)
+CFG = pt.SelectiveScanConfig(block_e=16, unroll=4, target_programs=8, block_e_bwd=8, unroll_bwd=2)
 
 
 def _inputs(key, b=2, l=45, e=32, n=8, dtype=jnp.float32):
@@ -35,6 +35,8 @@ CASES = {
   "all": dict(l=45, drop=(), softplus=True),
   # Nothing optional, one segment.
   "plain": dict(l=8, drop=("D", "z", "delta_bias", "initial_state"), softplus=False),
+  # Several segments, exact multiple of the segment length, softplus without a bias, no z.
+  "segments": dict(l=64, drop=("z", "delta_bias"), softplus=True),
 }
 
 
@@ -77,11 +79,13 @@ def test_forward_bf16_inputs():
   assert rel_err(h, h_ref) < 1e-4  # the state never goes through bf16
 
 
-def test_gradients_match_reference():
-  inp, kw = _case("all", seed=1)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_match_reference(name):
+  inp, kw = _case(name, seed=1)
+  inp = {k: v for k, v in inp.items() if v is not None}
   names = list(inp)
   ct_y = jax.random.normal(jax.random.PRNGKey(3), inp["u"].shape)
-  ct_h = jax.random.normal(jax.random.PRNGKey(4), inp["initial_state"].shape)
+  ct_h = jax.random.normal(jax.random.PRNGKey(4), (inp["u"].shape[0], inp["u"].shape[2], inp["A"].shape[1]))
 
   def loss(fn, ct_y, ct_h):
     def f(*arrays):
@@ -127,3 +131,6 @@ def test_lowers_to_triton_for_cuda():
       pytest.skip(f"no Triton lowering in this jaxlib: {err}")
     raise
   assert text.count("__gpu$xla.gpu.triton") == 2  # segment states, scan with y
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
+  text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 4  # forward (2, saving states), backward (segment adjoints, main)

@@ -1,24 +1,34 @@
-"""Mamba1 selective scan (channels-last) as a Pallas GPU kernel (Triton lowering).
+"""Mamba1 selective scan (channels-last) as Pallas GPU kernels (Triton lowering), forward and backward.
 
-Shape legend: b batch, l length, s segments, e inner channels (d_inner), n state.
+Shape legend: b batch, l length (padded to s * L_s), s segments, L_s segment length, k sub-chunks of K steps,
+f channel blocks, e inner channels (d_inner), n state.
 
 Design:
   * The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t is elementwise in (e, n) with a decay that
-    depends on n, so there is no matrix form to exploit; the kernel walks time step by step with the
+    depends on n, so there is no matrix form to exploit; each program walks time step by step with its
     (e-block, n) state in registers. The time loop is unrolled `unroll` steps per iteration so that the loads
     of those steps are independent of the carried state and can all be in flight before the first is used.
   * Parallelism beyond b * e / e_blk programs comes from cutting the sequence into segments: pass 1 computes
-    each segment's end state from a zero start, XLA combines segments (decay exp(A * sum delta)), pass 2
-    recomputes each segment from its true incoming state and writes y with D and the z gate fused.
-    delta_bias and softplus are applied inside the kernels.
-  * Backward: XLA autodiff of `selective_scan_xla` (the chunked associative scan with rematerialisation) on
-    the saved inputs; the Pallas kernels only speed up the forward pass. See benchmarks/results/scans.md.
+    each segment's end state from a zero start (and the segment's sum of delta), XLA chains the segments
+    (decay exp(A * sum delta)), pass 2 recomputes each segment from its true incoming state and writes y with
+    D and the z gate fused. delta_bias and softplus are applied inside the kernels.
+  * exp(delta A) is the hot special function (l * e * n of them per pass): on GPU it is one `ex2.approx` with
+    A pre-scaled by log2(e) (inline PTX; libdevice's `__nv_expf` costs several instructions more). The
+    interpreter uses `jnp.exp2`.
+  * Backward (`jax.custom_vjp`), same segment structure run in reverse. The forward under `jax.vjp` also
+    stores the state every K = `unroll_bwd` steps, (b, l / K, e, n) float32. Backward pass 1 walks each
+    segment backwards from a zero adjoint and gives the segment's adjoint carry; XLA chains the segments
+    right to left; pass 2 walks each segment backwards from its true adjoint, K steps at a time: it reloads
+    the stored state at the K-block's start, recomputes the K states forward in registers (unrolled), then
+    walks them backwards and writes du, d(delta), dz, per-channel-block dB and dC rows, and per-program
+    partial sums of dA, dD and d(delta_bias) (XLA sums the partials).
   * 64-bit safety: blocks start at per-dimension block indices and the Pallas Triton lowering uses int64
     offsets for arrays above 4 GiB; in-kernel row indices stay below the segment length.
 """
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +36,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
-from mamba_jax.ops.selective_scan.xla import selective_scan_xla
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +47,18 @@ class SelectiveScanConfig:
   """Block sizes and launch parameters.
 
   Attributes:
-    block_e: channels per program (a power of two).
-    unroll: time steps per loop iteration (loads issued together).
+    block_e: channels per forward program (a power of two).
+    unroll: forward time steps per loop iteration (loads issued together); a multiple of `unroll_bwd`.
     target_programs: aim for at least this many programs (b * e / block_e * segments).
-    num_warps: warps per program.
+    num_warps: warps per forward program.
     num_stages: Triton software-pipelining depth.
+    block_e_bwd: channels per backward program.
+    unroll_bwd: K, the steps whose states the backward holds in registers; the forward under `jax.vjp`
+      stores the state every K steps.
+    num_warps_bwd: warps per backward program.
 
-  Defaults: the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py --tune).
+  Defaults: the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py --tune); see
+  benchmarks/results/scans.md.
   """
 
   block_e: int = 128
@@ -50,6 +66,9 @@ class SelectiveScanConfig:
   target_programs: int = 1056
   num_warps: int = 4
   num_stages: int = 2
+  block_e_bwd: int = 32
+  unroll_bwd: int = 8
+  num_warps_bwd: int = 2
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -62,173 +81,342 @@ class _Meta:
   S: int
   unroll: int
   block_e: int
+  unroll_bwd: int
+  block_e_bwd: int
   has_d: bool
   has_z: bool
   has_bias: bool
   softplus: bool
   num_warps: int
   num_stages: int
+  num_warps_bwd: int
   interpret: bool
 
+  @property
+  def ragged(self):
+    return self.l < self.S * self.seg_len
 
-def _delta(d, bias, softplus):
+
+def _exp2(x, interpret):
+  if interpret:
+    return jnp.exp2(x)
+  (y,) = plgpu.elementwise_inline_asm(
+    "ex2.approx.ftz.f32 $0, $1;",
+    args=[x],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+  )
+  return y
+
+
+def _softplus(x):
+  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+class _Refs:
+  """Names the kernel's refs in the order `_call` passes them."""
+
+  def __init__(self, refs, names):
+    refs = list(refs)
+    assert len(refs) == len(names), (len(refs), names)
+    self.__dict__.update(zip(names, refs, strict=True))
+
+
+def _step_delta(r, t, seg0, meta, bias):
+  """(delta after bias/softplus and the ragged mask, raw delta + bias) at row t; both (e,) float32."""
+  x = r.delta[t, :].astype(jnp.float32)
   if bias is not None:
-    d = d + bias
-  if softplus:
-    d = jnp.where(d > SOFTPLUS_THRESHOLD, d, jnp.log1p(jnp.exp(jnp.minimum(d, SOFTPLUS_THRESHOLD))))
-  return d
+    x = x + bias
+  d = _softplus(x) if meta.softplus else x
+  if meta.ragged:
+    d = jnp.where(seg0 + t < meta.l, d, 0.0)
+  return d, x
 
 
-def _scan_kernel(*refs, meta: _Meta, write_y: bool):
-  """One (batch, channel block, segment): walk the segment's steps from its incoming state.
+def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
+  """One (channel block, segment, batch): walk the segment's steps from its incoming state.
 
-  Refs in: u (L_s, e_blk), delta (L_s, e_blk), A (e_blk, n), B (L_s, n), C (L_s, n) [write_y], [D (e_blk,)],
-    [z (L_s, e_blk)], [delta_bias (e_blk,)], h_in (e_blk, n).
-  Refs out: y (L_s, e_blk) when `write_y`, else the segment's end state h_out (e_blk, n) float32.
+  Refs in: u, delta (L_s, e), A2 = A log2(e) (e, n), B (L_s, n), [C (L_s, n), D (e,), z (L_s, e)] when
+    `write_y`, [delta_bias (e,)], h_in (e, n).
+  Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (e, n) float32 the segment's end
+    state; [h_sub (L_s / K, e, n) float32 the state before every K-th step] when `save`.
   """
-  refs = list(refs)
-  u_ref, d_ref, a_ref, b_ref = refs[:4]
-  i = 4
-  c_ref = dd_ref = z_ref = bias_ref = None
-  if write_y:
-    c_ref = refs[i]
-    i += 1
-    if meta.has_d:
-      dd_ref = refs[i]
-      i += 1
-    if meta.has_z:
-      z_ref = refs[i]
-      i += 1
-  if meta.has_bias:
-    bias_ref = refs[i]
-    i += 1
-  h_ref, out_ref = refs[i], refs[i + 1]
-  A = a_ref[...].astype(jnp.float32)  # (e, n)
-  bias = bias_ref[...].astype(jnp.float32) if meta.has_bias else None
-  Dv = dd_ref[...].astype(jnp.float32) if write_y and meta.has_d else None
+  r = _Refs(refs, names)
+  A2 = r.A2[...]
+  bias = r.bias[...].astype(jnp.float32) if meta.has_bias else None
+  Dv = r.D[...].astype(jnp.float32) if write_y and meta.has_d else None
   seg0 = pl.program_id(1) * meta.seg_len
-  ragged = meta.l % meta.seg_len != 0 or meta.l < meta.S * meta.seg_len
+  K = meta.unroll_bwd
 
-  def body(it, h):
+  def body(it, carry):
+    h, ds = carry
     for j in range(meta.unroll):
       t = it * meta.unroll + j
-      u = u_ref[t, :].astype(jnp.float32)  # (e,)
-      d = _delta(d_ref[t, :].astype(jnp.float32), bias, meta.softplus)  # (e,)
-      if ragged:
-        d = jnp.where(seg0 + t < meta.l, d, 0.0)
-      Bt = b_ref[t, :].astype(jnp.float32)  # (n,)
-      h = jnp.exp(d[:, None] * A) * h + (d * u)[:, None] * Bt[None, :]  # (e, n)
+      if save and j % K == 0:
+        r.h_sub[t // K] = h
+      u = r.u[t, :].astype(jnp.float32)  # (e,)
+      d, _ = _step_delta(r, t, seg0, meta, bias)  # (e,)
+      Bt = r.B[t, :].astype(jnp.float32)  # (n,)
+      h = _exp2(d[:, None] * A2, meta.interpret) * h + (d * u)[:, None] * Bt[None, :]  # (e, n)
       if write_y:
-        y = jnp.sum(h * c_ref[t, :].astype(jnp.float32)[None, :], axis=1)  # (e,)
+        y = jnp.sum(h * r.C[t, :].astype(jnp.float32)[None, :], axis=1)  # (e,)
         if meta.has_d:
           y = y + Dv * u
         if meta.has_z:
-          y = y * jax.nn.silu(z_ref[t, :].astype(jnp.float32))
-        out_ref[t, :] = y.astype(out_ref.dtype)
-    return h
+          y = y * jax.nn.silu(r.z[t, :].astype(jnp.float32))
+        r.y[t, :] = y.astype(r.y.dtype)
+      else:
+        ds = ds + d
+    return h, ds
 
-  h = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, h_ref[...])
+  h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (r.h_in[...], jnp.zeros(A2.shape[:1], jnp.float32)))
+  r.h_out[...] = h
   if not write_y:
-    out_ref[...] = h
+    r.dsum[...] = ds
 
 
-def _scan_call(meta, u, delta, A, B, C, D, z, delta_bias, h_in, write_y):
-  b, lp, e = u.shape
-  n = A.shape[-1]
-  eb, Ls = meta.block_e, meta.seg_len
-  seq_e = pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei))
-  seq_n = pl.BlockSpec((_SQ, Ls, n), lambda ei, si, bi: (bi, si, 0))
-  vec_e = pl.BlockSpec((eb,), lambda ei, si, bi: (ei,))
-  en = pl.BlockSpec((eb, n), lambda ei, si, bi: (ei, 0))
-  seg_en = pl.BlockSpec((_SQ, _SQ, eb, n), lambda ei, si, bi: (bi, si, ei, 0))
-  in_specs, args = [seq_e, seq_e, en, seq_n], [u, delta, A, B]
-  if write_y:
-    in_specs.append(seq_n)
-    args.append(C)
+def _bwd_kernel(*refs, names, meta: _Meta, full: bool):
+  """One (channel block, segment, batch): walk the segment backwards from its adjoint at the segment end.
+
+  Adjoint: g_t = dL/dh_t = dy0_t C_t + a_{t+1} g_{t+1}, with a_t = exp(delta_t A), dy0 = dy * silu(z); the
+  carry between steps is c_t = a_t g_t, and the carry out of the segment's first step is dL/dh(entry).
+  Refs in: u, delta (L_s, e), A2 (e, n), B, C (L_s, n), [D (e,)], [z (L_s, e)], [delta_bias (e,)], dy (L_s, e),
+    [h_sub (L_s / K, e, n)] when `full`, c_in (e, n) the carry into the segment's last step.
+  Refs out: c_out (e, n); when `full` also du, d(delta) (L_s, e), [dz (L_s, e)], dB, dC (L_s, n) summed over
+    this channel block, dA (e, n), [dD (e,)], [d(delta_bias) (e,)] summed over the segment.
+  """
+  r = _Refs(refs, names)
+  A2 = r.A2[...]
+  e_blk, n = A2.shape
+  bias = r.bias[...].astype(jnp.float32) if meta.has_bias else None
+  Dv = r.D[...].astype(jnp.float32) if meta.has_d else None
+  seg0 = pl.program_id(1) * meta.seg_len
+  K = meta.unroll_bwd
+  zeros_e = jnp.zeros((e_blk,), jnp.float32)
+
+  def dy0_at(t):
+    dy = r.dy[t, :].astype(jnp.float32)
+    if not meta.has_z:
+      return dy, dy, None
+    zt = r.z[t, :].astype(jnp.float32)
+    return dy * jax.nn.silu(zt), dy, zt
+
+  def body(i, carry):
+    c, dA, dD, dbias = carry
+    kb = meta.seg_len // K - 1 - i
+    hs = None
+    if full:
+      h = r.h_sub[kb]  # (e, n) state before step kb * K
+      hs = [h]
+      for j in range(K):
+        t = kb * K + j
+        d, _ = _step_delta(r, t, seg0, meta, bias)
+        u = r.u[t, :].astype(jnp.float32)
+        h = _exp2(d[:, None] * A2, meta.interpret) * h + (d * u)[:, None] * r.B[t, :].astype(jnp.float32)[None, :]
+        hs.append(h)
+    for j in reversed(range(K)):
+      t = kb * K + j
+      d, x = _step_delta(r, t, seg0, meta, bias)
+      a = _exp2(d[:, None] * A2, meta.interpret)  # (e, n)
+      dy0, dy, zt = dy0_at(t)
+      Ct = r.C[t, :].astype(jnp.float32)  # (n,)
+      g = c + dy0[:, None] * Ct[None, :]  # (e, n)
+      c = a * g
+      if not full:
+        continue
+      u = r.u[t, :].astype(jnp.float32)
+      Bt = r.B[t, :].astype(jnp.float32)
+      h_prev, h_t = hs[j], hs[j + 1]
+      r.dC[t, :] = jnp.sum(dy0[:, None] * h_t, axis=0)
+      r.dB[t, :] = jnp.sum(g * (d * u)[:, None], axis=0)
+      sgB = jnp.sum(g * Bt[None, :], axis=1)  # (e,)
+      q = a * g * h_prev  # (e, n)
+      dA = dA + d[:, None] * q
+      dd = _LN2 * jnp.sum(q * A2, axis=1) + u * sgB  # dL/d(delta) (e,)
+      du = d * sgB
+      if meta.has_d:
+        du = du + Dv * dy0
+        dD = dD + dy0 * u
+      r.du[t, :] = du.astype(r.du.dtype)
+      if meta.has_z:
+        y0 = jnp.sum(h_t * Ct[None, :], axis=1)
+        if meta.has_d:
+          y0 = y0 + Dv * u
+        sz = jax.nn.sigmoid(zt)
+        r.dz[t, :] = (dy * y0 * sz * (1.0 + zt * (1.0 - sz))).astype(r.dz.dtype)
+      if meta.softplus:
+        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, jax.nn.sigmoid(x))
+      if meta.ragged:
+        dd = jnp.where(seg0 + t < meta.l, dd, 0.0)
+      r.ddelta[t, :] = dd.astype(r.ddelta.dtype)
+      if meta.has_bias:
+        dbias = dbias + dd
+    return c, dA, dD, dbias
+
+  init = (r.c_in[...], jnp.zeros_like(A2), zeros_e, zeros_e)
+  c, dA, dD, dbias = jax.lax.fori_loop(0, meta.seg_len // K, body, init)
+  r.c_out[...] = c
+  if full:
+    r.dA[...] = dA
     if meta.has_d:
-      in_specs.append(vec_e)
-      args.append(D)
-    if meta.has_z:
-      in_specs.append(seq_e)
-      args.append(z)
-  if meta.has_bias:
-    in_specs.append(vec_e)
-    args.append(delta_bias)
-  in_specs.append(seg_en)
-  args.append(h_in)
-  if write_y:
-    out_spec, out_shape = seq_e, jax.ShapeDtypeStruct(u.shape, u.dtype)
-  else:
-    out_spec, out_shape = seg_en, jax.ShapeDtypeStruct((b, meta.S, e, n), jnp.float32)
+      r.dD[...] = dD
+    if meta.has_bias:
+      r.dbias[...] = dbias
+
+
+def _specs(meta, eb, b, lp, e, n):
+  Ls, K = meta.seg_len, meta.unroll_bwd
+  return dict(
+    seq_e=lambda: pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei)),
+    seq_n=lambda: pl.BlockSpec((_SQ, Ls, n), lambda ei, si, bi: (bi, si, 0)),
+    part_n=lambda: pl.BlockSpec((_SQ, _SQ, Ls, n), lambda ei, si, bi: (bi, ei, si, 0)),
+    vec_e=lambda: pl.BlockSpec((eb,), lambda ei, si, bi: (ei,)),
+    en=lambda: pl.BlockSpec((eb, n), lambda ei, si, bi: (ei, 0)),
+    seg_en=lambda: pl.BlockSpec((_SQ, _SQ, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
+    seg_e=lambda: pl.BlockSpec((_SQ, _SQ, eb), lambda ei, si, bi: (bi, si, ei)),
+    sub_en=lambda: pl.BlockSpec((_SQ, Ls // K, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
+  )
+
+
+def _call(kernel, meta, eb, num_warps, ins, outs, name, **kw):
+  """ins / outs: lists of (ref name, spec kind, array or ShapeDtypeStruct)."""
+  b, lp, e = ins[0][2].shape
+  n = ins[2][2].shape[-1]
+  sp = _specs(meta, eb, b, lp, e, n)
+  names = tuple(k for k, _, _ in ins) + tuple(k for k, _, _ in outs)
   return pl.pallas_call(
-    functools.partial(_scan_kernel, meta=meta, write_y=write_y),
-    out_shape=out_shape,
+    functools.partial(kernel, names=names, meta=meta, **kw),
+    out_shape=[s for _, _, s in outs],
     grid=(e // eb, meta.S, b),
-    in_specs=in_specs,
-    out_specs=out_spec,
-    compiler_params=plgpu.CompilerParams(num_warps=meta.num_warps, num_stages=meta.num_stages),
+    in_specs=[sp[k]() for _, k, _ in ins],
+    out_specs=[sp[k]() for _, k, _ in outs],
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=meta.num_stages),
     interpret=meta.interpret,
-    name="selective_scan_fwd" if write_y else "selective_scan_segment_states",
-  )(*args)
+    name=name,
+  )(*[a for _, _, a in ins])
 
 
-def _forward(meta, u, delta, A, B, C, D, z, delta_bias, h0):
-  """y (b, l_pad, e) and the last state (b, e, n) float32."""
+def _seg_decay(A, dsum):
+  return jnp.exp(dsum[..., None] * A.astype(jnp.float32))  # (b, s, e, n)
+
+
+def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
+  """y (b, l_pad, e), the last state (b, e, n) float32, residuals for the backward (or None)."""
   b, lp, e = u.shape
   n = A.shape[-1]
-  A32 = A.astype(jnp.float32)
+  f32 = jnp.float32
+  A2 = A.astype(f32) * _LOG2E
+  common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "en", A2), ("B", "seq_n", B)]
+  bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
+  dsum = None
   if meta.S == 1:
     h_seg = h0[:, None]
-    h_last = _scan_call(meta, u, delta, A, B, C, D, z, delta_bias, h_seg, write_y=False)[:, 0]
   else:
-    zeros = jnp.zeros((b, meta.S, e, n), jnp.float32)
-    h_loc = _scan_call(meta, u, delta, A, B, C, D, z, delta_bias, zeros, write_y=False)  # (b, s, e, n)
-    d = _delta(delta.astype(jnp.float32), None if delta_bias is None else delta_bias.astype(jnp.float32), meta.softplus)
-    d = jnp.where(jnp.arange(lp)[None, :, None] < meta.l, d, 0.0)
-    dsum = d.reshape(b, meta.S, meta.seg_len, e).sum(2)  # (b, s, e)
-    dec = jnp.exp(dsum[..., None] * A32)  # (b, s, e, n)
+    zeros = jnp.zeros((b, meta.S, e, n), f32)
+    h_loc, dsum = _call(
+      _fwd_kernel, meta, meta.block_e, meta.num_warps,
+      common + bias_in + [("h_in", "seg_en", zeros)],
+      [("h_out", "seg_en", jax.ShapeDtypeStruct((b, meta.S, e, n), f32)),
+       ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
+      "selective_scan_segment_states", write_y=False, save=False,
+    )  # fmt: skip
 
     def step(h, inp):
       loc, dc = inp
       return dc * h + loc, h
 
-    h_last, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(h_loc, 1, 0), jnp.moveaxis(dec, 1, 0)))
+    dec = _seg_decay(A, dsum)
+    _, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(h_loc, 1, 0), jnp.moveaxis(dec, 1, 0)))
     h_seg = jnp.moveaxis(h_in, 0, 1)
-  y = _scan_call(meta, u, delta, A, B, C, D, z, delta_bias, h_seg, write_y=True)
-  return y, h_last
+  ins = common + [("C", "seq_n", C)]
+  ins += [("D", "vec_e", D)] if meta.has_d else []
+  ins += [("z", "seq_e", z)] if meta.has_z else []
+  ins += bias_in + [("h_in", "seg_en", h_seg)]
+  outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)),
+          ("h_out", "seg_en", jax.ShapeDtypeStruct((b, meta.S, e, n), f32))]  # fmt: skip
+  if save:
+    outs.append(("h_sub", "sub_en", jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, e, n), f32)))
+  res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
+  y, h_out = res[0], res[1]
+  return y, h_out[:, -1], (res[2], dsum) if save else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(meta, u, delta, A, B, C, D, z, delta_bias, h0):
-  return _forward(meta, u, delta, A, B, C, D, z, delta_bias, h0)
-
-
-def _xla(meta, u, delta, A, B, C, D, z, delta_bias, h0):
-  l = meta.l
-  y, h = selective_scan_xla(
-    u[:, :l],
-    delta[:, :l],
-    A,
-    B[:, :l],
-    C[:, :l],
-    D,
-    None if z is None else z[:, :l],
-    delta_bias,
-    meta.softplus,
-    h0,
-    True,
-  )
-  pad = u.shape[1] - l
-  return (jnp.pad(y, ((0, 0), (0, pad), (0, 0))) if pad else y), h
+  y, h, _ = _forward(meta, False, u, delta, A, B, C, D, z, delta_bias, h0)
+  return y, h
 
 
 def _core_fwd(meta, *args):
-  return _forward(meta, *args), args
+  y, h, (h_sub, dsum) = _forward(meta, True, *args)
+  return (y, h), (args, h_sub, dsum)
 
 
-def _core_bwd(meta, args, cts):
-  _, vjp = jax.vjp(functools.partial(_xla, meta), *args)
-  return vjp(cts)
+def _core_bwd(meta, res, cts):
+  (u, delta, A, B, C, D, z, delta_bias, h0), h_sub, dsum = res
+  dy, dh_last = cts
+  b, lp, e = u.shape
+  n = A.shape[-1]
+  f32 = jnp.float32
+  eb = meta.block_e_bwd
+  nf = e // eb
+  A2 = A.astype(f32) * _LOG2E
+  ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "en", A2), ("B", "seq_n", B), ("C", "seq_n", C)]
+  ins += [("D", "vec_e", D)] if meta.has_d else []
+  ins += [("z", "seq_e", z)] if meta.has_z else []
+  ins += [("bias", "vec_e", delta_bias)] if meta.has_bias else []
+  ins += [("dy", "seq_e", dy)]
+  seg_en = jax.ShapeDtypeStruct((b, meta.S, e, n), f32)
+  if meta.S == 1:
+    c_seg = dh_last[:, None].astype(f32)
+  else:
+    c_loc = _call(
+      _bwd_kernel, meta, eb, meta.num_warps_bwd, ins + [("c_in", "seg_en", jnp.zeros((b, meta.S, e, n), f32))],
+      [("c_out", "seg_en", seg_en)], "selective_scan_bwd_segment_adjoints", full=False,
+    )[0]  # fmt: skip
+
+    def step(c, inp):
+      loc, dc = inp
+      return loc + dc * c, c
+
+    dec = _seg_decay(A, dsum)
+    _, c_in = jax.lax.scan(
+      step, dh_last.astype(f32), (jnp.moveaxis(c_loc, 1, 0), jnp.moveaxis(dec, 1, 0)), reverse=True
+    )
+    c_seg = jnp.moveaxis(c_in, 0, 1)
+  outs = [
+    ("c_out", "seg_en", seg_en),
+    ("du", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)),
+    ("ddelta", "seq_e", jax.ShapeDtypeStruct(delta.shape, delta.dtype)),
+  ]
+  outs += [("dz", "seq_e", jax.ShapeDtypeStruct(z.shape, z.dtype))] if meta.has_z else []
+  outs += [
+    ("dB", "part_n", jax.ShapeDtypeStruct((b, nf, lp, n), f32)),
+    ("dC", "part_n", jax.ShapeDtypeStruct((b, nf, lp, n), f32)),
+    ("dA", "seg_en", seg_en),
+  ]
+  outs += [("dD", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))] if meta.has_d else []
+  outs += [("dbias", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))] if meta.has_bias else []
+  ins += [("h_sub", "sub_en", h_sub), ("c_in", "seg_en", c_seg)]
+  res = dict(
+    zip(
+      [k for k, _, _ in outs],
+      _call(_bwd_kernel, meta, eb, meta.num_warps_bwd, ins, outs, "selective_scan_bwd", full=True),
+      strict=True,
+    )
+  )
+  return (
+    res["du"],
+    res["ddelta"],
+    res["dA"].sum((0, 1)).astype(A.dtype),
+    res["dB"].sum(1).astype(B.dtype),
+    res["dC"].sum(1).astype(C.dtype),
+    res["dD"].sum((0, 1)).astype(D.dtype) if meta.has_d else None,
+    res["dz"] if meta.has_z else None,
+    res["dbias"].sum((0, 1)).astype(delta_bias.dtype) if meta.has_bias else None,
+    res["c_out"][:, 0],
+  )
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -268,13 +456,15 @@ def selective_scan_pallas(
   cfg = config or DEFAULT_CONFIG
   b, l, e = u.shape
   n = A.shape[-1]
-  eb = min(cfg.block_e, e)
-  if e % eb:
-    raise ValueError(f"d_inner={e} must be a multiple of block_e={eb}")
+  eb, eb_bwd = min(cfg.block_e, e), min(cfg.block_e_bwd, e)
+  if e % eb or e % eb_bwd:
+    raise ValueError(f"d_inner={e} must be a multiple of block_e={eb} and block_e_bwd={eb_bwd}")
+  if cfg.unroll % cfg.unroll_bwd:
+    raise ValueError(f"unroll={cfg.unroll} must be a multiple of unroll_bwd={cfg.unroll_bwd}")
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
   meta = _Meta(
-    l, seg, S, cfg.unroll, eb, D is not None, z is not None, delta_bias is not None, delta_softplus,
-    cfg.num_warps, cfg.num_stages, interpret,
+    l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
+    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, interpret,
   )  # fmt: skip
   pad = seg * S - l
 
