@@ -12,10 +12,10 @@ from mamba_jax.cache import MixerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import F32, CausalConv1d
 from mamba_jax.ops._dt import softplus
-from mamba_jax.scales import scaled_A
+from mamba_jax.scales import ScaleHooks
 
 
-class Mamba1Mixer(nnx.Module):
+class Mamba1Mixer(ScaleHooks, nnx.Module):
   """Selective SSM mixer with parameter names as in mamba_ssm (`A_log`, `D`, `dt_proj`, ...)."""
 
   def __init__(self, cfg: MambaConfig, *, dtype=None, param_dtype=F32, scan_impl: str = "auto", rngs: nnx.Rngs):
@@ -30,22 +30,9 @@ class Mamba1Mixer(nnx.Module):
     self.D = nnx.Param(jnp.ones((e,), F32))
     self.out_proj = nnx.Linear(e, d, use_bias=cfg.bias, **lin)
     self.cfg = cfg
-    # Calibration (see mamba_jax.scales): None, or a CalibrationScale set by `attach_scales`.
-    self.a_scale = nnx.data(None)
-    self.dt_scale = nnx.data(None)
-    self.scale_mode = "linear"
-    self.scales_in_decode = True
+    self.init_scale_hooks()
     self.dtype = dtype
     self.scan_impl = scan_impl
-
-  def _scale(self, name: str, decode: bool) -> jax.Array | None:
-    var = getattr(self, name)
-    if var is None or (decode and not self.scales_in_decode):
-      return None
-    return var[...]
-
-  def _A(self, decode: bool = False) -> jax.Array:  # (e, n)
-    return scaled_A(self.A_log[...], self._scale("a_scale", decode), self.scale_mode)
 
   def _delta(self, dt: jax.Array, dt_scale: jax.Array | None) -> jax.Array:
     """softplus(dt + dt_proj.bias) [* dt_scale], float32."""

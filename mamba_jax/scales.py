@@ -52,6 +52,30 @@ def scaled_A(A_log: jnp.ndarray, scale: jnp.ndarray | None, mode: str) -> jnp.nd
   raise ValueError(f"mode={mode!r} is not one of {MODES}")
 
 
+class ScaleHooks:
+  """Where a mixer reads its calibration scales; mixed into Mamba1Mixer and Mamba2Mixer.
+
+  A mixer has `a_scale` and `dt_scale` (None, or a CalibrationScale set by `attach_scales`), the A `scale_mode`, and
+  `scales_in_decode` (False reproduces the released code, which scales only the parallel prefill).
+  """
+
+  def init_scale_hooks(self) -> None:
+    self.a_scale = nnx.data(None)
+    self.dt_scale = nnx.data(None)
+    self.scale_mode = "linear"
+    self.scales_in_decode = True
+
+  def _scale(self, name: str, decode: bool) -> jnp.ndarray | None:
+    var = getattr(self, name)
+    if var is None or (decode and not self.scales_in_decode):
+      return None
+    return var[...]
+
+  def _A(self, decode: bool = False) -> jnp.ndarray:
+    """A = -exp(A_log) with the A scale applied (float32): (e, n) for Mamba1, (h,) for Mamba2."""
+    return scaled_A(self.A_log[...], self._scale("a_scale", decode), self.scale_mode)
+
+
 def attach_scales(
   model,
   target: str = "A",
