@@ -118,8 +118,8 @@ def test_resume_equals_uninterrupted(world, capsys, tmp_path, monkeypatch, case)
   args += ["--length", 32, "--samples", 4, "--calib-split", 0.5, "--steps", 6, "--quiet"]
   code, err = run([*args, "--out", tmp_path / "whole"], capsys)
   assert code == 0, err
-  tuned = next(iter(scales_lib.read_scales(tmp_path / "whole")[1].values()))
-  assert np.abs(tuned - 1.0).max() > 1e-4  # the run moved the scales, so equality below is not trivial
+  held = [json.loads(x)["held_nll"] for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+  assert len(set(held)) > 1  # the scales moved during the run, so the equality below is not trivial
 
   real_save = checkpointing.Checkpointer.maybe_save
 
