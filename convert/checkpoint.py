@@ -115,17 +115,22 @@ def _read_config(directory: Path) -> tuple[MambaConfig, dict]:
   return cfg, raw
 
 
+def _shards_from_index(index: Path) -> list[Path]:
+  """The shard files a `*.index.json` names, checked to exist."""
+  try:
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    raise ConvertError(f"{index} is not a valid shard index ({e}); re-download it") from e
+  missing = [n for n in names if not (index.parent / n).exists()]
+  if missing:
+    raise ConvertError(f"{index} names shards that are missing: {missing}; re-download the checkpoint")
+  return [index.parent / n for n in names]
+
+
 def _safetensors_files(directory: Path) -> list[Path]:
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    try:
-      names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise ConvertError(f"{index} is not a valid shard index ({e}); re-download it") from e
-    missing = [n for n in names if not (directory / n).exists()]
-    if missing:
-      raise ConvertError(f"{index} names shards that are missing: {missing}; re-download the checkpoint")
-    return [directory / n for n in names]
+    return _shards_from_index(index)
   if (directory / "model.safetensors").exists():
     return [directory / "model.safetensors"]
   return sorted(directory.glob("consolidated*.safetensors")) or sorted(directory.glob("model-*-of-*.safetensors"))
@@ -134,14 +139,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
 def _bin_files(directory: Path) -> list[Path]:
   index = directory / "pytorch_model.bin.index.json"
   if index.exists():
-    try:
-      names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise ConvertError(f"{index} is not a valid shard index ({e}); re-download it") from e
-    missing = [n for n in names if not (directory / n).exists()]
-    if missing:
-      raise ConvertError(f"{index} names shards that are missing: {missing}; re-download the checkpoint")
-    return [directory / n for n in names]
+    return _shards_from_index(index)
   return [directory / "pytorch_model.bin"] if (directory / "pytorch_model.bin").exists() else []
 
 
