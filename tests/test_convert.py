@@ -425,3 +425,65 @@ def test_blocked_transpose(shape, dtype):
     got = artifact.contiguous(torch_weight.T, np.dtype(out_dtype))
     assert got.flags.c_contiguous and got.dtype == out_dtype
     np.testing.assert_array_equal(got, torch_weight.T.astype(out_dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mistral-native (Codestral-style) and sharded .bin sources
+
+
+def test_mistral_native_source_with_groups(tmp_path):
+  """A Codestral-layout folder: params.json (dim, n_layers, n_groups, ...) and consolidated.safetensors whose keys
+  carry mistral_inference's `model.` prefix. Every other Mamba2 size takes mamba_ssm's defaults (d_state 128,
+  headdim 64, expand 2, chunk 256), so the torch reference is built with those; ngroups 2, untied head."""
+  from safetensors.torch import save_file
+
+  config = transformers.Mamba2Config(
+    hidden_size=64, num_hidden_layers=2, vocab_size=96, state_size=128, head_dim=64, num_heads=2, n_groups=2,
+    chunk_size=256, tie_word_embeddings=False, use_bias=False,
+  )  # fmt: skip
+  torch.manual_seed(5)
+  ref = transformers.Mamba2ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if name.endswith(("norm.weight", ".D")):
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+  src = tmp_path / "codestral-tiny"
+  src.mkdir()
+  state = {f"model.{k.replace('embeddings', 'embedding')}": v.contiguous() for k, v in ref.state_dict().items()}
+  save_file(state, src / "consolidated.safetensors")
+  params = dict(dim=64, n_layers=2, vocab_size=96, n_groups=2, rms_norm=True, residual_in_fp32=True,
+                fused_add_norm=True, pad_vocab_size_multiple=1, tie_embeddings=False, model_type="mamba")  # fmt: skip
+  (src / "params.json").write_text(json.dumps(params))
+  out = tmp_path / "out"
+  assert _run(src, "--out", out) == 0
+  model = from_pretrained(out)
+  assert model.cfg.ngroups == 2 and model.cfg.d_state == 128 and not model.cfg.tie_embeddings
+  ids = IDS % 96
+  # transformers >= 5 normalises the gated norm per group, as mamba_ssm does (see test_parity_hf for older ones).
+  assert _rel_err(model(ids), _logits(ref, ids)) <= 1e-4
+  assert _rel_err(from_pretrained(src)(ids), _logits(ref, ids)) <= 1e-4  # and straight from the source folder
+
+
+def test_sharded_bin_index(sources, tmp_path):
+  """pytorch_model-0000k-of-0000n.bin shards with a weight_map index, as transformers writes large .bin checkpoints."""
+  src, ref = sources["ss", "mamba1", False]
+  state = torch.load(src / "pytorch_model.bin", weights_only=True)
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  shutil.copy(src / "config.json", sharded / "config.json")
+  keys = sorted(state)
+  shards = {
+    "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+    "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+  }
+  weight_map = {}
+  for name, names in shards.items():
+    torch.save({k: state[k] for k in names}, sharded / name)
+    weight_map.update(dict.fromkeys(names, name))
+  (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  out = tmp_path / "out"
+  assert _run(sharded, "--out", out, "--format", "safetensors") == 0
+  assert _rel_err(from_pretrained(out)(IDS), _logits(ref)) <= 1e-4
+  (sharded / "pytorch_model-00002-of-00002.bin").unlink()
+  assert _run(sharded, "--out", tmp_path / "out2") == 2  # a shard the index names is missing
+  assert _nothing_written(tmp_path / "out2")
