@@ -487,3 +487,12 @@ def test_sharded_bin_index(sources, tmp_path):
   (sharded / "pytorch_model-00002-of-00002.bin").unlink()
   assert _run(sharded, "--out", tmp_path / "out2") == 2  # a shard the index names is missing
   assert _nothing_written(tmp_path / "out2")
+
+
+def test_to_hf_straight_from_a_state_spaces_folder(sources, tmp_path):
+  """`--to hf` also takes an unconverted official checkpoint: a plain state-spaces -> transformers format change."""
+  source, model = sources["ss", "mamba2", True]
+  assert _run("--to", "hf", source, "--out", tmp_path / "hf") == 0
+  assert (
+    _rel_err(_logits(transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf").eval()), _logits(model)) <= 1e-6
+  )
