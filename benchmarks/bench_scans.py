@@ -198,42 +198,44 @@ def tune(l, ops, log):
   ssd_cfg = ss_cfg = None
   if "ssd" in ops:
     args = ssd_inputs(l, jax.random.PRNGKey(1))
-    best_f = best_b = None
-    for T, w, st, tp in SSD_FWD_SWEEP:
-      cfg = pt.SSDConfig(block_t=T, num_warps=w, num_stages=st, target_programs=tp)
-      f = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
-      t = _safe(lambda f=f: _time(f, *args, iters=15), log)
-      log(f"tune ssd fwd T={T} warps={w} stages={st} programs={tp}: {t:.3f} ms")
-      if best_f is None or t < best_f[0]:
-        best_f = (t, cfg)
-    for T, w, st in SSD_BWD_SWEEP:
-      cfg = dataclasses.replace(best_f[1], block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st)
-      f = jax.jit(fwd_bwd(make_ssd(functools.partial(pt.ssd_pallas, config=cfg))))
-      t = _safe(lambda f=f: _time(f, *args, iters=5), log)
-      log(f"tune ssd fwd+bwd T_bwd={T} warps={w} stages={st}: {t:.3f} ms")
-      if best_b is None or t < best_b[0]:
-        best_b = (t, cfg)
-    ssd_cfg = best_b[1]
+    build = lambda cfg, grad: jax.jit(
+      (fwd_bwd if grad else lambda f: f)(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
+    )
+    fwd_candidates = [
+      pt.SSDConfig(block_t=T, num_warps=w, num_stages=st, target_programs=tp) for T, w, st, tp in SSD_FWD_SWEEP
+    ]
+    best_fwd = _fastest("ssd fwd", fwd_candidates, lambda c: build(c, False), args, 15, log)
+    bwd_candidates = [
+      dataclasses.replace(best_fwd, block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st) for T, w, st in SSD_BWD_SWEEP
+    ]
+    ssd_cfg = _fastest("ssd fwd+bwd", bwd_candidates, lambda c: build(c, True), args, 5, log)
   if "selective_scan" in ops:
     args = ss_inputs(l, jax.random.PRNGKey(2))
-    best_f = best_b = None
-    for eb, un, w, tp in SS_FWD_SWEEP:
-      cfg = sp.SelectiveScanConfig(block_e=eb, unroll=un, num_warps=w, target_programs=tp)
-      f = jax.jit(make_ss(functools.partial(sp.selective_scan_pallas, config=cfg)))
-      t = _safe(lambda f=f: _time(f, *args, iters=15), log)
-      log(f"tune selective_scan fwd block_e={eb} unroll={un} warps={w} programs={tp}: {t:.3f} ms")
-      if best_f is None or t < best_f[0]:
-        best_f = (t, cfg)
-    for eb, K, w in SS_BWD_SWEEP:
-      cfg = dataclasses.replace(best_f[1], block_e_bwd=eb, unroll_bwd=K, num_warps_bwd=w)
-      f = jax.jit(fwd_bwd(make_ss(functools.partial(sp.selective_scan_pallas, config=cfg))))
-      t = _safe(lambda f=f: _time(f, *args, iters=5), log)
-      log(f"tune selective_scan fwd+bwd block_e_bwd={eb} unroll_bwd={K} warps_bwd={w}: {t:.3f} ms")
-      if best_b is None or t < best_b[0]:
-        best_b = (t, cfg)
-    ss_cfg = best_b[1]
+    build = lambda cfg, grad: jax.jit(
+      (fwd_bwd if grad else lambda f: f)(make_ss(functools.partial(sp.selective_scan_pallas, config=cfg)))
+    )
+    fwd_candidates = [
+      sp.SelectiveScanConfig(block_e=eb, unroll=un, num_warps=w, target_programs=tp) for eb, un, w, tp in SS_FWD_SWEEP
+    ]
+    best_fwd = _fastest("selective_scan fwd", fwd_candidates, lambda c: build(c, False), args, 15, log)
+    bwd_candidates = [
+      dataclasses.replace(best_fwd, block_e_bwd=eb, unroll_bwd=K, num_warps_bwd=w) for eb, K, w in SS_BWD_SWEEP
+    ]
+    ss_cfg = _fastest("selective_scan fwd+bwd", bwd_candidates, lambda c: build(c, True), args, 5, log)
   log(f"chosen: {ssd_cfg} {ss_cfg}")
   return ssd_cfg, ss_cfg
+
+
+def _fastest(label, candidates, build, args, iters, log):
+  """Times `build(cfg)(*args)` for each candidate config (median of `iters`) and returns the fastest config."""
+  best = None
+  for cfg in candidates:
+    f = build(cfg)
+    t = _safe(lambda f=f: _time(f, *args, iters=iters), log)
+    log(f"tune {label} {cfg}: {t:.3f} ms")
+    if best is None or t < best[0]:
+      best = (t, cfg)
+  return best[1]
 
 
 def main():
