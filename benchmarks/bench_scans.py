@@ -178,16 +178,25 @@ def check_256k(op, pallas_fn, xla_fn, make, inputs, l, pieces, log):
 
 
 SSD_FWD_SWEEP = [(64, 4, 2, 264), (64, 4, 2, 528), (64, 4, 2, 1056), (64, 8, 2, 528), (128, 8, 2, 528), (64, 4, 3, 528)]
-SSD_BWD_SWEEP = [(32, 8, 1), (32, 4, 1), (64, 8, 1)]  # (block_t_bwd, warps, stages)
-SS_FWD_SWEEP = [  # (block_e, unroll, warps, target_programs)
-  (128, 16, 4, 1056),
-  (64, 16, 4, 1056),
-  (64, 16, 2, 2112),
-  (32, 16, 1, 2112),
-  (128, 32, 4, 1056),
-  (128, 16, 8, 2112),
+SSD_BWD_SWEEP = [  # (block_t_bwd, warps, stages, target_programs_bwd)
+  (32, 8, 1, 264),
+  (32, 8, 1, 1056),
+  (32, 8, 1, 4224),
+  (32, 4, 1, 1056),
+  (32, 4, 1, 4224),
+  (64, 8, 1, 1056),
+  (64, 8, 1, 4224),
+  (64, 4, 1, 4224),
 ]
-SS_BWD_SWEEP = [(32, 16, 4), (32, 8, 2), (64, 8, 4), (16, 16, 2), (32, 16, 2)]  # (block_e_bwd, unroll_bwd, warps)
+SS_FWD_SWEEP = [  # (block_e, unroll, warps, target_programs); 32 * warps = block_e: one channel per thread
+  (128, 16, 4, 1056),
+  (128, 16, 4, 2112),
+  (64, 16, 2, 2112),
+  (32, 16, 1, 4224),
+  (128, 8, 4, 1056),
+  (256, 16, 8, 1056),
+]
+SS_BWD_SWEEP = [(32, 8, 2)]  # (block_e_bwd, unroll_bwd, warps); round 2 swept (32|64|16, 8|16, 2|4)
 
 
 def tune(l, ops, log):
@@ -206,7 +215,8 @@ def tune(l, ops, log):
     ]
     best_fwd = _fastest("ssd fwd", fwd_candidates, lambda c: build(c, False), args, 15, log)
     bwd_candidates = [
-      dataclasses.replace(best_fwd, block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st) for T, w, st in SSD_BWD_SWEEP
+      dataclasses.replace(best_fwd, block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st, target_programs_bwd=tp)
+      for T, w, st, tp in SSD_BWD_SWEEP
     ]
     ssd_cfg = _fastest("ssd fwd+bwd", bwd_candidates, lambda c: build(c, True), args, 5, log)
   if "selective_scan" in ops:

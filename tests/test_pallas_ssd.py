@@ -1,5 +1,6 @@
 """Pallas SSD kernels (interpret mode on CPU, compiled on GPU) against the sequential reference in float64."""
 
+import functools
 import math
 
 import jax
@@ -53,8 +54,8 @@ def _case(name, dtype=jnp.float32, seed=0):
   return inp, kw
 
 
-def _pallas(**kw):
-  return pt.ssd_pallas(**kw, interpret=INTERPRET, config=CFG)
+def _pallas(config=CFG, **kw):
+  return pt.ssd_pallas(**kw, interpret=INTERPRET, config=config)
 
 
 def _f64(tree):
@@ -84,9 +85,16 @@ def test_forward_bf16_inputs():
   assert rel_err(S, S_ref) < 2e-2
 
 
-@pytest.mark.parametrize("name", ["all", pytest.param("D_hdim", marks=pytest.mark.slow)])
-def test_gradients_match_reference(name):
+# The backward cuts the sequence into its own segments: one chunk each (many) or as few as the forward's.
+BWD_SEGMENTS = {"many": CFG, "few": pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8, target_programs_bwd=8)}
+
+
+@pytest.mark.parametrize(
+  "name,bwd", [("all", "many"), ("all", "few"), pytest.param("D_hdim", "many", marks=pytest.mark.slow)]
+)
+def test_gradients_match_reference(name, bwd):
   inp, kw = _case(name, seed=1)
+  pallas = functools.partial(_pallas, config=BWD_SEGMENTS[bwd])
   names = [k for k, v in inp.items() if v is not None]
   key = jax.random.PRNGKey(3)
   ct_y = jax.random.normal(key, inp["x"].shape)
@@ -100,7 +108,7 @@ def test_gradients_match_reference(name):
     return f
 
   args = [inp[k] for k in names]
-  grads = jax.grad(loss(_pallas, ct_y, ct_S), argnums=tuple(range(len(args))))(*args)
+  grads = jax.grad(loss(pallas, ct_y, ct_S), argnums=tuple(range(len(args))))(*args)
   with float64():
     f64 = _f64(args)
     refs = jax.grad(loss(ssd_reference, np.float64(ct_y), np.float64(ct_S)), argnums=tuple(range(len(args))))(*f64)
@@ -136,8 +144,16 @@ def test_gradients_bf16_inputs_close():
 def test_segments_cover_all_chunks():
   for nc in (1, 7, 16, 512, 1023):
     for bh in (1, 64, 1000):
-      s, k = pt._segments(nc, bh, 1, pt.DEFAULT_CONFIG)
+      s, k = pt._segments(nc, bh, 1, pt.DEFAULT_CONFIG.target_programs)
       assert s * k >= nc and (s - 1) * k < nc, (nc, bh, s, k)
+
+
+def test_backward_segments_divide_the_chunks():
+  for s_fwd, k_fwd, ratio in ((1, 1, 2), (3, 5, 2), (64, 16, 1), (7, 1, 4)):
+    nc = s_fwd * k_fwd * ratio  # backward chunks: the forward's padded length in the backward's chunk length
+    for target in (1, 8, 264, 4096):
+      s = pt._bwd_segments(nc, 1, 8, target, s_fwd)
+      assert nc % s == 0, (nc, target, s)
 
 
 def test_lowers_to_triton_for_cuda():

@@ -6,22 +6,31 @@ f channel blocks, e inner channels (d_inner), n state.
 Design:
   * The recurrence h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t is elementwise in (e, n) with a decay that
     depends on n, so there is no matrix form to exploit; each program walks time step by step with its
-    (e-block, n) state in registers. The time loop is unrolled `unroll` steps per iteration so that the loads
+    (n, e-block) state in registers. The time loop is unrolled `unroll` steps per iteration so that the loads
     of those steps are independent of the carried state and can all be in flight before the first is used.
+  * The forward holds the state transposed, (n, e-block) with the channels last: Triton's default layout then
+    gives each thread one channel and all n states, so the per-channel work of a step (softplus of delta, the
+    z gate, D u, the y store) runs once per channel instead of once per (channel, state) and the y reduction
+    over n stays inside a thread (no shuffles). B_t and C_t rows are broadcast to every thread (converted to
+    float32 once, in XLA, so that each row is a few vector loads and no conversions). Measured on an H100
+    (benchmarks/results/scans.md): the (e, n) layout spread n over 16 lanes and repeated the per-channel work
+    16 times, which was most of the forward's instructions.
   * Parallelism beyond b * e / e_blk programs comes from cutting the sequence into segments: pass 1 computes
-    each segment's end state from a zero start (and the segment's sum of delta), XLA chains the segments
-    (decay exp(A * sum delta)), pass 2 recomputes each segment from its true incoming state and writes y with
-    D and the z gate fused. delta_bias and softplus are applied inside the kernels.
+    each segment's end state from a zero start (and the segment's sum of delta); pass 2 first chains the end
+    states of the segments before its own (decay exp(A * sum delta), a few steps of (n, e-block) work), then
+    recomputes its segment from the true incoming state and writes y with D and the z gate fused. Two launches
+    and no XLA scan between them (an XLA while loop over the segments cost ~25 us per segment, ~0.8 ms).
+    delta_bias and softplus are applied inside the kernels.
   * exp(delta A) is the hot special function (l * e * n of them per pass): on GPU it is one `ex2.approx` with
     A pre-scaled by log2(e) (inline PTX; libdevice's `__nv_expf` costs several instructions more). The
     interpreter uses `jnp.exp2`.
   * Backward (`jax.custom_vjp`), same segment structure run in reverse. The forward under `jax.vjp` also
     stores the state every K = `unroll_bwd` steps, (b, l / K, e, n) float32. Backward pass 1 walks each
     segment backwards from a zero adjoint and gives the segment's adjoint carry; XLA chains the segments
-    right to left; pass 2 walks each segment backwards from its true adjoint, K steps at a time: it reloads
-    the stored state at the K-block's start, recomputes the K states forward in registers (unrolled), then
-    walks them backwards and writes du, d(delta), dz, per-channel-block dB and dC rows, and per-program
-    partial sums of dA, dD and d(delta_bias) (XLA sums the partials).
+    right to left (an unrolled scan, no while loop); pass 2 walks each segment backwards from its true adjoint,
+    K steps at a time: it reloads the stored state at the K-block's start, recomputes the K states forward in
+    registers (unrolled), then walks them backwards and writes du, d(delta), dz, per-channel-block dB and dC
+    rows, and per-program partial sums of dA, dD and d(delta_bias) (XLA sums the partials).
   * 64-bit safety: blocks start at per-dimension block indices and the Pallas Triton lowering uses int64
     offsets for arrays above 4 GiB; in-kernel row indices stay below the segment length.
 """
@@ -47,7 +56,7 @@ class SelectiveScanConfig:
   """Block sizes and launch parameters.
 
   Attributes:
-    block_e: channels per forward program (a power of two).
+    block_e: channels per forward program (a power of two); 32 * num_warps gives one channel per thread.
     unroll: forward time steps per loop iteration (loads issued together); a multiple of `unroll_bwd`.
     target_programs: aim for at least this many programs (b * e / block_e * segments).
     num_warps: warps per forward program.
@@ -137,41 +146,63 @@ def _step_delta(r, t, seg0, meta, bias):
 def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   """One (channel block, segment, batch): walk the segment's steps from its incoming state.
 
-  Refs in: u, delta (L_s, e), A2 = A log2(e) (e, n), B (L_s, n), [C (L_s, n), D (e,), z (L_s, e)] when
-    `write_y`, [delta_bias (e,)], h_in (e, n).
-  Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (e, n) float32 the segment's end
-    state; [h_sub (L_s / K, e, n) float32 the state before every K-th step] when `save`.
+  The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
+  Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32, [C (L_s, n) float32, D (e,),
+    z (L_s, e)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
+    with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
+    delta (pass 1's outputs), chained here up to this segment.
+  Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
+    state (from zero when not `write_y`); [h_sub (L_s / K, e, n) float32 the state before every K-th step]
+    when `save`.
   """
   r = _Refs(refs, names)
-  A2 = r.A2[...]
+  n = r.A2.shape[0]
+  A2 = [r.A2[k, :] for k in range(n)]  # n x (e,)
   bias = r.bias[...].astype(jnp.float32) if meta.has_bias else None
   Dv = r.D[...].astype(jnp.float32) if write_y and meta.has_d else None
-  seg0 = pl.program_id(1) * meta.seg_len
+  si = pl.program_id(1)
+  seg0 = si * meta.seg_len
   K = meta.unroll_bwd
+  zeros = jnp.zeros(r.A2.shape[1:], jnp.float32)
+
+  if write_y:
+    h = tuple(r.h0[k, :] for k in range(n))
+    if meta.S > 1:
+
+      def chain(i, h):
+        ds = r.dsum[i, :]
+        return tuple(_exp2(ds * A2[k], meta.interpret) * h[k] + r.h_loc[i, k, :] for k in range(n))
+
+      h = jax.lax.fori_loop(0, si, chain, h)
+  else:
+    h = (zeros,) * n
 
   def body(it, carry):
     h, ds = carry
     for j in range(meta.unroll):
       t = it * meta.unroll + j
       if save and j % K == 0:
-        r.h_sub[t // K] = h
+        for k in range(n):
+          r.h_sub[t // K, :, k] = h[k]  # strided: the backward's (e, n) layout
       u = r.u[t, :].astype(jnp.float32)  # (e,)
       d, _ = _step_delta(r, t, seg0, meta, bias)  # (e,)
-      Bt = r.B[t, :].astype(jnp.float32)  # (n,)
-      h = _exp2(d[:, None] * A2, meta.interpret) * h + (d * u)[:, None] * Bt[None, :]  # (e, n)
+      du = d * u
+      h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
       if write_y:
-        y = jnp.sum(h * r.C[t, :].astype(jnp.float32)[None, :], axis=1)  # (e,)
+        y = sum(h[k] * r.C[t, k] for k in range(n))  # (e,)
         if meta.has_d:
           y = y + Dv * u
         if meta.has_z:
-          y = y * jax.nn.silu(r.z[t, :].astype(jnp.float32))
+          zt = r.z[t, :].astype(jnp.float32)
+          y = y * zt / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
         r.y[t, :] = y.astype(r.y.dtype)
       else:
         ds = ds + d
     return h, ds
 
-  h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (r.h_in[...], jnp.zeros(A2.shape[:1], jnp.float32)))
-  r.h_out[...] = h
+  h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (h, zeros))
+  for k in range(n):
+    r.h_out[k, :] = h[k]
   if not write_y:
     r.dsum[...] = ds
 
@@ -275,6 +306,11 @@ def _specs(meta, eb, b, lp, e, n):
     en=lambda: pl.BlockSpec((eb, n), lambda ei, si, bi: (ei, 0)),
     seg_en=lambda: pl.BlockSpec((_SQ, _SQ, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
     seg_e=lambda: pl.BlockSpec((_SQ, _SQ, eb), lambda ei, si, bi: (bi, si, ei)),
+    ne=lambda: pl.BlockSpec((n, eb), lambda ei, si, bi: (0, ei)),
+    b_ne=lambda: pl.BlockSpec((_SQ, n, eb), lambda ei, si, bi: (bi, 0, ei)),
+    seg_ne=lambda: pl.BlockSpec((_SQ, _SQ, n, eb), lambda ei, si, bi: (bi, si, 0, ei)),
+    all_ne=lambda: pl.BlockSpec((_SQ, meta.S, n, eb), lambda ei, si, bi: (bi, 0, 0, ei)),
+    all_e=lambda: pl.BlockSpec((_SQ, meta.S, eb), lambda ei, si, bi: (bi, 0, ei)),
     sub_en=lambda: pl.BlockSpec((_SQ, Ls // K, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
   )
 
@@ -282,7 +318,7 @@ def _specs(meta, eb, b, lp, e, n):
 def _call(kernel, meta, eb, num_warps, ins, outs, name, **kw):
   """ins / outs: lists of (ref name, spec kind, array or ShapeDtypeStruct)."""
   b, lp, e = ins[0][2].shape
-  n = ins[2][2].shape[-1]
+  n = ins[3][2].shape[-1]  # B
   sp = _specs(meta, eb, b, lp, e, n)
   names = tuple(k for k, _, _ in ins) + tuple(k for k, _, _ in outs)
   return pl.pallas_call(
@@ -306,40 +342,28 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   b, lp, e = u.shape
   n = A.shape[-1]
   f32 = jnp.float32
-  A2 = A.astype(f32) * _LOG2E
-  common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "en", A2), ("B", "seq_n", B)]
+  A2 = A.astype(f32).T * _LOG2E  # (n, e)
+  common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2), ("B", "seq_n", B.astype(f32))]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
-  dsum = None
-  if meta.S == 1:
-    h_seg = h0[:, None]
-  else:
-    zeros = jnp.zeros((b, meta.S, e, n), f32)
+  seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
+  chain_in, dsum = [], None
+  if meta.S > 1:
     h_loc, dsum = _call(
-      _fwd_kernel, meta, meta.block_e, meta.num_warps,
-      common + bias_in + [("h_in", "seg_en", zeros)],
-      [("h_out", "seg_en", jax.ShapeDtypeStruct((b, meta.S, e, n), f32)),
-       ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
+      _fwd_kernel, meta, meta.block_e, meta.num_warps, common + bias_in,
+      [("h_out", "seg_ne", seg_ne), ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
       "selective_scan_segment_states", write_y=False, save=False,
     )  # fmt: skip
-
-    def step(h, inp):
-      loc, dc = inp
-      return dc * h + loc, h
-
-    dec = _seg_decay(A, dsum)
-    _, h_in = jax.lax.scan(step, h0, (jnp.moveaxis(h_loc, 1, 0), jnp.moveaxis(dec, 1, 0)))
-    h_seg = jnp.moveaxis(h_in, 0, 1)
-  ins = common + [("C", "seq_n", C)]
+    chain_in = [("h_loc", "all_ne", h_loc), ("dsum", "all_e", dsum)]
+  ins = common + [("C", "seq_n", C.astype(f32))]
   ins += [("D", "vec_e", D)] if meta.has_d else []
   ins += [("z", "seq_e", z)] if meta.has_z else []
-  ins += bias_in + [("h_in", "seg_en", h_seg)]
-  outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)),
-          ("h_out", "seg_en", jax.ShapeDtypeStruct((b, meta.S, e, n), f32))]  # fmt: skip
+  ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
+  outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)), ("h_out", "seg_ne", seg_ne)]
   if save:
     outs.append(("h_sub", "sub_en", jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, e, n), f32)))
   res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
   y, h_out = res[0], res[1]
-  return y, h_out[:, -1], (res[2], dsum) if save else None
+  return y, jnp.swapaxes(h_out[:, -1], 1, 2), (res[2], dsum) if save else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -382,7 +406,7 @@ def _core_bwd(meta, res, cts):
 
     dec = _seg_decay(A, dsum)
     _, c_in = jax.lax.scan(
-      step, dh_last.astype(f32), (jnp.moveaxis(c_loc, 1, 0), jnp.moveaxis(dec, 1, 0)), reverse=True
+      step, dh_last.astype(f32), (jnp.moveaxis(c_loc, 1, 0), jnp.moveaxis(dec, 1, 0)), reverse=True, unroll=True
     )
     c_seg = jnp.moveaxis(c_in, 0, 1)
   outs = [

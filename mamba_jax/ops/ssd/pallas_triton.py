@@ -51,15 +51,19 @@ class SSDConfig:
     block_t_bwd: tokens per chunk under `jax.vjp` (forward and backward kernels); divides `block_t`. The
       backward kernel holds several (T, T) float32 matrices, and T = 128 exceeds the shared memory of an H100.
     Defaults: the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py --tune).
-    target_programs: aim for at least this many programs (b * h * segments) per launch.
+    target_programs: aim for at least this many programs (b * h * segments) per forward launch.
+    target_programs_bwd: the same for the backward kernels. The backward segments are independent of the
+      forward's (the forward stores every chunk-entry state), and the backward does ~4x the forward's work per
+      chunk, so it wants more, shorter segments.
     num_warps: warps per program.
     num_stages: Triton software-pipelining depth of the chunk loop.
-    num_warps_bwd, num_stages_bwd: the same under `jax.vjp`.
+    num_warps_bwd, num_stages_bwd: the same for the backward kernels.
   """
 
   block_t: int = 64
   block_t_bwd: int = 32
   target_programs: int = 264
+  target_programs_bwd: int = 264
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
@@ -305,12 +309,17 @@ class _Meta:
   num_stages: int
   interpret: bool
 
-  bwd: tuple[int, int, int] = (32, 8, 1)  # (chunk length, warps, stages) under jax.vjp
+  bwd: tuple[int, int, int, int] = (32, 8, 1, 1)  # (chunk length, warps, stages, segments) of the backward
 
   def for_vjp(self) -> "_Meta":
-    """The same segments cut into the backward's chunks, with the backward's launch parameters."""
-    t, w, st = self.bwd
-    return dataclasses.replace(self, T=t, K=self.K * self.T // t, num_warps=w, num_stages=st)
+    """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
+    t = self.bwd[0]
+    return dataclasses.replace(self, T=t, K=self.K * self.T // t)
+
+  def for_bwd(self) -> "_Meta":
+    """The backward: the backward's chunks, segments and launch parameters."""
+    t, w, st, s = self.bwd
+    return dataclasses.replace(self, T=t, S=s, K=self.S * self.K * self.T // (t * s), num_warps=w, num_stages=st)
 
 
 def _cdt(dtype):
@@ -531,7 +540,7 @@ def _core_fwd(meta, x, dtp, da, B, C, D, z, S0):
 
 
 def _core_bwd(meta, res, cts):
-  meta = meta.for_vjp()
+  meta = meta.for_bwd()
   x, dtp, cs, B, C, D, z, states = res
   dout, dS_fin = cts
   b, l, h, p = x.shape
@@ -557,14 +566,23 @@ _core.defvjp(_core_fwd, _core_bwd)
 # Public function.
 
 
-def _segments(nc: int, b: int, h: int, cfg: SSDConfig) -> tuple[int, int]:
+def _segments(nc: int, b: int, h: int, target_programs: int) -> tuple[int, int]:
   """(segments, chunks per segment) with segments * chunks >= nc, preferring exact divisors of nc."""
-  want = max(1, min(nc, -(-cfg.target_programs // (b * h))))
+  want = max(1, min(nc, -(-target_programs // (b * h))))
   for s in range(want, min(nc, 4 * want) + 1):
     if nc % s == 0:
       return s, nc // s
   k = -(-nc // want)
   return -(-nc // k), k
+
+
+def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: int) -> int:
+  """Backward segments: a divisor of the nc (padded) backward chunks near the target, else the forward's."""
+  want = max(1, min(nc, -(-target_programs // (b * h))))
+  for s in range(want, min(nc, 4 * want) + 1):
+    if nc % s == 0:
+      return s
+  return fwd_segments
 
 
 def ssd_pallas(
@@ -601,10 +619,12 @@ def ssd_pallas(
     raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
   T = cfg.block_t
   nc = -(-l // T)
-  S, K = _segments(nc, b, h, cfg)
+  S, K = _segments(nc, b, h, cfg.target_programs)
   lp = S * K * T
   pad = lp - l
-  bwd = (min(cfg.block_t_bwd, T), cfg.num_warps_bwd, cfg.num_stages_bwd)
+  T_bwd = min(cfg.block_t_bwd, T)
+  S_bwd = _bwd_segments(lp // T_bwd, b, h, cfg.target_programs_bwd, S)
+  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd)
   meta = _Meta(T, K, S, g, D is not None, z is not None, cfg.num_warps, cfg.num_stages, interpret, bwd)
 
   def pad_l(a, axis=1):
