@@ -1,6 +1,8 @@
 """Data sources, the short-document policy, fingerprints and splits (byte tokenizer; no model needed)."""
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -47,3 +49,24 @@ def test_jsonl_without_text_field(tmp_path):
   with pytest.raises(data.DataError, match="has no 'text' field"):
     data.load_samples(path, data.ByteTokenizer(), 4, 1)
   assert np.asarray(data.load_samples(path, data.ByteTokenizer(), 2, 1, text_field="body").ids).shape == (1, 2)
+
+
+def test_hub_dataset_name_reads_through_datasets(monkeypatch):
+  """A name that is not a path goes to `datasets.load_dataset(name, config, split=..., streaming=True)`.
+
+  `datasets` is not a dependency (and the hub is unreachable here), so a stand-in module records the calls.
+  """
+  calls, records = [], [{"text": "x" * 3}, {"text": "y" * 9}, {"text": "z" * 12}]
+
+  def load_dataset(name, config, *, split, streaming):
+    calls.append((name, config, split, streaming))
+    return iter(records)
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+  s = data.load_samples("wikitext:wikitext-103-raw-v1", data.ByteTokenizer(), 8, 2, split="test")
+  assert calls == [("wikitext", "wikitext-103-raw-v1", "test", True)]
+  assert [bytes(r.tolist()).decode() for r in s.ids] == ["y" * 8, "z" * 8]  # the 3-byte document is skipped
+  records[:] = [{"book": "..."}]
+  with pytest.raises(data.DataError, match=r"dataset 'pg19' has no 'text' field \(fields: \['book'\]\)"):
+    data.load_samples("pg19", data.ByteTokenizer(), 4, 1)
+  assert calls[-1] == ("pg19", None, "validation", True)

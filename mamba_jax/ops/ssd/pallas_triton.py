@@ -62,7 +62,7 @@ class SSDConfig:
 
   block_t: int = 64
   block_t_bwd: int = 32
-  target_programs: int = 264
+  target_programs: int = 132
   target_programs_bwd: int = 264
   num_warps: int = 4
   num_stages: int = 2
