@@ -38,6 +38,8 @@ CASES = {
   "all": dict(l=77, g=2, drop=(), softplus=True, limit=(0.01, 2.0)),
   # One group, length a multiple of the chunk, nothing optional.
   "plain": dict(l=64, g=1, drop=("D", "z", "dt_bias", "initial_states"), softplus=False, limit=(0.0, math.inf)),
+  # The model's call: no gate (Mamba2 gates in its norm), so the backward skips the scan-output recompute.
+  "no_z": dict(l=77, g=2, drop=("z",), softplus=True, limit=(0.0, math.inf)),
   # D per (head, headdim), no gate, a single segment (one program per head).
   "D_hdim": dict(l=20, g=4, drop=("z",), softplus=True, limit=(0.0, math.inf), D_hdim=True),
 }
@@ -90,7 +92,8 @@ BWD_SEGMENTS = {"many": CFG, "few": pt.SSDConfig(block_t=32, block_t_bwd=16, tar
 
 
 @pytest.mark.parametrize(
-  "name,bwd", [("all", "many"), ("all", "few"), pytest.param("D_hdim", "many", marks=pytest.mark.slow)]
+  "name,bwd",
+  [("all", "many"), ("all", "few"), ("no_z", "few"), pytest.param("D_hdim", "many", marks=pytest.mark.slow)],
 )
 def test_gradients_match_reference(name, bwd):
   inp, kw = _case(name, seed=1)

@@ -130,7 +130,8 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
   """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
 
   Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S_in (p, n)
-  -> y (k*T, p), [chunk-entry states (k, p, n) float32].
+  -> y (k*T, p), [chunk-entry states (k, p, n) float32, the incoming states' part of the scan output
+  e^c_t C_t S (k*T, p) float32].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -143,7 +144,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     z_ref = refs[i]
     i += 1
   s0_ref, y_ref = refs[i], refs[i + 1]
-  st_ref = refs[i + 2] if save_states else None
+  st_ref, ys_ref = (refs[i + 2], refs[i + 3]) if save_states else (None, None)
 
   def body(k, S):
     sl = pl.ds(k * T, T)
@@ -158,7 +159,10 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     c_end = _last(c, T)
     cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u)
     M = cb * _decay_matrix(c, T) * dt[None, :]  # (t, u)
-    y = _mm(M, xr, cdt=cdt) + jnp.exp(c)[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p)
+    y_state = jnp.exp(c)[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's contribution
+    if save_states:
+      ys_ref[sl, :] = y_state
+    y = _mm(M, xr, cdt=cdt) + y_state  # (t, p)
     if has_d:
       y = y + d_ref[...][None, :] * x
     if has_z:
@@ -202,7 +206,8 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
   """All gradients of one (batch, head, segment), walking its chunks backwards with the adjoint state.
 
   Refs in: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], dout (k*T, p),
-    chunk-entry states (k, p, n), adjoint at the segment end G_out (p, n).
+    the forward's e^c_t C_t S (k*T, p) float32, chunk-entry states (k, p, n), adjoint at the segment end
+    G_out (p, n).
   Refs out: dx (k*T, p), [dz (k*T, p)], ddt (k*T,), dcs (k*T,), dB per head (k*T, n), dC per head (k*T, n),
     [dD partial (p,)].
   """
@@ -216,8 +221,8 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
   if has_z:
     z_ref = refs[i]
     i += 1
-  do_ref, st_ref, g_ref, dx_ref = refs[i : i + 4]
-  i += 4
+  do_ref, ys_ref, st_ref, g_ref, dx_ref = refs[i : i + 5]
+  i += 5
   if has_z:
     dz_ref = refs[i]
     i += 1
@@ -252,9 +257,7 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
     L = _decay_matrix(c, T)  # (t, u)
     cbL = _mm(Cm, Bm, tb=True, cdt=cdt) * L  # (t, u)
     dtx = dt[:, None] * x  # (t, p)
-    # Forward recompute of the scan output.
-    CS = _mm(Cm, S, tb=True, cdt=cdt)  # (t, p)
-    ys = _mm(cbL * dt[None, :], xr, cdt=cdt) + ec[:, None] * CS  # (t, p)
+    y_state = ys_ref[sl, :]  # (t, p) e^c_t C_t S, saved by the forward rather than recomputed
     # P[t, u] = (dy_t . dt_u x_u) L[t, u].
     R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
     P = R * L
@@ -265,18 +268,21 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
     xdxs = jnp.sum(x * dxs, axis=1)  # (t,)
     # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
     # diagonal of W, and the q terms against <G, S_out>): W[t, u] = (dy_t . dt_u x_u) cb[t, u] L[t, u].
+    # (Taking rowsum(W) from a saved full scan output instead breaks the first cancellation: with bf16 operands
+    # the A and dt_bias gradients then lose an order of magnitude of accuracy.)
     W = R * cbL  # (t, u)
     q = edec * dt * jnp.sum(x * BG, axis=1)  # (t,)
     GS_out = jnp.exp(c_end) * jnp.sum(G * S) + jnp.sum(q)
-    dcs = jnp.sum(W, axis=1) - jnp.sum(W, axis=0) + ec * jnp.sum(dy * CS, axis=1) - q + jnp.where(last, GS_out, 0.0)
+    dcs = jnp.sum(W, axis=1) - jnp.sum(W, axis=0) + jnp.sum(dy * y_state, axis=1) - q + jnp.where(last, GS_out, 0.0)
     dx = dt[:, None] * dxs
-    y_pre = ys
     if has_d:
       Dv = d_ref[...][None, :]
       dx = dx + Dv * dy
-      y_pre = ys + Dv * x
       dD = dD + jnp.sum(dy * x, axis=0)
-    if has_z:
+    if has_z:  # the gate needs the scan output: recompute its intra-chunk part
+      y_pre = _mm(cbL * dt[None, :], xr, cdt=cdt) + y_state
+      if has_d:
+        y_pre = y_pre + Dv * x
       dz_ref[sl, :] = (dout * y_pre * dsilu_z).astype(dz_ref.dtype)
     dx_ref[sl, :] = dx.astype(dx_ref.dtype)
     ddt_ref[sl] = xdxs
@@ -381,7 +387,8 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
 
 
 def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
-  """y (b, l, h, p) and, when `save_states`, the (b, h, c, p, n) float32 chunk-entry states."""
+  """y (b, l, h, p) and, when `save_states`, (the (b, h, c, p, n) chunk-entry states, the incoming states' part of
+  the scan output (b, l, h, p)), both float32."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
@@ -401,10 +408,11 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   out_specs = [sp["seq_hp"]]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if save_states:
-    out_specs.append(sp["chunks_pn"])
+    out_specs += [sp["chunks_pn"], sp["seq_hp"]]
     out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct(x.shape, jnp.float32))
   outs = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_fwd")(*args)
-  return outs if save_states else (outs[0], None)
+  return (outs[0], tuple(outs[1:])) if save_states else (outs[0], None)
 
 
 def _bwd_segment_states(meta, dout, z, cs, C, h):
@@ -425,7 +433,7 @@ def _bwd_segment_states(meta, dout, z, cs, C, h):
   )(*args)
 
 
-def _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, states, G_seg):
+def _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, saved, G_seg):
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
@@ -438,8 +446,9 @@ def _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, states, G_seg):
   if meta.has_z:
     in_specs.append(sp["seq_hp"])
     args.append(z)
-  in_specs += [sp["seq_hp"], sp["chunks_pn"], sp["seg_pn"]]
-  args += [dout, states, G_seg]
+  states, ys = saved
+  in_specs += [sp["seq_hp"], sp["seq_hp"], sp["chunks_pn"], sp["seg_pn"]]
+  args += [dout, ys, states, G_seg]
   out_specs = [sp["seq_hp"]]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if meta.has_z:
