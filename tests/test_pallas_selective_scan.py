@@ -1,5 +1,8 @@
 """Pallas selective scan (interpret mode on CPU, compiled on GPU) against the sequential reference in float64."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,13 @@ from tests.conftest import float64, rel_err
 INTERPRET = jax.default_backend() != "gpu"
 # Few channels per program and short segments, so that short test sequences span several segments.
 CFG = pt.SelectiveScanConfig(block_e=16, unroll=4, target_programs=8, block_e_bwd=8, unroll_bwd=2)
+# Backward kernels: the rows kernel with one channel per thread (dB, dC summed by lane shuffles, as with the
+# default config), the rows kernel with per-state sums over the block, and the (e, n) kernel.
+BWD = {
+  "rows": dict(bwd_rows=True, block_e_bwd=32, num_warps_bwd=1),
+  "rows_blocksum": dict(bwd_rows=True),
+  "en": dict(bwd_rows=False),
+}
 
 
 def _inputs(key, b=2, l=45, e=32, n=8, dtype=jnp.float32):
@@ -48,8 +58,8 @@ def _case(name, dtype=jnp.float32, seed=0):
   return inp, dict(delta_softplus=spec["softplus"], return_last_state=True)
 
 
-def _pallas(**kw):
-  return pt.selective_scan_pallas(**kw, interpret=INTERPRET, config=CFG)
+def _pallas(cfg=CFG, **kw):
+  return pt.selective_scan_pallas(**kw, interpret=INTERPRET, config=cfg)
 
 
 def _f64(tree):
@@ -79,8 +89,12 @@ def test_forward_bf16_inputs():
   assert rel_err(h, h_ref) < 1e-4  # the state never goes through bf16
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_gradients_match_reference(name):
+@pytest.mark.parametrize(
+  "name, bwd",
+  [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum")],
+)
+def test_gradients_match_reference(name, bwd):
+  cfg = dataclasses.replace(CFG, **BWD[bwd])
   inp, kw = _case(name, seed=1)
   inp = {k: v for k, v in inp.items() if v is not None}
   names = list(inp)
@@ -95,7 +109,7 @@ def test_gradients_match_reference(name):
     return f
 
   args = [inp[k] for k in names]
-  grads = jax.grad(loss(_pallas, ct_y, ct_h), argnums=tuple(range(len(args))))(*args)
+  grads = jax.grad(loss(functools.partial(_pallas, cfg), ct_y, ct_h), argnums=tuple(range(len(args))))(*args)
   with float64():
     refs = jax.grad(
       loss(selective_scan_reference, np.float64(ct_y), np.float64(ct_h)), argnums=tuple(range(len(args)))
@@ -104,6 +118,17 @@ def test_gradients_match_reference(name):
   for k, g, r in zip(names, grads, refs, strict=True):
     assert g.shape == r.shape, k
     assert rel_err(g, r) < 5e-5, (k, rel_err(g, r))
+
+
+@pytest.mark.parametrize("n", [2, 4, 8, 16, 32])
+def test_warp_sums(n):
+  """The rows backward's shuffle reduce-scatter of dB, dC (interpret-mode shuffles) over 2 warps, every n."""
+  P, R = pt._lane_rows(n)
+  x = np.random.default_rng(n).normal(size=(P, 64)).astype(np.float32)
+  out = np.concatenate([np.asarray(v) for v in pt._warp_sums([jnp.asarray(v) for v in x], True)])  # (R * 64,)
+  assert out.shape == (R * 64,)
+  per_warp = out.reshape(R, 2, 32).transpose(1, 0, 2).reshape(2, R * 32)[:, pt._warp_sums_positions(P, P)]
+  np.testing.assert_allclose(per_warp, x.reshape(P, 2, 32).sum(-1).T, rtol=1e-5, atol=1e-5)
 
 
 def test_segments_cover_length():
@@ -121,8 +146,8 @@ def test_lowers_to_triton_for_cuda():
   args = (S((b, l, e), bf), S((b, l, e), jnp.float32), S((e, n), jnp.float32), S((b, l, n), bf), S((b, l, n), bf))
   args += (S((e,), jnp.float32), S((b, l, e), bf), S((e,), jnp.float32))
 
-  def f(*a):
-    return pt.selective_scan_pallas(*a, True)
+  def f(*a, config=None):
+    return pt.selective_scan_pallas(*a, True, config=config)
 
   try:
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -131,6 +156,8 @@ def test_lowers_to_triton_for_cuda():
       pytest.skip(f"no Triton lowering in this jaxlib: {err}")
     raise
   assert text.count("__gpu$xla.gpu.triton") == 2  # segment states, scan with y
-  grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
-  text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 4  # forward (2, saving states), backward (segment adjoints, main)
+  for cfg in (pt.DEFAULT_CONFIG, dataclasses.replace(pt.DEFAULT_CONFIG, bwd_rows=False, block_e_bwd=32)):
+    loss = lambda *a, cfg=cfg: jnp.sum(f(*a, config=cfg).astype(jnp.float32))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 4, cfg  # forward (2, saving states), backward (2)

@@ -61,23 +61,29 @@ class SelectiveScanConfig:
     target_programs: aim for at least this many programs (b * e / block_e * segments).
     num_warps: warps per forward program.
     num_stages: Triton software-pipelining depth.
-    block_e_bwd: channels per backward program.
+    block_e_bwd: channels per backward program; with `bwd_rows`, 32 * num_warps_bwd gives one channel per
+      thread.
     unroll_bwd: K, the steps whose states the backward holds in registers; the forward under `jax.vjp`
       stores the state every K steps.
     num_warps_bwd: warps per backward program.
+    bwd_rows: backward kernel. True: `_bwd_rows_kernel`, the state and adjoint held as n (e-block,) rows like
+      the forward (one channel per thread; the stored states are (n, e) rows). False: `_bwd_kernel`, the
+      (e-block, n) layout (n spread over lanes, per-step reductions over n across lanes).
 
-  Defaults: the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py --tune); see
-  benchmarks/results/scans.md.
+  Defaults: the forward's are the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py
+  --tune; benchmarks/results/scans.md). The backward's (rows kernel: 64 channels, 2 warps, K = 8) are not yet
+  timed; the (e, n) kernel's sweep picked block_e_bwd=32, unroll_bwd=8, num_warps_bwd=2.
   """
 
-  block_e: int = 128
+  block_e: int = 256
   unroll: int = 16
   target_programs: int = 1056
-  num_warps: int = 4
+  num_warps: int = 8
   num_stages: int = 2
-  block_e_bwd: int = 32
+  block_e_bwd: int = 128
   unroll_bwd: int = 8
-  num_warps_bwd: int = 2
+  num_warps_bwd: int = 4
+  bwd_rows: bool = True
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -99,11 +105,17 @@ class _Meta:
   num_warps: int
   num_stages: int
   num_warps_bwd: int
+  bwd_rows: bool
   interpret: bool
 
   @property
   def ragged(self):
     return self.l < self.S * self.seg_len
+
+  @property
+  def lane_sums(self):
+    """The rows backward sums dB and dC over each warp's lanes with shuffles (`_warp_sums`)."""
+    return self.bwd_rows and self.block_e_bwd == 32 * self.num_warps_bwd
 
 
 def _exp2(x, interpret):
@@ -121,6 +133,63 @@ def _exp2(x, interpret):
 
 def _softplus(x):
   return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+def _lane_xor(x, m, interpret):
+  """x (e,), one element per thread, as held by lane `lane ^ m` of the same warp (`shfl.sync.bfly`)."""
+  if interpret:
+    return x[jnp.arange(x.shape[0]) ^ m]  # element i is lane i % 32 of warp i // 32
+  (y,) = plgpu.elementwise_inline_asm(
+    f"shfl.sync.bfly.b32 $0, $1, {m}, 0x1f, -1;",
+    args=[x],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+  )
+  return y
+
+
+def _lane_rows(n):
+  """(P, R): the 2n values dB_t, dC_t padded to a power of two P, and the R rows `_warp_sums` leaves."""
+  P = 1 << (2 * n - 1).bit_length()
+  return P, max(1, P // 32)
+
+
+def _warp_sums(vals, interpret):
+  """Sums over each warp's 32 lanes of P (a power of two) (e,) rows held one element per thread.
+
+  A reduce-scatter: each of the 5 butterfly levels halves the rows, a lane keeping the half that its bit
+  selects and adding its partner's copy of that half, so P values cost P - 1 shuffles (P separate
+  reductions would cost 5 P, plus a shared-memory round and barriers to combine warps). Returns
+  max(1, P / 32) rows; `_warp_sums_positions` says which value each (row, lane) holds.
+  """
+  lane = jax.lax.broadcasted_iota(jnp.int32, vals[0].shape, 0) & 31
+  m = 16
+  while m:
+    if len(vals) > 1:
+      half = len(vals) // 2
+      hi = (lane & m) != 0
+      vals = [
+        jnp.where(hi, b, a) + _lane_xor(jnp.where(hi, a, b), m, interpret)
+        for a, b in zip(vals[:half], vals[half:], strict=True)
+      ]
+    else:
+      vals = [vals[0] + _lane_xor(vals[0], m, interpret)]
+    m //= 2
+  return vals
+
+
+def _warp_sums_positions(P, count):
+  """Position r * 32 + lane of the `_warp_sums` output holding value j, for j < count."""
+  pos = {}
+  for r in range(max(1, P // 32)):
+    for lane in range(32):
+      j, half = r, P
+      for i in range(min(P.bit_length() - 1, 5)):
+        half //= 2
+        j += half * ((lane >> (4 - i)) & 1)
+      pos.setdefault(j, r * 32 + lane)
+  return [pos[j] for j in range(count)]
 
 
 class _Refs:
@@ -152,8 +221,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
     with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
     delta (pass 1's outputs), chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
-    state (from zero when not `write_y`); [h_sub (L_s / K, e, n) float32 the state before every K-th step]
-    when `save`.
+    state (from zero when not `write_y`); [h_sub (L_s / K, n, e) float32 the state before every K-th step,
+    (L_s / K, e, n) without `bwd_rows`] when `save`.
   """
   r = _Refs(refs, names)
   n = r.A2.shape[0]
@@ -183,7 +252,10 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
       t = it * meta.unroll + j
       if save and j % K == 0:
         for k in range(n):
-          r.h_sub[t // K, :, k] = h[k]  # strided: the backward's (e, n) layout
+          if meta.bwd_rows:
+            r.h_sub[t // K, k, :] = h[k]
+          else:
+            r.h_sub[t // K, :, k] = h[k]  # strided: the (e, n) backward's layout
       u = r.u[t, :].astype(jnp.float32)  # (e,)
       d, _ = _step_delta(r, t, seg0, meta, bias)  # (e,)
       du = d * u
@@ -296,12 +368,110 @@ def _bwd_kernel(*refs, names, meta: _Meta, full: bool):
       r.dbias[...] = dbias
 
 
+def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
+  """`_bwd_kernel` with every (e, n) quantity held as n (e,) rows: one channel per thread, as in the forward.
+
+  The sums over n (g B_t, q A, h C_t) are sums of rows inside a thread; only dB_t and dC_t, sums over the
+  channel block, cross threads (n scalars per step each).
+  Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B, C (L_s, n) float32, [D (e,)], [z (L_s, e)],
+    [delta_bias (e,)], dy (L_s, e), [h_sub (L_s / K, n, e)] when `full`, c_in (n, e).
+  Refs out: c_out (n, e); when `full` also du, d(delta) (L_s, e), [dz (L_s, e)], dB, dC (L_s, n) summed over
+    this channel block, dA (n, e), [dD (e,)], [d(delta_bias) (e,)] summed over the segment.
+  """
+  r = _Refs(refs, names)
+  n, e_blk = r.A2.shape
+  A2 = [r.A2[k, :] for k in range(n)]  # n x (e,)
+  bias = r.bias[...].astype(jnp.float32) if meta.has_bias else None
+  Dv = r.D[...].astype(jnp.float32) if meta.has_d else None
+  seg0 = pl.program_id(1) * meta.seg_len
+  K = meta.unroll_bwd
+  zeros = jnp.zeros((e_blk,), jnp.float32)
+
+  def body(i, carry):
+    c, dA, dD, dbias = carry
+    kb = meta.seg_len // K - 1 - i
+    hs = None
+    if full:
+      h = tuple(r.h_sub[kb, k, :] for k in range(n))  # state before step kb * K
+      hs = [h]
+      for j in range(K - 1):  # the state after the block's last step is recomputed where it is used
+        t = kb * K + j
+        d, _ = _step_delta(r, t, seg0, meta, bias)
+        du = d * r.u[t, :].astype(jnp.float32)
+        h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
+        hs.append(h)
+    for j in reversed(range(K)):
+      t = kb * K + j
+      d, x = _step_delta(r, t, seg0, meta, bias)
+      a = [_exp2(d * A2[k], meta.interpret) for k in range(n)]
+      dy = r.dy[t, :].astype(jnp.float32)
+      dy0 = dy
+      if meta.has_z:
+        zt = r.z[t, :].astype(jnp.float32)
+        sz = 1.0 / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
+        dy0 = dy * zt * sz
+      Ct = [r.C[t, k] for k in range(n)]
+      g = [c[k] + dy0 * Ct[k] for k in range(n)]
+      c = tuple(a[k] * g[k] for k in range(n))
+      if not full:
+        continue
+      u = r.u[t, :].astype(jnp.float32)
+      du = d * u
+      Bt = [r.B[t, k] for k in range(n)]
+      h_prev = hs[j]
+      h_t = [a[k] * h_prev[k] + Bt[k] * du for k in range(n)]
+      if meta.lane_sums:
+        P, _ = _lane_rows(n)
+        v = [g[k] * du for k in range(n)] + [dy0 * h_t[k] for k in range(n)] + [zeros] * (P - 2 * n)
+        for ri, row in enumerate(_warp_sums(v, meta.interpret)):
+          r.dBC[t, ri * e_blk : (ri + 1) * e_blk] = row
+      else:
+        for k in range(n):
+          r.dB[t, k] = jnp.sum(g[k] * du)
+          r.dC[t, k] = jnp.sum(dy0 * h_t[k])
+      sgB = sum(g[k] * Bt[k] for k in range(n))
+      q = [c[k] * h_prev[k] for k in range(n)]  # a g h_prev
+      dA = tuple(dA[k] + d * q[k] for k in range(n))
+      dd = _LN2 * sum(q[k] * A2[k] for k in range(n)) + u * sgB  # dL/d(delta) (e,)
+      dx = d * sgB
+      if meta.has_d:
+        dx = dx + Dv * dy0
+        dD = dD + dy0 * u
+      r.du[t, :] = dx.astype(r.du.dtype)
+      if meta.has_z:
+        y0 = sum(h_t[k] * Ct[k] for k in range(n))
+        if meta.has_d:
+          y0 = y0 + Dv * u
+        r.dz[t, :] = (dy * y0 * sz * (1.0 + zt * (1.0 - sz))).astype(r.dz.dtype)
+      if meta.softplus:
+        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + _exp2(-_LOG2E * x, meta.interpret)))
+      if meta.ragged:
+        dd = jnp.where(seg0 + t < meta.l, dd, 0.0)
+      r.ddelta[t, :] = dd.astype(r.ddelta.dtype)
+      if meta.has_bias:
+        dbias = dbias + dd
+    return c, dA, dD, dbias
+
+  init = (tuple(r.c_in[k, :] for k in range(n)), (zeros,) * n, zeros, zeros)
+  c, dA, dD, dbias = jax.lax.fori_loop(0, meta.seg_len // K, body, init)
+  for k in range(n):
+    r.c_out[k, :] = c[k]
+  if full:
+    for k in range(n):
+      r.dA[k, :] = dA[k]
+    if meta.has_d:
+      r.dD[...] = dD
+    if meta.has_bias:
+      r.dbias[...] = dbias
+
+
 def _specs(meta, eb, b, lp, e, n):
   Ls, K = meta.seg_len, meta.unroll_bwd
   return dict(
     seq_e=lambda: pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei)),
     seq_n=lambda: pl.BlockSpec((_SQ, Ls, n), lambda ei, si, bi: (bi, si, 0)),
     part_n=lambda: pl.BlockSpec((_SQ, _SQ, Ls, n), lambda ei, si, bi: (bi, ei, si, 0)),
+    part_lanes=lambda: pl.BlockSpec((_SQ, _SQ, Ls, _lane_rows(n)[1] * eb), lambda ei, si, bi: (bi, ei, si, 0)),
     vec_e=lambda: pl.BlockSpec((eb,), lambda ei, si, bi: (ei,)),
     en=lambda: pl.BlockSpec((eb, n), lambda ei, si, bi: (ei, 0)),
     seg_en=lambda: pl.BlockSpec((_SQ, _SQ, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
@@ -312,6 +482,7 @@ def _specs(meta, eb, b, lp, e, n):
     all_ne=lambda: pl.BlockSpec((_SQ, meta.S, n, eb), lambda ei, si, bi: (bi, 0, 0, ei)),
     all_e=lambda: pl.BlockSpec((_SQ, meta.S, eb), lambda ei, si, bi: (bi, 0, ei)),
     sub_en=lambda: pl.BlockSpec((_SQ, Ls // K, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
+    sub_ne=lambda: pl.BlockSpec((_SQ, Ls // K, n, eb), lambda ei, si, bi: (bi, si, 0, ei)),
   )
 
 
@@ -337,6 +508,10 @@ def _seg_decay(A, dsum):
   return jnp.exp(dsum[..., None] * A.astype(jnp.float32))  # (b, s, e, n)
 
 
+def _sub_kind(meta):
+  return "sub_ne" if meta.bwd_rows else "sub_en"
+
+
 def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   """y (b, l_pad, e), the last state (b, e, n) float32, residuals for the backward (or None)."""
   b, lp, e = u.shape
@@ -360,7 +535,8 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
   outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)), ("h_out", "seg_ne", seg_ne)]
   if save:
-    outs.append(("h_sub", "sub_en", jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, e, n), f32)))
+    sub = (n, e) if meta.bwd_rows else (e, n)
+    outs.append(("h_sub", _sub_kind(meta), jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, *sub), f32)))
   res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
   y, h_out = res[0], res[1]
   return y, jnp.swapaxes(h_out[:, -1], 1, 2), (res[2], dsum) if save else None
@@ -385,61 +561,78 @@ def _core_bwd(meta, res, cts):
   f32 = jnp.float32
   eb = meta.block_e_bwd
   nf = e // eb
-  A2 = A.astype(f32) * _LOG2E
-  ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "en", A2), ("B", "seq_n", B), ("C", "seq_n", C)]
+  # The kernels' (e, n) layout: (n, e) rows for `_bwd_rows_kernel`; `lay` maps (..., e, n) to it and back.
+  if meta.bwd_rows:
+    kernel, seg, lay = _bwd_rows_kernel, "seg_ne", lambda a: jnp.swapaxes(a, -1, -2)
+    ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", lay(A.astype(f32)) * _LOG2E)]
+    ins += [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
+  else:
+    kernel, seg, lay = _bwd_kernel, "seg_en", lambda a: a
+    ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "en", A.astype(f32) * _LOG2E)]
+    ins += [("B", "seq_n", B), ("C", "seq_n", C)]
   ins += [("D", "vec_e", D)] if meta.has_d else []
   ins += [("z", "seq_e", z)] if meta.has_z else []
   ins += [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   ins += [("dy", "seq_e", dy)]
-  seg_en = jax.ShapeDtypeStruct((b, meta.S, e, n), f32)
+  seg_sd = jax.ShapeDtypeStruct((b, meta.S, *((n, e) if meta.bwd_rows else (e, n))), f32)
   if meta.S == 1:
-    c_seg = dh_last[:, None].astype(f32)
+    c_seg = lay(dh_last[:, None].astype(f32))
   else:
     c_loc = _call(
-      _bwd_kernel, meta, eb, meta.num_warps_bwd, ins + [("c_in", "seg_en", jnp.zeros((b, meta.S, e, n), f32))],
-      [("c_out", "seg_en", seg_en)], "selective_scan_bwd_segment_adjoints", full=False,
+      kernel, meta, eb, meta.num_warps_bwd, ins + [("c_in", seg, jnp.zeros(seg_sd.shape, f32))],
+      [("c_out", seg, seg_sd)], "selective_scan_bwd_segment_adjoints", full=False,
     )[0]  # fmt: skip
 
     def step(c, inp):
       loc, dc = inp
       return loc + dc * c, c
 
-    dec = _seg_decay(A, dsum)
+    dec = lay(_seg_decay(A, dsum))
     _, c_in = jax.lax.scan(
-      step, dh_last.astype(f32), (jnp.moveaxis(c_loc, 1, 0), jnp.moveaxis(dec, 1, 0)), reverse=True, unroll=True
+      step, lay(dh_last.astype(f32)), (jnp.moveaxis(c_loc, 1, 0), jnp.moveaxis(dec, 1, 0)), reverse=True, unroll=True
     )
     c_seg = jnp.moveaxis(c_in, 0, 1)
   outs = [
-    ("c_out", "seg_en", seg_en),
+    ("c_out", seg, seg_sd),
     ("du", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)),
     ("ddelta", "seq_e", jax.ShapeDtypeStruct(delta.shape, delta.dtype)),
   ]
   outs += [("dz", "seq_e", jax.ShapeDtypeStruct(z.shape, z.dtype))] if meta.has_z else []
-  outs += [
-    ("dB", "part_n", jax.ShapeDtypeStruct((b, nf, lp, n), f32)),
-    ("dC", "part_n", jax.ShapeDtypeStruct((b, nf, lp, n), f32)),
-    ("dA", "seg_en", seg_en),
-  ]
+  if meta.lane_sums:  # per warp: value `_warp_sums_positions` of lane l of row r at r * e_blk + warp * 32 + l
+    P, R = _lane_rows(n)
+    outs += [("dBC", "part_lanes", jax.ShapeDtypeStruct((b, nf, lp, R * eb), f32))]
+  else:
+    outs += [
+      ("dB", "part_n", jax.ShapeDtypeStruct((b, nf, lp, n), f32)),
+      ("dC", "part_n", jax.ShapeDtypeStruct((b, nf, lp, n), f32)),
+    ]
+  outs += [("dA", seg, seg_sd)]
   outs += [("dD", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))] if meta.has_d else []
   outs += [("dbias", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))] if meta.has_bias else []
-  ins += [("h_sub", "sub_en", h_sub), ("c_in", "seg_en", c_seg)]
+  ins += [("h_sub", _sub_kind(meta), h_sub), ("c_in", seg, c_seg)]
   res = dict(
     zip(
       [k for k, _, _ in outs],
-      _call(_bwd_kernel, meta, eb, meta.num_warps_bwd, ins, outs, "selective_scan_bwd", full=True),
+      _call(kernel, meta, eb, meta.num_warps_bwd, ins, outs, "selective_scan_bwd", full=True),
       strict=True,
     )
   )
+  if meta.lane_sums:
+    dbc = res["dBC"].reshape(b, nf, lp, R, eb // 32, 32).sum((1, 4)).reshape(b, lp, R * 32)
+    dbc = dbc[..., jnp.asarray(_warp_sums_positions(P, 2 * n))]
+    dB, dC = dbc[..., :n], dbc[..., n:]
+  else:
+    dB, dC = res["dB"].sum(1), res["dC"].sum(1)
   return (
     res["du"],
     res["ddelta"],
-    res["dA"].sum((0, 1)).astype(A.dtype),
-    res["dB"].sum(1).astype(B.dtype),
-    res["dC"].sum(1).astype(C.dtype),
+    lay(res["dA"].sum((0, 1))).astype(A.dtype),
+    dB.astype(B.dtype),
+    dC.astype(C.dtype),
     res["dD"].sum((0, 1)).astype(D.dtype) if meta.has_d else None,
     res["dz"] if meta.has_z else None,
     res["dbias"].sum((0, 1)).astype(delta_bias.dtype) if meta.has_bias else None,
-    res["c_out"][:, 0],
+    lay(res["c_out"][:, 0]),
   )
 
 
@@ -488,7 +681,7 @@ def selective_scan_pallas(
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
-    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, interpret,
+    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, interpret,
   )  # fmt: skip
   pad = seg * S - l
 
