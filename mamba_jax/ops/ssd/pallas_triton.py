@@ -15,8 +15,10 @@ Design (see benchmarks/results/scans.md for measurements):
     state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass.
   * Backward = the same pattern in reverse for the adjoint state (Pallas segment pass, XLA scan over
     segments) and one fused Pallas kernel per (batch, head, segment) walking chunks backwards that writes
-    dx, dz, d(dt), d(log-decay cumsum), per-head dB and dC, and per-segment dD. Chunk-entry states needed
-    there are written by the forward kernel when it runs under `jax.vjp`. Per-head dB/dC are summed over
+    dx, dz, d(dt), d(log-decay cumsum), per-head dB and dC, and per-segment dD. Chunk-entry states, and the
+    incoming states' part of the output e^c_t C_t S (so that the backward need not recompute it), are written
+    by the forward kernel when it runs under `jax.vjp`; the backward cuts the sequence into its own segments.
+    Per-head dB/dC are summed over
     the heads of a group in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
     (they are cheap elementwise/scan ops on (b, h, l) float32 arrays).
   * Triton rather than Mosaic GPU: the kernels are a sequential loop of small (T x T, T x n, p x n) matrix
