@@ -577,23 +577,25 @@ _core.defvjp(_core_fwd, _core_bwd)
 # Public function.
 
 
+def _divisor_near(nc: int, b: int, h: int, target_programs: int) -> tuple[int, int | None]:
+  """(wanted segments, the smallest divisor of nc in [want, 4 * want] or None) for b * h * segments >= target."""
+  want = max(1, min(nc, -(-target_programs // (b * h))))
+  return want, next((s for s in range(want, min(nc, 4 * want) + 1) if nc % s == 0), None)
+
+
 def _segments(nc: int, b: int, h: int, target_programs: int) -> tuple[int, int]:
   """(segments, chunks per segment) with segments * chunks >= nc, preferring exact divisors of nc."""
-  want = max(1, min(nc, -(-target_programs // (b * h))))
-  for s in range(want, min(nc, 4 * want) + 1):
-    if nc % s == 0:
-      return s, nc // s
+  want, s = _divisor_near(nc, b, h, target_programs)
+  if s is not None:
+    return s, nc // s
   k = -(-nc // want)
   return -(-nc // k), k
 
 
 def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: int) -> int:
   """Backward segments: a divisor of the nc (padded) backward chunks near the target, else the forward's."""
-  want = max(1, min(nc, -(-target_programs // (b * h))))
-  for s in range(want, min(nc, 4 * want) + 1):
-    if nc % s == 0:
-      return s
-  return fwd_segments
+  s = _divisor_near(nc, b, h, target_programs)[1]
+  return fwd_segments if s is None else s
 
 
 def ssd_pallas(
