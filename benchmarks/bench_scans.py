@@ -178,11 +178,16 @@ def check_256k(op, pallas_fn, xla_fn, make, inputs, l, pieces, log):
 
 
 SSD_FWD_SWEEP = [(64, 4, 2, 132)]  # rounds 2-3 swept 132-1056 programs, 4-8 warps, T 32-128, 2-3 stages
-SSD_BWD_SWEEP = [  # (block_t_bwd, warps, stages, target_programs_bwd); round 3 swept T 64, 4 warps, 1056-4224 programs
-  (32, 8, 1, 264),
-  (32, 16, 1, 264),
-  (16, 8, 1, 264),
-  (16, 4, 1, 1056),
+# (block_t_bwd, warps, stages, target_programs_bwd, heads_per_program_bwd). Round 4: chunk-parallel backward.
+SSD_BWD_SWEEP = [
+  (64, 8, 1, 264, 4),
+  (64, 4, 1, 264, 4),
+  (64, 8, 2, 264, 4),
+  (64, 8, 1, 264, 1),
+  (64, 8, 1, 264, 8),
+  (64, 8, 1, 1056, 4),
+  (32, 4, 1, 264, 4),
+  (32, 8, 1, 264, 8),
 ]
 SS_FWD_SWEEP = [(256, 16, 8, 1056)]  # (block_e, unroll, warps, target_programs); round 3 swept 32-512 channels
 SS_BWD_SWEEP = [  # (block_e_bwd, unroll_bwd, warps, rows layout); round 2 swept (32|64|16, 8|16, 2|4) without rows
@@ -210,8 +215,10 @@ def tune(l, ops, log):
     ]
     best_fwd = _fastest("ssd fwd", fwd_candidates, lambda c: build(c, False), args, 15, log)
     bwd_candidates = [
-      dataclasses.replace(best_fwd, block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st, target_programs_bwd=tp)
-      for T, w, st, tp in SSD_BWD_SWEEP
+      dataclasses.replace(
+        best_fwd, block_t_bwd=T, num_warps_bwd=w, num_stages_bwd=st, target_programs_bwd=tp, heads_per_program_bwd=H
+      )
+      for T, w, st, tp, H in SSD_BWD_SWEEP
     ]
     ssd_cfg = _fastest("ssd fwd+bwd", bwd_candidates, lambda c: build(c, True), args, 5, log)
     # The model's call has no gate (Mamba2 gates in its norm), which the backward exploits.

@@ -14,7 +14,7 @@ from tests.conftest import float64, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
 # Small chunks and few programs per launch, so that short test sequences still span several chunks and segments.
-CFG = pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8)
+CFG = pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8, heads_per_program_bwd=1)
 
 
 def _inputs(key, b=2, l=77, h=4, p=16, g=2, n=16, dtype=jnp.float32):
@@ -88,7 +88,10 @@ def test_forward_bf16_inputs():
 
 
 # The backward cuts the sequence into its own segments: one chunk each (many) or as few as the forward's.
-BWD_SEGMENTS = {"many": CFG, "few": pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8, target_programs_bwd=8)}
+BWD_SEGMENTS = {
+  "many": CFG,
+  "few": pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8, target_programs_bwd=8, heads_per_program_bwd=2),
+}
 
 
 @pytest.mark.parametrize(

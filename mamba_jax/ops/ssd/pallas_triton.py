@@ -50,26 +50,28 @@ class SSDConfig:
 
   Attributes:
     block_t: tokens per chunk in the forward kernels (a power of two, >= 16).
-    block_t_bwd: tokens per chunk under `jax.vjp` (forward and backward kernels); divides `block_t`. The
-      backward kernel holds several (T, T) float32 matrices, and T = 128 exceeds the shared memory of an H100.
-    Defaults: the fastest of a small sweep on an H100 at 32K tokens (benchmarks/bench_scans.py --tune).
+    block_t_bwd: tokens per chunk under `jax.vjp` (forward and backward kernels); divides `block_t`.
     target_programs: aim for at least this many programs (b * h * segments) per forward launch.
-    target_programs_bwd: the same for the backward kernels. The backward segments are independent of the
-      forward's (the forward stores every chunk-entry state), and the backward does ~4x the forward's work per
-      chunk, so it wants more, shorter segments.
-    num_warps: warps per program.
+    target_programs_bwd: the same for the backward's adjoint pass (its segments are independent of the
+      forward's: the forward stores every chunk-entry state).
+    num_warps: warps per program of the forward kernels and the backward's adjoint pass.
     num_stages: Triton software-pipelining depth of the chunk loop.
-    num_warps_bwd, num_stages_bwd: the same for the backward kernels.
+    num_warps_bwd, num_stages_bwd: the same for the backward's chunk kernel.
+    heads_per_program_bwd: heads of one group handled by one program of the backward's chunk kernel (rounded
+      down to a power of two dividing the heads per group); they share the C B^T product, and their dB and dC
+      are summed in the kernel, which divides the per-head float32 dB/dC traffic by this number.
+    Defaults: the fastest of a small sweep on an H100 (benchmarks/bench_scans.py --tune).
   """
 
   block_t: int = 64
-  block_t_bwd: int = 32
+  block_t_bwd: int = 64
   target_programs: int = 132
   target_programs_bwd: int = 264
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
   num_stages_bwd: int = 1
+  heads_per_program_bwd: int = 4
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -132,8 +134,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
   """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
 
   Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S_in (p, n)
-  -> y (k*T, p), [chunk-entry states (k, p, n) float32, the incoming states' part of the scan output
-  e^c_t C_t S (k*T, p) float32].
+  -> y (k*T, p), [chunk-entry states (k, p, n) float32].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -146,7 +147,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     z_ref = refs[i]
     i += 1
   s0_ref, y_ref = refs[i], refs[i + 1]
-  st_ref, ys_ref = (refs[i + 2], refs[i + 3]) if save_states else (None, None)
+  st_ref = refs[i + 2] if save_states else None
 
   def body(k, S):
     sl = pl.ds(k * T, T)
@@ -162,8 +163,6 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u)
     M = cb * _decay_matrix(c, T) * dt[None, :]  # (t, u)
     y_state = jnp.exp(c)[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's contribution
-    if save_states:
-      ys_ref[sl, :] = y_state
     y = _mm(M, xr, cdt=cdt) + y_state  # (t, p)
     if has_d:
       y = y + d_ref[...][None, :] * x
@@ -180,20 +179,24 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
 # Backward kernels.
 
 
-def _bwd_segment_state_kernel(*refs, T, K, cdt, has_z):
-  """Adjoint state at the start of one segment from a zero adjoint at its end.
+def _bwd_adjoint_kernel(*refs, T, K, cdt, has_z):
+  """Adjoint state at every chunk end of one segment, from a zero adjoint at the segment's end.
 
-  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n) -> out (p, n) float32.
+  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n) -> local adjoint at each chunk's end (k, p, n) and
+  at the segment's start (p, n), float32. The true adjoint adds the segment end's, decayed (done by the chunk
+  kernel).
   """
   if has_z:
-    do_ref, z_ref, cs_ref, c_ref, out_ref = refs
+    do_ref, z_ref, cs_ref, c_ref, gl_ref, out_ref = refs
   else:
-    do_ref, cs_ref, c_ref, out_ref = refs
+    do_ref, cs_ref, c_ref, gl_ref, out_ref = refs
     z_ref = None
   p, n = out_ref.shape
 
   def body(i, G):
-    sl = pl.ds((K - 1 - i) * T, T)
+    k = K - 1 - i
+    gl_ref[k] = G
+    sl = pl.ds(k * T, T)
     dy = do_ref[sl, :].astype(jnp.float32)
     if has_z:
       dy = dy * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
@@ -204,14 +207,14 @@ def _bwd_segment_state_kernel(*refs, T, K, cdt, has_z):
   out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
 
 
-def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
-  """All gradients of one (batch, head, segment), walking its chunks backwards with the adjoint state.
+def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
+  """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
-  Refs in: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], dout (k*T, p),
-    the forward's e^c_t C_t S (k*T, p) float32, chunk-entry states (k, p, n), adjoint at the segment end
-    G_out (p, n).
-  Refs out: dx (k*T, p), [dz (k*T, p)], ddt (k*T,), dcs (k*T,), dB per head (k*T, n), dC per head (k*T, n),
-    [dD partial (p,)].
+  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], [z (t, H, p)], dout (t, H, p),
+    chunk-entry states S (H, p, n), local adjoint at the chunk end (H, p, n), adjoint at the segment end (H, p, n),
+    its decay to the chunk end f (H, t) (constant over t).
+  Refs out: dx (t, H, p), [dz (t, H, p)], ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
+    [dD partial (H, p)].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -223,8 +226,8 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
   if has_z:
     z_ref = refs[i]
     i += 1
-  do_ref, ys_ref, st_ref, g_ref, dx_ref = refs[i : i + 5]
-  i += 5
+  do_ref, st_ref, gl_ref, gs_ref, f_ref, dx_ref = refs[i : i + 6]
+  i += 6
   if has_z:
     dz_ref = refs[i]
     i += 1
@@ -232,24 +235,21 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
   i += 4
   if has_d:
     dd_ref = refs[i]
-  p, n = g_ref.shape
   last = jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == T - 1
-
-  def body(j, carry):
-    G, dD = carry
-    k = K - 1 - j
-    sl = pl.ds(k * T, T)
-    xr = x_ref[sl, :]
+  Bm = b_ref[...]  # (t, n)
+  Cm = c_ref[...]  # (t, n)
+  cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u), shared by the group's heads
+  dB_sum = dC_sum = None
+  for j in range(H):
+    xr = x_ref[:, j, :]
     x = xr.astype(jnp.float32)  # (t, p)
-    dt = dt_ref[sl]  # (t,)
-    c = cs_ref[sl]  # (t,)
-    Bm = b_ref[sl, :]  # (t, n)
-    Cm = c_ref[sl, :]  # (t, n)
-    S = st_ref[k]  # (p, n) state entering the chunk
-    dout = do_ref[sl, :].astype(jnp.float32)  # (t, p)
+    dt = dt_ref[j, :]  # (t,)
+    c = cs_ref[j, :]  # (t,)
+    S = st_ref[j]  # (p, n) state entering the chunk
+    G = gl_ref[j] + _last(f_ref[j, :], T) * gs_ref[j]  # (p, n) adjoint of the state leaving the chunk
+    dout = do_ref[:, j, :].astype(jnp.float32)  # (t, p)
     if has_z:
-      z = z_ref[sl, :].astype(jnp.float32)
-      silu_z, dsilu_z = _silu_parts(z)
+      silu_z, dsilu_z = _silu_parts(z_ref[:, j, :].astype(jnp.float32))
       dy = dout * silu_z
     else:
       dy = dout
@@ -257,9 +257,9 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
     ec = jnp.exp(c)  # (t,)
     edec = jnp.exp(c_end - c)  # (t,)
     L = _decay_matrix(c, T)  # (t, u)
-    cbL = _mm(Cm, Bm, tb=True, cdt=cdt) * L  # (t, u)
+    cbL = cb * L  # (t, u)
     dtx = dt[:, None] * x  # (t, p)
-    y_state = ys_ref[sl, :]  # (t, p) e^c_t C_t S, saved by the forward rather than recomputed
+    y_state = ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's part of the scan output
     # P[t, u] = (dy_t . dt_u x_u) L[t, u].
     R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
     P = R * L
@@ -267,7 +267,6 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
     dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
     BG = _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
     dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * BG  # (t, p)
-    xdxs = jnp.sum(x * dxs, axis=1)  # (t,)
     # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
     # diagonal of W, and the q terms against <G, S_out>): W[t, u] = (dy_t . dt_u x_u) cb[t, u] L[t, u].
     # (Taking rowsum(W) from a saved full scan output instead breaks the first cancellation: with bf16 operands
@@ -278,25 +277,21 @@ def _bwd_kernel(*refs, T, K, cdt, has_d, has_z):
     dcs = jnp.sum(W, axis=1) - jnp.sum(W, axis=0) + jnp.sum(dy * y_state, axis=1) - q + jnp.where(last, GS_out, 0.0)
     dx = dt[:, None] * dxs
     if has_d:
-      Dv = d_ref[...][None, :]
+      Dv = d_ref[j, :][None, :]
       dx = dx + Dv * dy
-      dD = dD + jnp.sum(dy * x, axis=0)
+      dd_ref[j, :] = jnp.sum(dy * x, axis=0)
     if has_z:  # the gate needs the scan output: recompute its intra-chunk part
       y_pre = _mm(cbL * dt[None, :], xr, cdt=cdt) + y_state
       if has_d:
         y_pre = y_pre + Dv * x
-      dz_ref[sl, :] = (dout * y_pre * dsilu_z).astype(dz_ref.dtype)
-    dx_ref[sl, :] = dx.astype(dx_ref.dtype)
-    ddt_ref[sl] = xdxs
-    dcs_ref[sl] = dcs
-    db_ref[sl, :] = dB
-    dc_ref[sl, :] = dC
-    G = jnp.exp(c_end) * G + _mm(ec[:, None] * dy, Cm, ta=True, cdt=cdt)  # (p, n)
-    return G, dD
-
-  _, dD = jax.lax.fori_loop(0, K, body, (g_ref[...], jnp.zeros((p,), jnp.float32)))
-  if has_d:
-    dd_ref[...] = dD
+      dz_ref[:, j, :] = (dout * y_pre * dsilu_z).astype(dz_ref.dtype)
+    dx_ref[:, j, :] = dx.astype(dx_ref.dtype)
+    ddt_ref[j, :] = jnp.sum(x * dxs, axis=1)
+    dcs_ref[j, :] = dcs
+    dB_sum = dB if dB_sum is None else dB_sum + dB
+    dC_sum = dC if dC_sum is None else dC_sum + dC
+  db_ref[...] = dB_sum
+  dc_ref[...] = dC_sum
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,7 +312,8 @@ class _Meta:
   num_stages: int
   interpret: bool
 
-  bwd: tuple[int, int, int, int] = (32, 8, 1, 1)  # (chunk length, warps, stages, segments) of the backward
+  # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
+  bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
 
   def for_vjp(self) -> "_Meta":
     """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
@@ -325,9 +321,9 @@ class _Meta:
     return dataclasses.replace(self, T=t, K=self.K * self.T // t)
 
   def for_bwd(self) -> "_Meta":
-    """The backward: the backward's chunks, segments and launch parameters."""
-    t, w, st, s = self.bwd
-    return dataclasses.replace(self, T=t, S=s, K=self.S * self.K * self.T // (t * s), num_warps=w, num_stages=st)
+    """The backward's adjoint pass: the backward's chunks and segments, the forward's launch parameters."""
+    t, _, _, s, _ = self.bwd
+    return dataclasses.replace(self, T=t, S=s, K=self.S * self.K * self.T // (t * s))
 
 
 def _cdt(dtype):
@@ -335,37 +331,27 @@ def _cdt(dtype):
 
 
 def _specs(meta, b, h, p, n):
-  """BlockSpecs over the grid (h, s, b) for the tensor layouts used by the kernels."""
+  """BlockSpecs over the grid (h, s, b) for the tensor layouts used by the segment kernels."""
   KT = meta.K * meta.T
   r = h // meta.g
   seq_hp = pl.BlockSpec((_SQ, KT, _SQ, p), lambda hi, si, bi: (bi, si, hi, 0))  # (b, l, h, p)
-  seq_hn = pl.BlockSpec((_SQ, KT, _SQ, n), lambda hi, si, bi: (bi, si, hi, 0))  # (b, l, h, n)
   seq_gn = pl.BlockSpec((_SQ, KT, _SQ, n), lambda hi, si, bi: (bi, si, hi // r, 0))  # (b, l, g, n)
   seq_h = pl.BlockSpec((_SQ, _SQ, KT), lambda hi, si, bi: (bi, hi, si))  # (b, h, l)
   head_p = pl.BlockSpec((_SQ, p), lambda hi, si, bi: (hi, 0))  # (h, p)
   seg_pn = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, s, p, n)
-  seg_p = pl.BlockSpec((_SQ, _SQ, _SQ, p), lambda hi, si, bi: (bi, hi, si, 0))  # (b, h, s, p)
   chunks_pn = pl.BlockSpec((_SQ, _SQ, meta.K, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, p, n)
-  return dict(
-    seq_hp=seq_hp,
-    seq_hn=seq_hn,
-    seq_gn=seq_gn,
-    seq_h=seq_h,
-    head_p=head_p,
-    seg_pn=seg_pn,
-    seg_p=seg_p,
-    chunks_pn=chunks_pn,
-  )
+  return dict(seq_hp=seq_hp, seq_gn=seq_gn, seq_h=seq_h, head_p=head_p, seg_pn=seg_pn, chunks_pn=chunks_pn)
 
 
-def _call(kernel, meta, grid, in_specs, out_specs, out_shape, name):
+def _call(kernel, meta, grid, in_specs, out_specs, out_shape, name, num_warps=None, num_stages=None):
+  params = plgpu.CompilerParams(num_warps=num_warps or meta.num_warps, num_stages=num_stages or meta.num_stages)
   return pl.pallas_call(
     kernel,
     out_shape=out_shape,
     grid=grid,
     in_specs=in_specs,
     out_specs=out_specs,
-    compiler_params=plgpu.CompilerParams(num_warps=meta.num_warps, num_stages=meta.num_stages),
+    compiler_params=params,
     interpret=meta.interpret,
     name=name,
   )
@@ -389,8 +375,7 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
 
 
 def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
-  """y (b, l, h, p) and, when `save_states`, (the (b, h, c, p, n) chunk-entry states, the incoming states' part of
-  the scan output (b, l, h, p)), both float32."""
+  """y (b, l, h, p) and, when `save_states`, the (b, h, c, p, n) float32 chunk-entry states."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
@@ -410,59 +395,68 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   out_specs = [sp["seq_hp"]]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if save_states:
-    out_specs += [sp["chunks_pn"], sp["seq_hp"]]
+    out_specs.append(sp["chunks_pn"])
     out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), jnp.float32))
-    out_shape.append(jax.ShapeDtypeStruct(x.shape, jnp.float32))
   outs = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_fwd")(*args)
-  return (outs[0], tuple(outs[1:])) if save_states else (outs[0], None)
+  return (outs[0], outs[1]) if save_states else (outs[0], None)
 
 
-def _bwd_segment_states(meta, dout, z, cs, C, h):
+def _bwd_adjoints(meta, dout, z, cs, C, h):
+  """Local adjoints (from zero at each segment's end) at every chunk end (b, h, c, p, n) and segment start
+  (b, h, s, p, n), float32."""
   b, _, _, p = dout.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
+  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
   in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
   args = [dout] + ([z] if meta.has_z else []) + [cs, C]
-  return _call(
-    kernel,
-    meta,
-    (h, meta.S, b),
-    in_specs,
-    sp["seg_pn"],
+  out_shape = [
+    jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), jnp.float32),
     jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32),
-    "ssd_bwd_segment_states",
-  )(*args)
+  ]
+  return _call(kernel, meta, (h, meta.S, b), in_specs, [sp["chunks_pn"], sp["seg_pn"]], out_shape, "ssd_bwd_adjoints")(
+    *args
+  )
 
 
-def _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, saved, G_seg):
+def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G_loc, G_seg, f):
+  """All gradients, one program per (H heads, chunk, batch); dB and dC summed over each program's heads."""
   b, l, h, p = x.shape
   n = B.shape[-1]
-  sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z)
-  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
+  T, H, K = meta.T, meta.bwd[4], meta.K
+  r = h // meta.g
+  nc = l // T
+  seq_hp = pl.BlockSpec((_SQ, T, H, p), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h, p)
+  seq_gn = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb * H // r, 0))  # (b, l, g, n)
+  seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
+  chunk_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, p, n)
+  seg_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci // K, 0, 0))  # (b, h, s, p, n)
+  sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
+  kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z)
+  in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn]
   args = [x, dtp, cs, B, C]
   if meta.has_d:
-    in_specs.append(sp["head_p"])
+    in_specs.append(pl.BlockSpec((H, p), lambda hb, ci, bi: (hb, 0)))
     args.append(D)
   if meta.has_z:
-    in_specs.append(sp["seq_hp"])
+    in_specs.append(seq_hp)
     args.append(z)
-  states, ys = saved
-  in_specs += [sp["seq_hp"], sp["seq_hp"], sp["chunks_pn"], sp["seg_pn"]]
-  args += [dout, ys, states, G_seg]
-  out_specs = [sp["seq_hp"]]
+  in_specs += [seq_hp, chunk_pn, chunk_pn, seg_pn, seq_h]
+  args += [dout, states, G_loc, G_seg, f]
+  out_specs = [seq_hp]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if meta.has_z:
-    out_specs.append(sp["seq_hp"])
+    out_specs.append(seq_hp)
     out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
-  out_specs += [sp["seq_h"], sp["seq_h"], sp["seq_hn"], sp["seq_hn"]]
+  out_specs += [seq_h, seq_h, sum_n, sum_n]
   out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
-  out_shape += [jax.ShapeDtypeStruct((b, l, h, n), jnp.float32)] * 2
+  out_shape += [jax.ShapeDtypeStruct((b, l, h // H, n), jnp.float32)] * 2
   if meta.has_d:
-    out_specs.append(sp["seg_p"])
-    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S, p), jnp.float32))
-  outs = list(_call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd")(*args))
+    out_specs.append(pl.BlockSpec((_SQ, H, _SQ, p), lambda hb, ci, bi: (bi, hb, ci, 0)))  # (b, h, c, p)
+    out_shape.append(jax.ShapeDtypeStruct((b, h, nc, p), jnp.float32))
+  _, w, st, _, _ = meta.bwd
+  call = _call(kernel, meta, (h // H, nc, b), in_specs, out_specs, out_shape, "ssd_bwd", num_warps=w, num_stages=st)
+  outs = list(call(*args))
   dx = outs.pop(0)
   dz = outs.pop(0) if meta.has_z else None
   ddt, dcs, dBh, dCh = outs[:4]
@@ -474,11 +468,23 @@ def _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, saved, G_seg):
 # Segment-level scans (XLA; (b, h, s, p, n) arrays with s small).
 
 
+def _chunk_ends(meta, cs):
+  """Total log-decay of each chunk, (b, h, s, k)."""
+  b, h, _ = cs.shape
+  return cs.reshape(b, h, meta.S, meta.K, meta.T)[..., -1]
+
+
 def _segment_decay(meta, cs):
   """exp(total log-decay of each segment), (b, h, s)."""
-  b, h, _ = cs.shape
-  chunk_end = cs.reshape(b, h, meta.S * meta.K, meta.T)[..., -1]
-  return jnp.exp(chunk_end.reshape(b, h, meta.S, meta.K).sum(-1))
+  return jnp.exp(_chunk_ends(meta, cs).sum(-1))
+
+
+def _decay_to_segment_end(meta, cs):
+  """exp(log-decay from each chunk's end to its segment's end), repeated over the chunk's tokens, (b, h, l)."""
+  ends = _chunk_ends(meta, cs)
+  after = jnp.flip(jnp.cumsum(jnp.flip(ends, -1), -1), -1) - ends  # (b, h, s, k) chunks after this one
+  f = jnp.exp(after)
+  return jnp.broadcast_to(f[..., None], f.shape + (meta.T,)).reshape(cs.shape)
 
 
 def _forward_over_segments(S0, S_loc, dec):
@@ -556,13 +562,15 @@ def _core_bwd(meta, res, cts):
   dout, dS_fin = cts
   b, l, h, p = x.shape
   g, n = B.shape[-2:]
+  H = meta.bwd[4]
   dout = dout.astype(x.dtype)
-  dec = _segment_decay(meta, cs)
-  G_loc = _bwd_segment_states(meta, dout, z, cs, C, h)
-  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, dec)
-  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_main(meta, x, dtp, cs, B, C, D, z, dout, states, G_seg)
-  dB = dBh.reshape(b, l, g, h // g, n).sum(3).astype(B.dtype)
-  dC = dCh.reshape(b, l, g, h // g, n).sum(3).astype(C.dtype)
+  # Adjoint pass: local adjoints per chunk, then the segments' true adjoints by a short scan over segments.
+  G_loc, G_loc_seg = _bwd_adjoints(meta, dout, z, cs, C, h)
+  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc_seg, _segment_decay(meta, cs))
+  f = _decay_to_segment_end(meta, cs)
+  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G_loc, G_seg, f)
+  dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
+  dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
   if meta.has_d:
     dD = dD.sum((0, 2)).astype(D.dtype)
   # cs = chunk-local cumsum of da, so d(da)_j = sum over t >= j in j's chunk of d(cs)_t.
@@ -590,6 +598,14 @@ def _segments(nc: int, b: int, h: int, target_programs: int) -> tuple[int, int]:
     return s, nc // s
   k = -(-nc // want)
   return -(-nc // k), k
+
+
+def _heads_per_program(r: int, want: int) -> int:
+  """The largest power of two <= `want` that divides the heads per group `r` (block shapes are powers of two)."""
+  H = 1
+  while H * 2 <= want and r % (H * 2) == 0:
+    H *= 2
+  return H
 
 
 def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: int) -> int:
@@ -637,7 +653,7 @@ def ssd_pallas(
   pad = lp - l
   T_bwd = min(cfg.block_t_bwd, T)
   S_bwd = _bwd_segments(lp // T_bwd, b, h, cfg.target_programs_bwd, S)
-  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd)
+  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
   meta = _Meta(T, K, S, g, D is not None, z is not None, cfg.num_warps, cfg.num_stages, interpret, bwd)
 
   def pad_l(a, axis=1):
