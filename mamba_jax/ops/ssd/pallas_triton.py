@@ -13,13 +13,16 @@ Design (see benchmarks/results/scans.md for measurements):
     XLA scan over segments gives each segment's incoming state; (3) the main Pallas kernel recomputes the
     segment from its true incoming state and writes y with D and the z gate fused. Step 1 only does the
     state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass.
-  * Backward = the same pattern in reverse for the adjoint state (Pallas segment pass, XLA scan over
-    segments) and one fused Pallas kernel per (batch, head, segment) walking chunks backwards that writes
-    dx, dz, d(dt), d(log-decay cumsum), per-head dB and dC, and per-segment dD. Chunk-entry states, and the
-    incoming states' part of the output e^c_t C_t S (so that the backward need not recompute it), are written
-    by the forward kernel when it runs under `jax.vjp`; the backward cuts the sequence into its own segments.
-    Per-head dB/dC are summed over
-    the heads of a group in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
+  * Backward = an adjoint pass and a chunk-parallel gradient kernel. Under `jax.vjp` the forward stores every
+    chunk-entry state (in the dots' operand dtype: the dots read them in that dtype anyway, and it halves their
+    traffic for bf16). The adjoint pass is the forward's pattern in reverse: a Pallas kernel per (batch, head,
+    segment) walks the chunks backwards from a zero adjoint and stores the local adjoint at every chunk end, and
+    a tiny XLA scan over segments gives each segment end's true adjoint. Then one program per (H heads of a
+    group, chunk, batch), independent of every other, adds the segment end's adjoint decayed to its chunk end
+    and writes dx, dz, d(dt), d(log-decay cumsum), dB and dC summed over its H heads, and dD per chunk.
+    Thousands of independent programs hide the latency of the small matrix products that bound the earlier
+    design (one program per segment walking its chunks backwards: 2-3x slower on an H100). The heads' dB/dC and
+    dD partial sums are finished in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
     (they are cheap elementwise/scan ops on (b, h, l) float32 arrays).
   * Triton rather than Mosaic GPU: the kernels are a sequential loop of small (T x T, T x n, p x n) matrix
     products per program with elementwise exp/mask work between them; the Triton lowering handles that
@@ -152,7 +155,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
   def body(k, S):
     sl = pl.ds(k * T, T)
     if save_states:
-      st_ref[k] = S
+      st_ref[k] = S.astype(st_ref.dtype)
     xr = x_ref[sl, :]
     x = xr.astype(jnp.float32)  # (t, p)
     dt = dt_ref[sl]  # (t,)
@@ -195,7 +198,7 @@ def _bwd_adjoint_kernel(*refs, T, K, cdt, has_z):
 
   def body(i, G):
     k = K - 1 - i
-    gl_ref[k] = G
+    gl_ref[k] = G.astype(gl_ref.dtype)
     sl = pl.ds(k * T, T)
     dy = do_ref[sl, :].astype(jnp.float32)
     if has_z:
@@ -239,59 +242,65 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
   Bm = b_ref[...]  # (t, n)
   Cm = c_ref[...]  # (t, n)
   cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u), shared by the group's heads
-  dB_sum = dC_sum = None
+  # The statements are ordered so that each large intermediate dies early (its last use follows soon after it is
+  # made, and results are stored as soon as they are final): the kernel is bound by registers, not FLOPs.
   for j in range(H):
     xr = x_ref[:, j, :]
     x = xr.astype(jnp.float32)  # (t, p)
     dt = dt_ref[j, :]  # (t,)
     c = cs_ref[j, :]  # (t,)
-    S = st_ref[j]  # (p, n) state entering the chunk
-    G = gl_ref[j] + _last(f_ref[j, :], T) * gs_ref[j]  # (p, n) adjoint of the state leaving the chunk
-    dout = do_ref[:, j, :].astype(jnp.float32)  # (t, p)
-    if has_z:
-      silu_z, dsilu_z = _silu_parts(z_ref[:, j, :].astype(jnp.float32))
-      dy = dout * silu_z
-    else:
-      dy = dout
     c_end = _last(c, T)
     ec = jnp.exp(c)  # (t,)
     edec = jnp.exp(c_end - c)  # (t,)
-    L = _decay_matrix(c, T)  # (t, u)
-    cbL = cb * L  # (t, u)
-    dtx = dt[:, None] * x  # (t, p)
+    cbL = cb * _decay_matrix(c, T)  # (t, u)
+    S = st_ref[j].astype(jnp.float32)  # (p, n) state entering the chunk
     y_state = ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's part of the scan output
-    # P[t, u] = (dy_t . dt_u x_u) L[t, u].
-    R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
-    P = R * L
-    dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, cdt=cdt)  # (t, n)
-    dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
-    BG = _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
-    dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * BG  # (t, p)
-    # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
-    # diagonal of W, and the q terms against <G, S_out>): W[t, u] = (dy_t . dt_u x_u) cb[t, u] L[t, u].
-    # (Taking rowsum(W) from a saved full scan output instead breaks the first cancellation: with bf16 operands
-    # the A and dt_bias gradients then lose an order of magnitude of accuracy.)
-    W = R * cbL  # (t, u)
-    q = edec * dt * jnp.sum(x * BG, axis=1)  # (t,)
-    GS_out = jnp.exp(c_end) * jnp.sum(G * S) + jnp.sum(q)
-    dcs = jnp.sum(W, axis=1) - jnp.sum(W, axis=0) + jnp.sum(dy * y_state, axis=1) - q + jnp.where(last, GS_out, 0.0)
-    dx = dt[:, None] * dxs
+    dout = do_ref[:, j, :].astype(jnp.float32)  # (t, p)
     if has_d:
       Dv = d_ref[j, :][None, :]
-      dx = dx + Dv * dy
-      dd_ref[j, :] = jnp.sum(dy * x, axis=0)
-    if has_z:  # the gate needs the scan output: recompute its intra-chunk part
+    if has_z:  # the gate needs the scan output: recompute it, then keep only dy
+      z = z_ref[:, j, :].astype(jnp.float32)
+      silu_z, dsilu_z = _silu_parts(z)
       y_pre = _mm(cbL * dt[None, :], xr, cdt=cdt) + y_state
       if has_d:
         y_pre = y_pre + Dv * x
       dz_ref[:, j, :] = (dout * y_pre * dsilu_z).astype(dz_ref.dtype)
+      dy = dout * silu_z
+    else:
+      dy = dout
+    if has_d:
+      dd_ref[j, :] = jnp.sum(dy * x, axis=0)
+    dcs = jnp.sum(dy * y_state, axis=1)  # (t,)
+    G = gl_ref[j].astype(jnp.float32) + _last(f_ref[j, :], T) * gs_ref[j]  # (p, n) adjoint of the state leaving
+    GS = jnp.sum(G * S)
+    dtx = dt[:, None] * x  # (t, p)
+    # P[t, u] = (dy_t . dt_u x_u) L[t, u];  W[t, u] = P[t, u] cb[t, u].
+    R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
+    P = R * _decay_matrix(c, T)
+    dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, cdt=cdt)  # (t, n)
+    _store_sum(dc_ref, dC, j)
+    # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
+    # diagonal of W, and the q terms against <G, S_out>).
+    # (Taking rowsum(W) from a saved full scan output instead breaks the first cancellation: with bf16 operands
+    # the A and dt_bias gradients then lose an order of magnitude of accuracy.)
+    W = R * cbL  # (t, u)
+    dcs = dcs + jnp.sum(W, axis=1) - jnp.sum(W, axis=0)
+    dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
+    _store_sum(db_ref, dB, j)
+    BG = _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
+    q = edec * dt * jnp.sum(x * BG, axis=1)  # (t,)
+    dcs_ref[j, :] = dcs - q + jnp.where(last, jnp.exp(c_end) * GS + jnp.sum(q), 0.0)
+    dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * BG  # (t, p)
+    dx = dt[:, None] * dxs
+    if has_d:
+      dx = dx + Dv * dy
     dx_ref[:, j, :] = dx.astype(dx_ref.dtype)
     ddt_ref[j, :] = jnp.sum(x * dxs, axis=1)
-    dcs_ref[j, :] = dcs
-    dB_sum = dB if dB_sum is None else dB_sum + dB
-    dC_sum = dC if dC_sum is None else dC_sum + dC
-  db_ref[...] = dB_sum
-  dc_ref[...] = dC_sum
+
+
+def _store_sum(ref, v, j):
+  """ref = v for the first head of a program, ref += v after (the output block belongs to this program)."""
+  ref[...] = v if j == 0 else ref[...] + v
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -375,7 +384,7 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
 
 
 def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
-  """y (b, l, h, p) and, when `save_states`, the (b, h, c, p, n) float32 chunk-entry states."""
+  """y (b, l, h, p) and, when `save_states`, the (b, h, c, p, n) chunk-entry states in the dots' operand dtype."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
@@ -396,7 +405,7 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if save_states:
     out_specs.append(sp["chunks_pn"])
-    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), _cdt(x.dtype)))
   outs = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_fwd")(*args)
   return (outs[0], outs[1]) if save_states else (outs[0], None)
 
@@ -411,7 +420,7 @@ def _bwd_adjoints(meta, dout, z, cs, C, h):
   in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
   args = [dout] + ([z] if meta.has_z else []) + [cs, C]
   out_shape = [
-    jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), jnp.float32),
+    jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), _cdt(dout.dtype)),
     jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32),
   ]
   return _call(kernel, meta, (h, meta.S, b), in_specs, [sp["chunks_pn"], sp["seg_pn"]], out_shape, "ssd_bwd_adjoints")(

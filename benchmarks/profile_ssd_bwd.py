@@ -1,0 +1,78 @@
+"""Times the pieces of the Pallas SSD backward separately on the GPU (a diagnostic, not a benchmark table).
+
+PYTHONPATH=. python benchmarks/profile_ssd_bwd.py --len 32768
+"""
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.bench_scans import _time, ssd_inputs
+from mamba_jax.ops.ssd import pallas_triton as pt
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--len", type=int, default=32768)
+  a = ap.parse_args()
+  l = a.len
+  x, dt, A, B, C, D, z, dt_bias = ssd_inputs(l, jax.random.PRNGKey(0))
+  b, _, h, p = x.shape
+  g, n = B.shape[-2:]
+  print(jax.devices()[0].device_kind, "tokens", l, flush=True)
+
+  def prep(cfg, with_z):
+    T = cfg.block_t
+    S, K = pt._segments(-(-l // T), b, h, cfg.target_programs)
+    T_bwd = cfg.block_t_bwd
+    S_bwd = pt._bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
+    H = pt._heads_per_program(h // g, cfg.heads_per_program_bwd)
+    bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, H)
+    meta = pt._Meta(T, K, S, g, True, with_z, cfg.num_warps, cfg.num_stages, False, bwd)
+    dtp = jnp.swapaxes(jax.nn.softplus(dt + dt_bias).astype(jnp.float32), 1, 2)
+    da = dtp * A[None, :, None]
+    Dp = jnp.broadcast_to(D[:, None], (h, p)).astype(jnp.float32)
+    S0 = jnp.zeros((b, h, p, n), jnp.float32)
+    return meta, dtp, da, Dp, S0
+
+  def report(label, fn, *args):
+    t = _time(jax.jit(fn), *args, iters=10)
+    print(f"{label}: {t:.3f} ms", flush=True)
+
+  def profile(cfg, with_z):
+    meta, dtp, da, Dp, S0 = prep(cfg, with_z)
+    zz = z if with_z else None
+    mv = meta.for_vjp()
+    cs = pt._chunk_cumsum(mv, da)
+    tag = f"[z={with_z} warps_bwd={cfg.num_warps_bwd} T={cfg.block_t_bwd} H={cfg.heads_per_program_bwd}]"
+    report(f"{tag} fwd (plain)", lambda *r: pt._core(meta, *r)[0], x, dtp, da, B, C, Dp, zz, S0)
+    fwd_vjp = lambda *r: pt._core_fwd_impl(mv, *r, save_states=True)[2]
+    report(f"{tag} fwd under vjp", fwd_vjp, x, dtp, cs, B, C, Dp, zz, S0)
+    states = jax.jit(fwd_vjp)(x, dtp, cs, B, C, Dp, zz, S0)
+    mb = meta.for_bwd()
+    dout = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
+    adj = lambda *r: pt._bwd_adjoints(mb, *r, h)
+    report(f"{tag} adjoint pass", adj, dout, zz, cs, C)
+    G_loc, G_loc_seg = jax.jit(adj)(dout, zz, cs, C)
+    G_seg = jnp.zeros_like(G_loc_seg)
+    f = pt._decay_to_segment_end(mb, cs)
+    chunks = lambda *r: pt._bwd_chunks(mb, *r)
+    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, zz, dout, states, G_loc, G_seg, f)
+    vjp = jax.jit(lambda *r: jax.vjp(lambda *q: pt._core(meta, *q)[0], *r)[1](dout))
+    report(f"{tag} fwd+bwd of the core", vjp, x, dtp, da, B, C, Dp, zz, S0)
+
+  base = pt.SSDConfig(heads_per_program_bwd=1)
+  for cfg, with_z in [
+    (base, True),
+    (base, False),
+    (dataclasses.replace(base, num_warps_bwd=4), False),
+    (dataclasses.replace(base, num_warps_bwd=4), True),
+    (dataclasses.replace(base, heads_per_program_bwd=2), False),
+  ]:
+    profile(cfg, with_z)
+
+
+if __name__ == "__main__":
+  main()
