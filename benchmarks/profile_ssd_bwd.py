@@ -53,13 +53,14 @@ def main():
     states = jax.jit(fwd_vjp)(x, dtp, cs, B, C, Dp, zz, S0)
     mb = meta.for_bwd()
     dout = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
-    adj = lambda *r: pt._bwd_adjoints(mb, *r, h)
-    report(f"{tag} adjoint pass", adj, dout, zz, cs, C)
-    G_loc, G_loc_seg = jax.jit(adj)(dout, zz, cs, C)
-    G_seg = jnp.zeros_like(G_loc_seg)
-    f = pt._decay_to_segment_end(mb, cs)
+    seg = lambda *r: pt._bwd_segment_states(mb, *r, h)
+    report(f"{tag} adjoint pass 1 (segments)", seg, dout, zz, cs, C)
+    G_seg = jnp.zeros((b, h, mb.S, p, n), jnp.float32)
+    adj = lambda *r: pt._bwd_adjoints(mb, *r)
+    report(f"{tag} adjoint pass 2 (chunks)", adj, dout, zz, cs, C, states, G_seg)
+    G, GS = jax.jit(adj)(dout, zz, cs, C, states, G_seg)
     chunks = lambda *r: pt._bwd_chunks(mb, *r)
-    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, zz, dout, states, G_loc, G_seg, f)
+    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, zz, dout, states, G, GS)
     vjp = jax.jit(lambda *r: jax.vjp(lambda *q: pt._core(meta, *q)[0], *r)[1](dout))
     report(f"{tag} fwd+bwd of the core", vjp, x, dtp, da, B, C, Dp, zz, S0)
 
@@ -70,6 +71,7 @@ def main():
     (dataclasses.replace(base, num_warps_bwd=4), False),
     (dataclasses.replace(base, num_warps_bwd=4), True),
     (dataclasses.replace(base, heads_per_program_bwd=2), False),
+    (dataclasses.replace(base, block_t_bwd=32, num_warps_bwd=4), False),
   ]:
     profile(cfg, with_z)
 

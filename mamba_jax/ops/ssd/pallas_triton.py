@@ -13,13 +13,14 @@ Design (see benchmarks/results/scans.md for measurements):
     XLA scan over segments gives each segment's incoming state; (3) the main Pallas kernel recomputes the
     segment from its true incoming state and writes y with D and the z gate fused. Step 1 only does the
     state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass.
-  * Backward = an adjoint pass and a chunk-parallel gradient kernel. Under `jax.vjp` the forward stores every
+  * Backward = adjoint passes and a chunk-parallel gradient kernel. Under `jax.vjp` the forward stores every
     chunk-entry state (in the dots' operand dtype: the dots read them in that dtype anyway, and it halves their
-    traffic for bf16). The adjoint pass is the forward's pattern in reverse: a Pallas kernel per (batch, head,
-    segment) walks the chunks backwards from a zero adjoint and stores the local adjoint at every chunk end, and
-    a tiny XLA scan over segments gives each segment end's true adjoint. Then one program per (H heads of a
-    group, chunk, batch), independent of every other, adds the segment end's adjoint decayed to its chunk end
-    and writes dx, dz, d(dt), d(log-decay cumsum), dB and dC summed over its H heads, and dD per chunk.
+    traffic for bf16). The adjoint passes are the forward's pattern in reverse: a Pallas kernel per (batch, head,
+    segment) walks the chunks backwards from a zero adjoint, a tiny XLA scan over segments gives each segment
+    end's true adjoint, and a second walk from it stores the adjoint at every chunk end (and its inner product
+    with the chunk-entry state, which the decay's gradient needs). Then one program per (H heads of a group,
+    chunk, batch), independent of every other, writes dx, dz, d(dt), d(log-decay cumsum), dB and dC summed over
+    its H heads, and dD per chunk; it reads the stored states and adjoints only as dot operands.
     Thousands of independent programs hide the latency of the small matrix products that bound the earlier
     design (one program per segment walking its chunks backwards: 2-3x slower on an H100). The heads' dB/dC and
     dD partial sums are finished in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
@@ -182,40 +183,55 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
 # Backward kernels.
 
 
-def _bwd_adjoint_kernel(*refs, T, K, cdt, has_z):
-  """Adjoint state at every chunk end of one segment, from a zero adjoint at the segment's end.
+def _bwd_segment_state_kernel(*refs, T, K, cdt, has_z):
+  """Adjoint state at the start of one segment from a zero adjoint at its end.
 
-  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n) -> local adjoint at each chunk's end (k, p, n) and
-  at the segment's start (p, n), float32. The true adjoint adds the segment end's, decayed (done by the chunk
-  kernel).
+  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n) -> out (p, n) float32.
   """
-  if has_z:
-    do_ref, z_ref, cs_ref, c_ref, gl_ref, out_ref = refs
-  else:
-    do_ref, cs_ref, c_ref, gl_ref, out_ref = refs
-    z_ref = None
+  do_ref, cs_ref, c_ref, out_ref = (refs[0], *refs[-3:]) if has_z else refs
+  z_ref = refs[1] if has_z else None
   p, n = out_ref.shape
 
   def body(i, G):
-    k = K - 1 - i
-    gl_ref[k] = G.astype(gl_ref.dtype)
-    sl = pl.ds(k * T, T)
-    dy = do_ref[sl, :].astype(jnp.float32)
-    if has_z:
-      dy = dy * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
-    c = cs_ref[sl]
-    c_end = _last(c, T)
-    return jnp.exp(c_end) * G + _mm(jnp.exp(c)[:, None] * dy, c_ref[sl, :], ta=True, cdt=cdt)
+    return _adjoint_step(do_ref, z_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt)
 
   out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
+
+
+def _adjoint_step(do_ref, z_ref, cs_ref, c_ref, k, G, T, cdt):
+  """The adjoint at chunk k's start from the adjoint G at its end."""
+  sl = pl.ds(k * T, T)
+  dy = do_ref[sl, :].astype(jnp.float32)
+  if z_ref is not None:
+    dy = dy * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
+  c = cs_ref[sl]
+  return jnp.exp(_last(c, T)) * G + _mm(jnp.exp(c)[:, None] * dy, c_ref[sl, :], ta=True, cdt=cdt)
+
+
+def _bwd_adjoint_kernel(*refs, T, K, cdt, has_z):
+  """The adjoint state at every chunk end of one segment, from the true adjoint at the segment's end.
+
+  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), adjoint at the
+  segment's end (p, n) -> adjoint at each chunk's end (k, p, n) in the states' dtype, and <adjoint at the chunk's
+  end, state at its start> repeated over the chunk's tokens (k*T,) float32.
+  """
+  do_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref = (refs[0], *refs[-6:]) if has_z else refs
+  z_ref = refs[1] if has_z else None
+
+  def body(i, G):
+    k = K - 1 - i
+    g_ref[k] = G.astype(g_ref.dtype)
+    gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * st_ref[k].astype(jnp.float32)))
+    return _adjoint_step(do_ref, z_ref, cs_ref, c_ref, k, G, T, cdt)
+
+  jax.lax.fori_loop(0, K, body, g0_ref[...])
 
 
 def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
   """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
   Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], [z (t, H, p)], dout (t, H, p),
-    chunk-entry states S (H, p, n), local adjoint at the chunk end (H, p, n), adjoint at the segment end (H, p, n),
-    its decay to the chunk end f (H, t) (constant over t).
+    chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
   Refs out: dx (t, H, p), [dz (t, H, p)], ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
     [dD partial (H, p)].
   """
@@ -229,8 +245,8 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
   if has_z:
     z_ref = refs[i]
     i += 1
-  do_ref, st_ref, gl_ref, gs_ref, f_ref, dx_ref = refs[i : i + 6]
-  i += 6
+  do_ref, st_ref, g_ref, gs_ref, dx_ref = refs[i : i + 5]
+  i += 5
   if has_z:
     dz_ref = refs[i]
     i += 1
@@ -253,7 +269,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
     ec = jnp.exp(c)  # (t,)
     edec = jnp.exp(c_end - c)  # (t,)
     cbL = cb * _decay_matrix(c, T)  # (t, u)
-    S = st_ref[j].astype(jnp.float32)  # (p, n) state entering the chunk
+    S = st_ref[j]  # (p, n) state entering the chunk, in the dots' operand dtype (only dots read it)
     y_state = ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's part of the scan output
     dout = do_ref[:, j, :].astype(jnp.float32)  # (t, p)
     if has_d:
@@ -271,8 +287,8 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
     if has_d:
       dd_ref[j, :] = jnp.sum(dy * x, axis=0)
     dcs = jnp.sum(dy * y_state, axis=1)  # (t,)
-    G = gl_ref[j].astype(jnp.float32) + _last(f_ref[j, :], T) * gs_ref[j]  # (p, n) adjoint of the state leaving
-    GS = jnp.sum(G * S)
+    G = g_ref[j]  # (p, n) adjoint of the state leaving the chunk, like S
+    GS = _last(gs_ref[j, :], T)
     dtx = dt[:, None] * x  # (t, p)
     # P[t, u] = (dy_t . dt_u x_u) L[t, u];  W[t, u] = P[t, u] cb[t, u].
     R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
@@ -410,36 +426,44 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   return (outs[0], outs[1]) if save_states else (outs[0], None)
 
 
-def _bwd_adjoints(meta, dout, z, cs, C, h):
-  """Local adjoints (from zero at each segment's end) at every chunk end (b, h, c, p, n) and segment start
-  (b, h, s, p, n), float32."""
+def _bwd_segment_states(meta, dout, z, cs, C, h):
+  """(b, h, s, p, n) float32 adjoint at each segment's start from a zero adjoint at its end."""
   b, _, _, p = dout.shape
+  n = C.shape[-1]
+  sp = _specs(meta, b, h, p, n)
+  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
+  in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
+  args = [dout] + ([z] if meta.has_z else []) + [cs, C]
+  out_shape = jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32)
+  return _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(*args)
+
+
+def _bwd_adjoints(meta, dout, z, cs, C, states, G_seg):
+  """The adjoint at every chunk end (b, h, c, p, n), in the states' dtype, and <it, the chunk-entry state>
+  repeated over each chunk's tokens (b, h, l) float32."""
+  b, l, h, p = dout.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
   kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
   in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
-  args = [dout] + ([z] if meta.has_z else []) + [cs, C]
-  out_shape = [
-    jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), _cdt(dout.dtype)),
-    jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32),
-  ]
-  return _call(kernel, meta, (h, meta.S, b), in_specs, [sp["chunks_pn"], sp["seg_pn"]], out_shape, "ssd_bwd_adjoints")(
-    *args
-  )
+  in_specs += [sp["chunks_pn"], sp["seg_pn"]]
+  args = [dout] + ([z] if meta.has_z else []) + [cs, C, states, G_seg]
+  out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, h, l), jnp.float32)]
+  out_specs = [sp["chunks_pn"], sp["seq_h"]]
+  return _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")(*args)
 
 
-def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G_loc, G_seg, f):
+def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G, GS):
   """All gradients, one program per (H heads, chunk, batch); dB and dC summed over each program's heads."""
   b, l, h, p = x.shape
   n = B.shape[-1]
-  T, H, K = meta.T, meta.bwd[4], meta.K
+  T, H = meta.T, meta.bwd[4]
   r = h // meta.g
   nc = l // T
   seq_hp = pl.BlockSpec((_SQ, T, H, p), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h, p)
   seq_gn = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb * H // r, 0))  # (b, l, g, n)
   seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
   chunk_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, p, n)
-  seg_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci // K, 0, 0))  # (b, h, s, p, n)
   sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
   kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z)
   in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn]
@@ -450,8 +474,8 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G_loc, G_seg, f):
   if meta.has_z:
     in_specs.append(seq_hp)
     args.append(z)
-  in_specs += [seq_hp, chunk_pn, chunk_pn, seg_pn, seq_h]
-  args += [dout, states, G_loc, G_seg, f]
+  in_specs += [seq_hp, chunk_pn, chunk_pn, seq_h]
+  args += [dout, states, G, GS]
   out_specs = [seq_hp]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if meta.has_z:
@@ -486,14 +510,6 @@ def _chunk_ends(meta, cs):
 def _segment_decay(meta, cs):
   """exp(total log-decay of each segment), (b, h, s)."""
   return jnp.exp(_chunk_ends(meta, cs).sum(-1))
-
-
-def _decay_to_segment_end(meta, cs):
-  """exp(log-decay from each chunk's end to its segment's end), repeated over the chunk's tokens, (b, h, l)."""
-  ends = _chunk_ends(meta, cs)
-  after = jnp.flip(jnp.cumsum(jnp.flip(ends, -1), -1), -1) - ends  # (b, h, s, k) chunks after this one
-  f = jnp.exp(after)
-  return jnp.broadcast_to(f[..., None], f.shape + (meta.T,)).reshape(cs.shape)
 
 
 def _forward_over_segments(S0, S_loc, dec):
@@ -573,11 +589,12 @@ def _core_bwd(meta, res, cts):
   g, n = B.shape[-2:]
   H = meta.bwd[4]
   dout = dout.astype(x.dtype)
-  # Adjoint pass: local adjoints per chunk, then the segments' true adjoints by a short scan over segments.
-  G_loc, G_loc_seg = _bwd_adjoints(meta, dout, z, cs, C, h)
-  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc_seg, _segment_decay(meta, cs))
-  f = _decay_to_segment_end(meta, cs)
-  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G_loc, G_seg, f)
+  # Adjoint passes: local adjoints at the segment starts, the segment ends' true adjoints by a short scan over
+  # segments, then the true adjoint at every chunk end.
+  G_loc = _bwd_segment_states(meta, dout, z, cs, C, h)
+  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs))
+  G, GS = _bwd_adjoints(meta, dout, z, cs, C, states, G_seg)
+  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G, GS)
   dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
   dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
   if meta.has_d:
