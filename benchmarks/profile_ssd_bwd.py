@@ -50,7 +50,7 @@ def main():
     report(f"{tag} fwd (plain)", lambda *r: pt._core(meta, *r)[0], x, dtp, da, B, C, Dp, zz, S0)
     fwd_vjp = lambda *r: pt._core_fwd_impl(mv, *r, save_states=True)[2]
     report(f"{tag} fwd under vjp", fwd_vjp, x, dtp, cs, B, C, Dp, zz, S0)
-    states = jax.jit(fwd_vjp)(x, dtp, cs, B, C, Dp, zz, S0)
+    states, y_pre = jax.jit(fwd_vjp)(x, dtp, cs, B, C, Dp, zz, S0)
     mb = meta.for_bwd()
     dout = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
     seg = lambda *r: pt._bwd_segment_states(mb, *r, h)
@@ -60,18 +60,16 @@ def main():
     report(f"{tag} adjoint pass 2 (chunks)", adj, dout, zz, cs, C, states, G_seg)
     G, GS = jax.jit(adj)(dout, zz, cs, C, states, G_seg)
     chunks = lambda *r: pt._bwd_chunks(mb, *r)
-    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, zz, dout, states, G, GS)
+    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, zz, y_pre, dout, states, G, GS)
     vjp = jax.jit(lambda *r: jax.vjp(lambda *q: pt._core(meta, *q)[0], *r)[1](dout))
     report(f"{tag} fwd+bwd of the core", vjp, x, dtp, da, B, C, Dp, zz, S0)
 
-  base = pt.SSDConfig(heads_per_program_bwd=1)
+  base = pt.SSDConfig()
   for cfg, with_z in [
     (base, True),
     (base, False),
-    (dataclasses.replace(base, num_warps_bwd=4), False),
-    (dataclasses.replace(base, num_warps_bwd=4), True),
-    (dataclasses.replace(base, heads_per_program_bwd=2), False),
-    (dataclasses.replace(base, block_t_bwd=32, num_warps_bwd=4), False),
+    (dataclasses.replace(base, num_warps_bwd=2), False),
+    (dataclasses.replace(base, num_warps_bwd=8), True),
   ]:
     profile(cfg, with_z)
 

@@ -18,7 +18,8 @@ Design (see benchmarks/results/scans.md for measurements):
     traffic for bf16). The adjoint passes are the forward's pattern in reverse: a Pallas kernel per (batch, head,
     segment) walks the chunks backwards from a zero adjoint, a tiny XLA scan over segments gives each segment
     end's true adjoint, and a second walk from it stores the adjoint at every chunk end (and its inner product
-    with the chunk-entry state, which the decay's gradient needs). Then one program per (H heads of a group,
+    with the chunk-entry state, which the decay's gradient needs). With a gate, the forward also saves the output
+    before it (in the input dtype, as the official kernels do) for dz. Then one program per (H heads of a group,
     chunk, batch), independent of every other, writes dx, dz, d(dt), d(log-decay cumsum), dB and dC summed over
     its H heads, and dD per chunk; it reads the stored states and adjoints only as dot operands.
     Thousands of independent programs hide the latency of the small matrix products that bound the earlier
@@ -73,9 +74,9 @@ class SSDConfig:
   target_programs_bwd: int = 264
   num_warps: int = 4
   num_stages: int = 2
-  num_warps_bwd: int = 8
+  num_warps_bwd: int = 4
   num_stages_bwd: int = 1
-  heads_per_program_bwd: int = 4
+  heads_per_program_bwd: int = 1
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -138,7 +139,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
   """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
 
   Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S_in (p, n)
-  -> y (k*T, p), [chunk-entry states (k, p, n) float32].
+  -> y (k*T, p), [chunk-entry states (k, p, n) in the dots' operand dtype, [the output before the gate (k*T, p)]].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -152,6 +153,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     i += 1
   s0_ref, y_ref = refs[i], refs[i + 1]
   st_ref = refs[i + 2] if save_states else None
+  yp_ref = refs[i + 3] if save_states and has_z else None
 
   def body(k, S):
     sl = pl.ds(k * T, T)
@@ -171,6 +173,8 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     if has_d:
       y = y + d_ref[...][None, :] * x
     if has_z:
+      if yp_ref is not None:
+        yp_ref[sl, :] = y.astype(yp_ref.dtype)
       y = y * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
     y_ref[sl, :] = y.astype(y_ref.dtype)
     w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
@@ -230,7 +234,8 @@ def _bwd_adjoint_kernel(*refs, T, K, cdt, has_z):
 def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
   """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
-  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], [z (t, H, p)], dout (t, H, p),
+  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], [z, the output before the gate
+    (t, H, p)], dout (t, H, p),
     chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
   Refs out: dx (t, H, p), [dz (t, H, p)], ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
     [dD partial (H, p)].
@@ -243,8 +248,8 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
     d_ref = refs[i]
     i += 1
   if has_z:
-    z_ref = refs[i]
-    i += 1
+    z_ref, yp_ref = refs[i : i + 2]
+    i += 2
   do_ref, st_ref, g_ref, gs_ref, dx_ref = refs[i : i + 5]
   i += 5
   if has_z:
@@ -274,13 +279,9 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
     dout = do_ref[:, j, :].astype(jnp.float32)  # (t, p)
     if has_d:
       Dv = d_ref[j, :][None, :]
-    if has_z:  # the gate needs the scan output: recompute it, then keep only dy
-      z = z_ref[:, j, :].astype(jnp.float32)
-      silu_z, dsilu_z = _silu_parts(z)
-      y_pre = _mm(cbL * dt[None, :], xr, cdt=cdt) + y_state
-      if has_d:
-        y_pre = y_pre + Dv * x
-      dz_ref[:, j, :] = (dout * y_pre * dsilu_z).astype(dz_ref.dtype)
+    if has_z:  # the gate's gradient needs the output before it, saved by the forward (as the official kernels do)
+      silu_z, dsilu_z = _silu_parts(z_ref[:, j, :].astype(jnp.float32))
+      dz_ref[:, j, :] = (dout * yp_ref[:, j, :].astype(jnp.float32) * dsilu_z).astype(dz_ref.dtype)
       dy = dout * silu_z
     else:
       dy = dout
@@ -400,7 +401,8 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
 
 
 def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
-  """y (b, l, h, p) and, when `save_states`, the (b, h, c, p, n) chunk-entry states in the dots' operand dtype."""
+  """y (b, l, h, p) and, when `save_states`, (the (b, h, c, p, n) chunk-entry states in the dots' operand dtype,
+  with a gate the output before it (b, l, h, p), else None)."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
@@ -422,8 +424,13 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   if save_states:
     out_specs.append(sp["chunks_pn"])
     out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), _cdt(x.dtype)))
+    if meta.has_z:
+      out_specs.append(sp["seq_hp"])
+      out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
   outs = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_fwd")(*args)
-  return (outs[0], outs[1]) if save_states else (outs[0], None)
+  if not save_states:
+    return outs[0], None
+  return outs[0], (outs[1], outs[2] if meta.has_z else None)
 
 
 def _bwd_segment_states(meta, dout, z, cs, C, h):
@@ -453,7 +460,7 @@ def _bwd_adjoints(meta, dout, z, cs, C, states, G_seg):
   return _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")(*args)
 
 
-def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G, GS):
+def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, y_pre, dout, states, G, GS):
   """All gradients, one program per (H heads, chunk, batch); dB and dC summed over each program's heads."""
   b, l, h, p = x.shape
   n = B.shape[-1]
@@ -472,8 +479,8 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G, GS):
     in_specs.append(pl.BlockSpec((H, p), lambda hb, ci, bi: (hb, 0)))
     args.append(D)
   if meta.has_z:
-    in_specs.append(seq_hp)
-    args.append(z)
+    in_specs += [seq_hp, seq_hp]
+    args += [z, y_pre]
   in_specs += [seq_hp, chunk_pn, chunk_pn, seq_h]
   args += [dout, states, G, GS]
   out_specs = [seq_hp]
@@ -577,13 +584,13 @@ def _core(meta, x, dtp, da, B, C, D, z, S0):
 def _core_fwd(meta, x, dtp, da, B, C, D, z, S0):
   meta = meta.for_vjp()
   cs = _chunk_cumsum(meta, da)
-  y, S_fin, states = _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states=True)
-  return (y, S_fin), (x, dtp, cs, B, C, D, z, states)
+  y, S_fin, (states, y_pre) = _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states=True)
+  return (y, S_fin), (x, dtp, cs, B, C, D, z, states, y_pre)
 
 
 def _core_bwd(meta, res, cts):
   meta = meta.for_bwd()
-  x, dtp, cs, B, C, D, z, states = res
+  x, dtp, cs, B, C, D, z, states, y_pre = res
   dout, dS_fin = cts
   b, l, h, p = x.shape
   g, n = B.shape[-2:]
@@ -594,7 +601,7 @@ def _core_bwd(meta, res, cts):
   G_loc = _bwd_segment_states(meta, dout, z, cs, C, h)
   G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs))
   G, GS = _bwd_adjoints(meta, dout, z, cs, C, states, G_seg)
-  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, z, dout, states, G, GS)
+  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, z, y_pre, dout, states, G, GS)
   dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
   dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
   if meta.has_d:
