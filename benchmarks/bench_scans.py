@@ -182,9 +182,8 @@ SSD_FWD_SWEEP = [(64, 4, 2, 132)]  # rounds 2-3 swept 132-1056 programs, 4-8 war
 # also swept heads per program 2-8 (slower), 8 warps (slower), T 32 (slower): see benchmarks/profile_ssd_bwd.py.
 SSD_BWD_SWEEP = [
   (64, 4, 1, 264, 1),
-  (64, 2, 1, 264, 1),
-  (64, 4, 1, 132, 1),
   (64, 4, 1, 528, 1),
+  (64, 4, 1, 1056, 1),
 ]
 SS_FWD_SWEEP = [(256, 16, 8, 1056)]  # (block_e, unroll, warps, target_programs); round 3 swept 32-512 channels
 SS_BWD_SWEEP = [  # (block_e_bwd, unroll_bwd, warps, rows layout); round 2 swept (32|64|16, 8|16, 2|4) without rows

@@ -50,17 +50,17 @@ def main():
     report(f"{tag} fwd (plain)", lambda *r: pt._core(meta, *r)[0], x, dtp, da, B, C, Dp, zz, S0)
     fwd_vjp = lambda *r: pt._core_fwd_impl(mv, *r, save_states=True)[2]
     report(f"{tag} fwd under vjp", fwd_vjp, x, dtp, cs, B, C, Dp, zz, S0)
-    states, y_pre = jax.jit(fwd_vjp)(x, dtp, cs, B, C, Dp, zz, S0)
+    states, _ = jax.jit(fwd_vjp)(x, dtp, cs, B, C, Dp, zz, S0)
     mb = meta.for_bwd()
     dout = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
     seg = lambda *r: pt._bwd_segment_states(mb, *r, h)
-    report(f"{tag} adjoint pass 1 (segments)", seg, dout, zz, cs, C)
+    report(f"{tag} adjoint pass 1 (segments)", seg, dout, cs, C)
     G_seg = jnp.zeros((b, h, mb.S, p, n), jnp.float32)
     adj = lambda *r: pt._bwd_adjoints(mb, *r)
-    report(f"{tag} adjoint pass 2 (chunks)", adj, dout, zz, cs, C, states, G_seg)
-    G, GS = jax.jit(adj)(dout, zz, cs, C, states, G_seg)
+    report(f"{tag} adjoint pass 2 (chunks)", adj, dout, cs, C, states, G_seg)
+    G, GS = jax.jit(adj)(dout, cs, C, states, G_seg)
     chunks = lambda *r: pt._bwd_chunks(mb, *r)
-    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, zz, y_pre, dout, states, G, GS)
+    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, dout, states, G, GS)
     vjp = jax.jit(lambda *r: jax.vjp(lambda *q: pt._core(meta, *q)[0], *r)[1](dout))
     report(f"{tag} fwd+bwd of the core", vjp, x, dtp, da, B, C, Dp, zz, S0)
 
@@ -68,8 +68,7 @@ def main():
   for cfg, with_z in [
     (base, True),
     (base, False),
-    (dataclasses.replace(base, num_warps_bwd=2), False),
-    (dataclasses.replace(base, num_warps_bwd=8), True),
+    (dataclasses.replace(base, target_programs_bwd=1056), False),
   ]:
     profile(cfg, with_z)
 

@@ -19,8 +19,10 @@ Design (see benchmarks/results/scans.md for measurements):
     segment) walks the chunks backwards from a zero adjoint, a tiny XLA scan over segments gives each segment
     end's true adjoint, and a second walk from it stores the adjoint at every chunk end (and its inner product
     with the chunk-entry state, which the decay's gradient needs). With a gate, the forward also saves the output
-    before it (in the input dtype, as the official kernels do) for dz. Then one program per (H heads of a group,
-    chunk, batch), independent of every other, writes dx, dz, d(dt), d(log-decay cumsum), dB and dC summed over
+    before it (in the input dtype, as the official kernels do), and the gate's backward (dz, and the gradient
+    of the scan output in the input dtype) is one elementwise XLA fusion, so no backward kernel sees the gate
+    (in the chunk kernel the gate's extra live tiles cost ~2x). Then one program per (H heads of a group,
+    chunk, batch), independent of every other, writes dx, d(dt), d(log-decay cumsum), dB and dC summed over
     its H heads, and dD per chunk; it reads the stored states and adjoints only as dot operands.
     Thousands of independent programs hide the latency of the small matrix products that bound the earlier
     design (one program per segment walking its chunks backwards: 2-3x slower on an H100). The heads' dB/dC and
@@ -187,74 +189,63 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
 # Backward kernels.
 
 
-def _bwd_segment_state_kernel(*refs, T, K, cdt, has_z):
+def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt):
   """Adjoint state at the start of one segment from a zero adjoint at its end.
 
-  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n) -> out (p, n) float32.
+  Refs: dy (k*T, p) the gradient of the scan output (after the gate's backward), cs (k*T,), C (k*T, n)
+  -> out (p, n) float32.
   """
-  do_ref, cs_ref, c_ref, out_ref = (refs[0], *refs[-3:]) if has_z else refs
-  z_ref = refs[1] if has_z else None
   p, n = out_ref.shape
 
   def body(i, G):
-    return _adjoint_step(do_ref, z_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt)
+    return _adjoint_step(dy_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt)
 
   out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
 
 
-def _adjoint_step(do_ref, z_ref, cs_ref, c_ref, k, G, T, cdt):
+def _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt):
   """The adjoint at chunk k's start from the adjoint G at its end."""
   sl = pl.ds(k * T, T)
-  dy = do_ref[sl, :].astype(jnp.float32)
-  if z_ref is not None:
-    dy = dy * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
   c = cs_ref[sl]
-  return jnp.exp(_last(c, T)) * G + _mm(jnp.exp(c)[:, None] * dy, c_ref[sl, :], ta=True, cdt=cdt)
+  dy = jnp.exp(c)[:, None] * dy_ref[sl, :].astype(jnp.float32)
+  return jnp.exp(_last(c, T)) * G + _mm(dy, c_ref[sl, :], ta=True, cdt=cdt)
 
 
-def _bwd_adjoint_kernel(*refs, T, K, cdt, has_z):
+def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt):
   """The adjoint state at every chunk end of one segment, from the true adjoint at the segment's end.
 
-  Refs: dout (k*T, p), [z (k*T, p)], cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), adjoint at the
-  segment's end (p, n) -> adjoint at each chunk's end (k, p, n) in the states' dtype, and <adjoint at the chunk's
-  end, state at its start> repeated over the chunk's tokens (k*T,) float32.
+  Refs: dy (k*T, p), cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), adjoint at the segment's end (p, n)
+  -> adjoint at each chunk's end (k, p, n) in the states' dtype, and <adjoint at the chunk's end, state at its
+  start> repeated over the chunk's tokens (k*T,) float32.
   """
-  do_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref = (refs[0], *refs[-6:]) if has_z else refs
-  z_ref = refs[1] if has_z else None
 
   def body(i, G):
     k = K - 1 - i
     g_ref[k] = G.astype(g_ref.dtype)
     gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * st_ref[k].astype(jnp.float32)))
-    return _adjoint_step(do_ref, z_ref, cs_ref, c_ref, k, G, T, cdt)
+    return _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt)
 
   jax.lax.fori_loop(0, K, body, g0_ref[...])
 
 
-def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
+def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
   """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
-  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], [z, the output before the gate
-    (t, H, p)], dout (t, H, p),
+  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], dy (t, H, p) the gradient of the
+    scan output (after the gate's backward),
     chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
-  Refs out: dx (t, H, p), [dz (t, H, p)], ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
+  Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
     [dD partial (H, p)].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
   i = 5
-  d_ref = z_ref = dz_ref = dd_ref = None
+  d_ref = dd_ref = None
   if has_d:
     d_ref = refs[i]
     i += 1
-  if has_z:
-    z_ref, yp_ref = refs[i : i + 2]
-    i += 2
-  do_ref, st_ref, g_ref, gs_ref, dx_ref = refs[i : i + 5]
+  dy_ref, st_ref, g_ref, gs_ref, dx_ref = refs[i : i + 5]
   i += 5
-  if has_z:
-    dz_ref = refs[i]
-    i += 1
   ddt_ref, dcs_ref, db_ref, dc_ref = refs[i : i + 4]
   i += 4
   if has_d:
@@ -276,16 +267,9 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, has_z):
     cbL = cb * _decay_matrix(c, T)  # (t, u)
     S = st_ref[j]  # (p, n) state entering the chunk, in the dots' operand dtype (only dots read it)
     y_state = ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's part of the scan output
-    dout = do_ref[:, j, :].astype(jnp.float32)  # (t, p)
+    dy = dy_ref[:, j, :].astype(jnp.float32)  # (t, p)
     if has_d:
       Dv = d_ref[j, :][None, :]
-    if has_z:  # the gate's gradient needs the output before it, saved by the forward (as the official kernels do)
-      silu_z, dsilu_z = _silu_parts(z_ref[:, j, :].astype(jnp.float32))
-      dz_ref[:, j, :] = (dout * yp_ref[:, j, :].astype(jnp.float32) * dsilu_z).astype(dz_ref.dtype)
-      dy = dout * silu_z
-    else:
-      dy = dout
-    if has_d:
       dd_ref[j, :] = jnp.sum(dy * x, axis=0)
     dcs = jnp.sum(dy * y_state, axis=1)  # (t,)
     G = g_ref[j]  # (p, n) adjoint of the state leaving the chunk, like S
@@ -433,34 +417,32 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   return outs[0], (outs[1], outs[2] if meta.has_z else None)
 
 
-def _bwd_segment_states(meta, dout, z, cs, C, h):
+def _bwd_segment_states(meta, dy, cs, C, h):
   """(b, h, s, p, n) float32 adjoint at each segment's start from a zero adjoint at its end."""
-  b, _, _, p = dout.shape
+  b, _, _, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
-  in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
-  args = [dout] + ([z] if meta.has_z else []) + [cs, C]
+  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"]]
   out_shape = jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32)
-  return _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(*args)
+  return _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(dy, cs, C)
 
 
-def _bwd_adjoints(meta, dout, z, cs, C, states, G_seg):
+def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
   """The adjoint at every chunk end (b, h, c, p, n), in the states' dtype, and <it, the chunk-entry state>
   repeated over each chunk's tokens (b, h, l) float32."""
-  b, l, h, p = dout.shape
+  b, l, h, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dout.dtype), has_z=meta.has_z)
-  in_specs = [sp["seq_hp"]] + ([sp["seq_hp"]] if meta.has_z else []) + [sp["seq_h"], sp["seq_gn"]]
-  in_specs += [sp["chunks_pn"], sp["seg_pn"]]
-  args = [dout] + ([z] if meta.has_z else []) + [cs, C, states, G_seg]
+  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_pn"], sp["seg_pn"]]
   out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, h, l), jnp.float32)]
   out_specs = [sp["chunks_pn"], sp["seq_h"]]
-  return _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")(*args)
+  call = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")
+  return call(dy, cs, C, states, G_seg)
 
 
-def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, y_pre, dout, states, G, GS):
+def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   """All gradients, one program per (H heads, chunk, batch); dB and dC summed over each program's heads."""
   b, l, h, p = x.shape
   n = B.shape[-1]
@@ -472,23 +454,16 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, y_pre, dout, states, G, GS):
   seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
   chunk_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, p, n)
   sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
-  kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z)
+  kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d)
   in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn]
   args = [x, dtp, cs, B, C]
   if meta.has_d:
     in_specs.append(pl.BlockSpec((H, p), lambda hb, ci, bi: (hb, 0)))
     args.append(D)
-  if meta.has_z:
-    in_specs += [seq_hp, seq_hp]
-    args += [z, y_pre]
   in_specs += [seq_hp, chunk_pn, chunk_pn, seq_h]
-  args += [dout, states, G, GS]
-  out_specs = [seq_hp]
+  args += [dy, states, G, GS]
+  out_specs = [seq_hp, seq_h, seq_h, sum_n, sum_n]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
-  if meta.has_z:
-    out_specs.append(seq_hp)
-    out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
-  out_specs += [seq_h, seq_h, sum_n, sum_n]
   out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
   out_shape += [jax.ShapeDtypeStruct((b, l, h // H, n), jnp.float32)] * 2
   if meta.has_d:
@@ -497,11 +472,7 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, z, y_pre, dout, states, G, GS):
   _, w, st, _, _ = meta.bwd
   call = _call(kernel, meta, (h // H, nc, b), in_specs, out_specs, out_shape, "ssd_bwd", num_warps=w, num_stages=st)
   outs = list(call(*args))
-  dx = outs.pop(0)
-  dz = outs.pop(0) if meta.has_z else None
-  ddt, dcs, dBh, dCh = outs[:4]
-  dD = outs[4] if meta.has_d else None
-  return dx, dz, ddt, dcs, dBh, dCh, dD
+  return (*outs[:5], outs[5] if meta.has_d else None)  # dx, ddt, dcs, dB, dC, dD
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -596,12 +567,19 @@ def _core_bwd(meta, res, cts):
   g, n = B.shape[-2:]
   H = meta.bwd[4]
   dout = dout.astype(x.dtype)
+  dz = None
+  if meta.has_z:  # the gate's backward, elementwise in XLA; dy in the input dtype, as the official kernels do
+    silu_z, dsilu_z = _silu_parts(z.astype(jnp.float32))
+    dz = (dout.astype(jnp.float32) * y_pre.astype(jnp.float32) * dsilu_z).astype(z.dtype)
+    dy = (dout.astype(jnp.float32) * silu_z).astype(x.dtype)
+  else:
+    dy = dout
   # Adjoint passes: local adjoints at the segment starts, the segment ends' true adjoints by a short scan over
   # segments, then the true adjoint at every chunk end.
-  G_loc = _bwd_segment_states(meta, dout, z, cs, C, h)
+  G_loc = _bwd_segment_states(meta, dy, cs, C, h)
   G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs))
-  G, GS = _bwd_adjoints(meta, dout, z, cs, C, states, G_seg)
-  dx, dz, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, z, y_pre, dout, states, G, GS)
+  G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
+  dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
   dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
   dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
   if meta.has_d:
