@@ -73,7 +73,7 @@ class SSDConfig:
   block_t: int = 64
   block_t_bwd: int = 64
   target_programs: int = 132
-  target_programs_bwd: int = 264
+  target_programs_bwd: int = 528
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 4
