@@ -24,13 +24,7 @@ def main():
   print(jax.devices()[0].device_kind, "tokens", l, flush=True)
 
   def prep(cfg, with_z):
-    T = cfg.block_t
-    S, K = pt._segments(-(-l // T), b, h, cfg.target_programs)
-    T_bwd = cfg.block_t_bwd
-    S_bwd = pt._bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
-    H = pt._heads_per_program(h // g, cfg.heads_per_program_bwd)
-    bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, H)
-    meta = pt._Meta(T, K, S, g, True, with_z, cfg.num_warps, cfg.num_stages, False, bwd)
+    meta = pt._make_meta(cfg, b, l, h, g, True, with_z, False)  # l is a multiple of the chunk: no padding
     dtp = jnp.swapaxes(jax.nn.softplus(dt + dt_bias).astype(jnp.float32), 1, 2)
     da = dtp * A[None, :, None]
     Dp = jnp.broadcast_to(D[:, None], (h, p)).astype(jnp.float32)

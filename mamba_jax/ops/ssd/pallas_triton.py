@@ -626,6 +626,16 @@ def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: i
   return fwd_segments if s is None else s
 
 
+def _make_meta(cfg: SSDConfig, b: int, l: int, h: int, g: int, has_d: bool, has_z: bool, interpret: bool) -> _Meta:
+  """Chunks, segments and launch parameters of one call; the padded length is meta.S * meta.K * meta.T."""
+  T = cfg.block_t
+  S, K = _segments(-(-l // T), b, h, cfg.target_programs)
+  T_bwd = min(cfg.block_t_bwd, T)
+  S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
+  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
+  return _Meta(T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, bwd)
+
+
 def ssd_pallas(
   x: jax.Array,  # (b, l, h, p)
   dt: jax.Array,  # (b, l, h)
@@ -658,15 +668,8 @@ def ssd_pallas(
   g, n = B.shape[-2:]
   if h % g:
     raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
-  T = cfg.block_t
-  nc = -(-l // T)
-  S, K = _segments(nc, b, h, cfg.target_programs)
-  lp = S * K * T
-  pad = lp - l
-  T_bwd = min(cfg.block_t_bwd, T)
-  S_bwd = _bwd_segments(lp // T_bwd, b, h, cfg.target_programs_bwd, S)
-  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
-  meta = _Meta(T, K, S, g, D is not None, z is not None, cfg.num_warps, cfg.num_stages, interpret, bwd)
+  meta = _make_meta(cfg, b, l, h, g, D is not None, z is not None, interpret)
+  pad = meta.S * meta.K * meta.T - l
 
   def pad_l(a, axis=1):
     if not pad:
