@@ -1,0 +1,95 @@
+"""Sweeps the Pallas SSD forward's launch parameters and times its pieces on the GPU (a diagnostic, not a
+benchmark table; benchmarks/bench_scans.py writes the table).
+
+PYTHONPATH=. python benchmarks/profile_ssd_fwd.py --lens 8192,32768,65536
+"""
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.bench_scans import _safe, _time, fwd_bwd, make_ssd, ssd_inputs
+from mamba_jax.ops.ssd import pallas_triton as pt
+
+# (block_t, warps, stages, target_programs, block_p)
+FWD_SWEEP = [
+  (64, 4, 2, 132, None),
+  (64, 4, 2, 264, None),
+  (64, 4, 2, 264, 32),
+  (64, 4, 2, 528, 32),
+  (64, 4, 2, 1056, 32),
+  (64, 4, 2, 528, 16),
+  (64, 4, 2, 1056, 16),
+  (64, 4, 3, 528, 32),
+  (64, 8, 2, 264, None),
+  (128, 4, 2, 528, 32),
+  (128, 8, 2, 264, 32),
+]
+# (block_p_bwd, target_programs_bwd) for the backward's adjoint passes, with the best forward
+BWD_SWEEP = [(None, 528), (32, 528), (32, 1056), (16, 1056), (16, 2112)]
+
+
+def pieces(cfg, l, log):
+  """Times the forward's pieces (XLA prep, segment-state kernel, C B^T, main kernel) for one config."""
+  x, dt, A, B, C, D, z, dt_bias = ssd_inputs(l, jax.random.PRNGKey(0))
+  b, _, h, p = x.shape
+  g, n = B.shape[-2:]
+  meta = pt._make_meta(cfg, b, l, h, p, g, True, True, False)
+  Dp = jnp.broadcast_to(D[:, None], (h, p)).astype(jnp.float32)
+
+  def prep(dt):
+    dtp = jnp.swapaxes(jax.nn.softplus(dt + dt_bias).astype(jnp.float32), 1, 2)
+    return dtp, pt._chunk_cumsum(meta, dtp * A[None, :, None])
+
+  dtp, cs = jax.jit(prep)(dt)
+  tag = f"[{l} T={meta.T} K={meta.K} S={meta.S} P={meta.P or p}]"
+  log(f"{tag} prep (softplus, transpose, cumsum): {_time(jax.jit(prep), dt, iters=20):.3f} ms")
+  seg = jax.jit(lambda *r: pt._fwd_segment_states(meta, *r))
+  log(f"{tag} segment-state kernel: {_time(seg, x, dtp, cs, B, iters=20):.3f} ms")
+  S_loc = seg(x, dtp, cs, B)
+  S0 = jnp.zeros((b, h, p, n), jnp.float32)
+  over = jax.jit(lambda S_loc, cs: pt._forward_over_segments(S0, S_loc, pt._segment_decay(meta, cs)))
+  log(f"{tag} scan over segments (XLA): {_time(over, S_loc, cs, iters=20):.3f} ms")
+  S_seg = over(S_loc, cs)[0]
+  cbf = jax.jit(lambda B, C: pt._chunk_cb(meta, B, C))
+  log(f"{tag} C B^T (XLA): {_time(cbf, B, C, iters=20):.3f} ms")
+  cb = cbf(B, C)
+  main = jax.jit(lambda *r: pt._fwd_main(meta, *r, save_states=False)[0])
+  log(f"{tag} main kernel: {_time(main, x, dtp, cs, B, C, cb, Dp, z, S_seg, iters=20):.3f} ms")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--lens", default="8192,32768,65536")
+  ap.add_argument("--bwd-len", type=int, default=32768)
+  a = ap.parse_args()
+  log = lambda s: print(s, flush=True)
+  log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  best = {}
+  for l in [int(s) for s in a.lens.split(",")]:
+    args = ssd_inputs(l, jax.random.PRNGKey(1))
+    for T, w, st, tp, P in FWD_SWEEP:
+      cfg = pt.SSDConfig(block_t=T, block_t_bwd=min(T, 64), num_warps=w, num_stages=st, target_programs=tp, block_p=P)
+      f = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
+      t = _safe(lambda f=f: _time(f, *args, iters=20), log)
+      log(f"fwd {l} T={T} warps={w} stages={st} programs={tp} block_p={P}: {t:.3f} ms")
+      if l not in best or t < best[l][0]:
+        best[l] = (t, cfg)
+    log(f"best fwd at {l}: {best[l][0]:.3f} ms {best[l][1]}")
+    _safe(lambda l=l: pieces(best[l][1], l, log), log)
+    _safe(lambda l=l: pieces(pt.SSDConfig(), l, log), log)
+  l = a.bwd_len
+  args = ssd_inputs(l, jax.random.PRNGKey(1))
+  fwd_cfg = best.get(l, (0, pt.SSDConfig()))[1]
+  for P, tp in BWD_SWEEP:
+    cfg = dataclasses.replace(fwd_cfg, block_p_bwd=P, target_programs_bwd=tp)
+    f = jax.jit(fwd_bwd(make_ssd(functools.partial(pt.ssd_pallas, config=cfg))))
+    t = _safe(lambda f=f: _time(f, *args, iters=10), log)
+    log(f"fwd+bwd {l} block_p_bwd={P} programs_bwd={tp} (fwd {fwd_cfg.block_p}/{fwd_cfg.target_programs}): {t:.3f} ms")
+
+
+if __name__ == "__main__":
+  main()
