@@ -14,22 +14,21 @@ import jax.numpy as jnp
 from benchmarks.bench_scans import _safe, _time, fwd_bwd, make_ssd, ssd_inputs
 from mamba_jax.ops.ssd import pallas_triton as pt
 
-# (block_t, warps, stages, target_programs, block_p)
+# Forward variants (SSDConfig fields over the defaults). Round 5's first sweep (T 64/128, 4/8 warps, 2/3 stages,
+# 132-1056 programs, block_p 16/32, C B^T from XLA) found the round-4 forward (132 programs, whole head dim,
+# C B^T in the kernel) fastest or within noise at 8K-64K; this sweep adds prefetching walks.
 FWD_SWEEP = [
-  (64, 4, 2, 132, None),
-  (64, 4, 2, 264, None),
-  (64, 4, 2, 264, 32),
-  (64, 4, 2, 528, 32),
-  (64, 4, 2, 1056, 32),
-  (64, 4, 2, 528, 16),
-  (64, 4, 2, 1056, 16),
-  (64, 4, 3, 528, 32),
-  (64, 8, 2, 264, None),
-  (128, 4, 2, 528, 32),
-  (128, 8, 2, 264, 32),
+  dict(),
+  dict(target_programs=264),
+  dict(prefetch=True),
+  dict(prefetch=True, prefetch_fwd=True),
+  dict(prefetch=True, prefetch_fwd=True, num_stages=1),
+  dict(cb_in_xla_fwd=True),
+  dict(prefetch=True, prefetch_fwd=True, cb_in_xla_fwd=True, num_stages=1),
+  dict(prefetch=True, prefetch_fwd=True, block_p=32, target_programs=264, num_stages=1),
 ]
-# (block_p_bwd, target_programs_bwd) for the backward's adjoint passes, with the best forward
-BWD_SWEEP = [(None, 528), (32, 528), (32, 1056), (16, 1056), (16, 2112)]
+# Backward variants over the best forward at --bwd-len.
+BWD_SWEEP = [dict(prefetch=False), dict(prefetch=True), dict(prefetch=True, block_p_bwd=32, target_programs_bwd=1056)]
 
 
 def pieces(cfg, l, log):
@@ -56,7 +55,7 @@ def pieces(cfg, l, log):
   S_seg = over(S_loc, cs)[0]
   cbf = jax.jit(lambda B, C: pt._chunk_cb(meta, B, C))
   log(f"{tag} C B^T (XLA): {_time(cbf, B, C, iters=20):.3f} ms")
-  cb = cbf(B, C)
+  cb = cbf(B, C) if meta.cb_in_xla_fwd else None
   main = jax.jit(lambda *r: pt._fwd_main(meta, *r, save_states=False)[0])
   log(f"{tag} main kernel: {_time(main, x, dtp, cs, B, C, cb, Dp, z, S_seg, iters=20):.3f} ms")
 
@@ -69,26 +68,30 @@ def main():
   log = lambda s: print(s, flush=True)
   log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
   best = {}
+  base = pt.SSDConfig()
   for l in [int(s) for s in a.lens.split(",")]:
     args = ssd_inputs(l, jax.random.PRNGKey(1))
-    for T, w, st, tp, P in FWD_SWEEP:
-      cfg = pt.SSDConfig(block_t=T, block_t_bwd=min(T, 64), num_warps=w, num_stages=st, target_programs=tp, block_p=P)
+    for kw in FWD_SWEEP:
+      cfg = dataclasses.replace(base, **kw)
       f = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
-      t = _safe(lambda f=f: _time(f, *args, iters=20), log)
-      log(f"fwd {l} T={T} warps={w} stages={st} programs={tp} block_p={P}: {t:.3f} ms")
+      t = _safe(lambda f=f, args=args: _time(f, *args, iters=20), log)
+      log(f"fwd {l} {kw}: {t:.3f} ms")
       if l not in best or t < best[l][0]:
         best[l] = (t, cfg)
     log(f"best fwd at {l}: {best[l][0]:.3f} ms {best[l][1]}")
     _safe(lambda l=l: pieces(best[l][1], l, log), log)
-    _safe(lambda l=l: pieces(pt.SSDConfig(), l, log), log)
   l = a.bwd_len
   args = ssd_inputs(l, jax.random.PRNGKey(1))
-  fwd_cfg = best.get(l, (0, pt.SSDConfig()))[1]
-  for P, tp in BWD_SWEEP:
-    cfg = dataclasses.replace(fwd_cfg, block_p_bwd=P, target_programs_bwd=tp)
-    f = jax.jit(fwd_bwd(make_ssd(functools.partial(pt.ssd_pallas, config=cfg))))
-    t = _safe(lambda f=f: _time(f, *args, iters=10), log)
-    log(f"fwd+bwd {l} block_p_bwd={P} programs_bwd={tp} (fwd {fwd_cfg.block_p}/{fwd_cfg.target_programs}): {t:.3f} ms")
+  fwd_cfg = best.get(l, (0, base))[1]
+  for kw in BWD_SWEEP:
+    cfg = dataclasses.replace(fwd_cfg, **kw)
+    for with_z in (True, False):
+      fn = functools.partial(pt.ssd_pallas, config=cfg)
+      if not with_z:
+        fn = lambda *r, fn=fn: fn(*r[:7], None, *r[8:])  # noqa: E731
+      f = jax.jit(fwd_bwd(make_ssd(fn)))
+      t = _safe(lambda f=f: _time(f, *args, iters=10), log)
+      log(f"fwd+bwd {l} z={with_z} {kw} over the best fwd: {t:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,17 @@ INTERPRET = jax.default_backend() != "gpu"
 # Small chunks and few programs per launch, so that short test sequences still span several chunks and segments.
 CFG = pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8, heads_per_program_bwd=1)
 # The same with the forward kernels' head dim (16) split over two programs.
+# The options: prefetching walks, C B^T from XLA in the forward.
 CFG_SPLIT_P = pt.SSDConfig(
-  block_t=32, block_t_bwd=16, target_programs=8, heads_per_program_bwd=1, block_p=8, block_p_bwd=4
+  block_t=32,
+  block_t_bwd=16,
+  target_programs=8,
+  heads_per_program_bwd=1,
+  block_p=8,
+  block_p_bwd=4,
+  prefetch=True,
+  prefetch_fwd=True,
+  cb_in_xla_fwd=True,
 )
 
 

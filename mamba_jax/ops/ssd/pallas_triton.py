@@ -71,6 +71,11 @@ class SSDConfig:
       the whole head dim). Splitting the head dim multiplies the programs that walk the chunks in parallel and
       divides each one's registers; the C B^T product they share is computed once per group and chunk, in XLA.
     block_p_bwd: the same for the backward's adjoint passes.
+    prefetch: the state-only walks (the forward's segment states, the backward's two adjoint passes) load each
+      chunk's tiles during the previous chunk's step (`_walk`).
+    prefetch_fwd: the same for the forward's main kernel (more live registers).
+    cb_in_xla_fwd: the forward's main kernel reads C B^T from one XLA product per group and chunk instead of
+      computing it per program (the backward's chunk kernel always reads it).
     Defaults: the fastest of a small sweep on an H100 (benchmarks/bench_scans.py --tune).
   """
 
@@ -85,6 +90,9 @@ class SSDConfig:
   heads_per_program_bwd: int = 1
   block_p: int | None = None
   block_p_bwd: int | None = None
+  prefetch: bool = False
+  prefetch_fwd: bool = False
+  cb_in_xla_fwd: bool = False
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -121,39 +129,65 @@ def _silu_parts(z):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The chunk walk shared by the segment kernels.
+
+
+def _walk(K, load, step, init, prefetch, reverse=False):
+  """Runs `carry = step(k, load(k), carry)` over the chunks k = 0 .. K-1 (K-1 .. 0 when `reverse`).
+
+  With `prefetch`, chunk k's tiles are loaded during the step of the chunk before it (they travel in the loop
+  carry), so that their memory latency overlaps that step's math instead of preceding its own.
+  """
+  chunk = (lambda i: K - 1 - i) if reverse else (lambda i: i)
+  if not prefetch:
+    return jax.lax.fori_loop(0, K, lambda i, c: step(chunk(i), load(chunk(i)), c), init)
+
+  def body(i, c):
+    carry, tiles = c
+    nxt = load(chunk(jnp.minimum(i + 1, K - 1)))
+    return step(chunk(i), tiles, carry), nxt
+
+  return jax.lax.fori_loop(0, K, body, (init, load(chunk(0))))[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Forward kernels.
 
 
-def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cdt):
+def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cdt, prefetch):
   """State at the end of one segment from a zero start.
 
   Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n) -> out (p, n) float32.
   """
   p, n = out_ref.shape
 
-  def body(k, S):
+  def load(k):
     sl = pl.ds(k * T, T)
-    x = x_ref[sl, :].astype(jnp.float32)  # (t, p)
-    dt = dt_ref[sl]  # (t,)
-    c = cs_ref[sl]  # (t,)
+    return x_ref[sl, :], dt_ref[sl], cs_ref[sl], b_ref[sl, :]
+
+  def step(k, tiles, S):
+    xr, dt, c, Bm = tiles
     c_end = _last(c, T)
-    w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
-    return jnp.exp(c_end) * S + _mm(w, b_ref[sl, :], ta=True, cdt=cdt)  # (p, n)
+    w = (jnp.exp(c_end - c) * dt)[:, None] * xr.astype(jnp.float32)  # (t, p)
+    return jnp.exp(c_end) * S + _mm(w, Bm, ta=True, cdt=cdt)  # (p, n)
 
-  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
+  out_ref[...] = _walk(K, load, step, jnp.zeros((p, n), jnp.float32), prefetch)
 
 
-def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
+def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, has_cb, prefetch):
   """y for one (batch, head, segment, head-dim block), walking its chunks from the segment's incoming state.
 
   Refs (p: this program's head-dim block): x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n),
-  C B^T per chunk (k*T, T) float32, [D (p,)], [z (k*T, p)], S_in (p, n)
+  [C B^T per chunk (k*T, T) float32 when `has_cb`, else computed here], [D (p,)], [z (k*T, p)], S_in (p, n)
   -> y (k*T, p), [chunk-entry states (k, p, n) in the dots' operand dtype, [the output before the gate (k*T, p)]].
   """
   refs = list(refs)
-  x_ref, dt_ref, cs_ref, b_ref, c_ref, cb_ref = refs[:6]
-  i = 6
-  d_ref = z_ref = None
+  x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
+  i = 5
+  cb_ref = d_ref = z_ref = None
+  if has_cb:
+    cb_ref = refs[i]
+    i += 1
   if has_d:
     d_ref = refs[i]
     i += 1
@@ -164,18 +198,19 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
   st_ref = refs[i + 2] if save_states else None
   yp_ref = refs[i + 3] if save_states and has_z else None
 
-  def body(k, S):
+  def load(k):
+    sl = pl.ds(k * T, T)
+    tiles = (x_ref[sl, :], dt_ref[sl], cs_ref[sl], b_ref[sl, :], c_ref[sl, :])
+    return tiles + ((cb_ref[sl, :],) if has_cb else ()) + ((z_ref[sl, :],) if has_z else ())
+
+  def step(k, tiles, S):
+    xr, dt, c, Bm, Cm = tiles[:5]
     sl = pl.ds(k * T, T)
     if save_states:
       st_ref[k] = S.astype(st_ref.dtype)
-    xr = x_ref[sl, :]
     x = xr.astype(jnp.float32)  # (t, p)
-    dt = dt_ref[sl]  # (t,)
-    c = cs_ref[sl]  # (t,)
-    Bm = b_ref[sl, :]  # (t, n)
-    Cm = c_ref[sl, :]  # (t, n)
     c_end = _last(c, T)
-    cb = cb_ref[sl, :]  # (t, u)
+    cb = tiles[5] if has_cb else _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u)
     M = cb * _decay_matrix(c, T) * dt[None, :]  # (t, u)
     y_state = jnp.exp(c)[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's contribution
     y = _mm(M, xr, cdt=cdt) + y_state  # (t, p)
@@ -184,41 +219,46 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     if has_z:
       if yp_ref is not None:
         yp_ref[sl, :] = y.astype(yp_ref.dtype)
-      y = y * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
+      y = y * _silu_parts(tiles[-1].astype(jnp.float32))[0]
     y_ref[sl, :] = y.astype(y_ref.dtype)
     w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
     return jnp.exp(c_end) * S + _mm(w, Bm, ta=True, cdt=cdt)  # (p, n)
 
-  jax.lax.fori_loop(0, K, body, s0_ref[...])
+  _walk(K, load, step, s0_ref[...], prefetch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Backward kernels.
 
 
-def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt):
+def _adjoint_tiles(dy_ref, cs_ref, c_ref, T):
+  def load(k):
+    sl = pl.ds(k * T, T)
+    return dy_ref[sl, :], cs_ref[sl], c_ref[sl, :]
+
+  return load
+
+
+def _adjoint_step(tiles, G, T, cdt):
+  """The adjoint at a chunk's start from the adjoint G at its end."""
+  dyr, c, Cm = tiles
+  dy = jnp.exp(c)[:, None] * dyr.astype(jnp.float32)
+  return jnp.exp(_last(c, T)) * G + _mm(dy, Cm, ta=True, cdt=cdt)
+
+
+def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt, prefetch):
   """Adjoint state at the start of one segment from a zero adjoint at its end.
 
   Refs: dy (k*T, p) the gradient of the scan output (after the gate's backward), cs (k*T,), C (k*T, n)
   -> out (p, n) float32.
   """
   p, n = out_ref.shape
-
-  def body(i, G):
-    return _adjoint_step(dy_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt)
-
-  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
+  load = _adjoint_tiles(dy_ref, cs_ref, c_ref, T)
+  step = lambda k, tiles, G: _adjoint_step(tiles, G, T, cdt)
+  out_ref[...] = _walk(K, load, step, jnp.zeros((p, n), jnp.float32), prefetch, reverse=True)
 
 
-def _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt):
-  """The adjoint at chunk k's start from the adjoint G at its end."""
-  sl = pl.ds(k * T, T)
-  c = cs_ref[sl]
-  dy = jnp.exp(c)[:, None] * dy_ref[sl, :].astype(jnp.float32)
-  return jnp.exp(_last(c, T)) * G + _mm(dy, c_ref[sl, :], ta=True, cdt=cdt)
-
-
-def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt):
+def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt, prefetch):
   """The adjoint state at every chunk end of one segment (and head-dim block), from the true adjoint at the
   segment's end.
 
@@ -227,14 +267,17 @@ def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *,
   <adjoint at the chunk's end, state at its start> over this block, repeated over the chunk's tokens (k*T,)
   float32.
   """
+  load_adj = _adjoint_tiles(dy_ref, cs_ref, c_ref, T)
 
-  def body(i, G):
-    k = K - 1 - i
+  def load(k):
+    return load_adj(k) + (st_ref[k],)
+
+  def step(k, tiles, G):
     g_ref[k] = G.astype(g_ref.dtype)
-    gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * st_ref[k].astype(jnp.float32)))
-    return _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt)
+    gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * tiles[3].astype(jnp.float32)))
+    return _adjoint_step(tiles[:3], G, T, cdt)
 
-  jax.lax.fori_loop(0, K, body, g0_ref[...])
+  _walk(K, load, step, g0_ref[...], prefetch, reverse=True)
 
 
 def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
@@ -337,6 +380,9 @@ class _Meta:
   # adjoint-pass head-dim columns per program or 0).
   bwd: tuple[int, int, int, int, int, int] = (64, 8, 1, 1, 1, 0)
   P: int = 0  # head-dim columns per program of the segment-walking kernels (0: the whole head dim)
+  prefetch: bool = False
+  prefetch_fwd: bool = False
+  cb_in_xla_fwd: bool = False
 
   def for_vjp(self) -> "_Meta":
     """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
@@ -397,7 +443,7 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
   b, _, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_fwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype))
+  kernel = functools.partial(_fwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), prefetch=meta.prefetch)
   return _call(
     kernel,
     meta,
@@ -416,10 +462,21 @@ def _fwd_main(meta, x, dtp, cs, B, C, cb, D, z, S_seg, save_states):
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
   kernel = functools.partial(
-    _fwd_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z, save_states=save_states
+    _fwd_kernel,
+    T=meta.T,
+    K=meta.K,
+    cdt=_cdt(x.dtype),
+    has_d=meta.has_d,
+    has_z=meta.has_z,
+    save_states=save_states,
+    has_cb=cb is not None,
+    prefetch=meta.prefetch_fwd,
   )
-  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"], sp["seq_gt"]]
-  args = [x, dtp, cs, B, C, cb]
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
+  args = [x, dtp, cs, B, C]
+  if cb is not None:
+    in_specs.append(sp["seq_gt"])
+    args.append(cb)
   if meta.has_d:
     in_specs.append(sp["head_p"])
     args.append(D)
@@ -447,7 +504,7 @@ def _bwd_segment_states(meta, dy, cs, C, h):
   b, _, _, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
+  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), prefetch=meta.prefetch)
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"]]
   out_shape = jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32)
   return _call(kernel, meta, sp["grid"], in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(dy, cs, C)
@@ -459,7 +516,7 @@ def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
   b, l, h, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
+  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), prefetch=meta.prefetch)
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_pn"], sp["seg_pn"]]
   npb = sp["grid"][0]
   out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, npb, h, l), jnp.float32)]
@@ -574,7 +631,8 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   else:
     S_seg = S0[:, :, None]
     S_fin = None
-  y, states = _fwd_main(meta, x, dtp, cs, B, C, _chunk_cb(meta, B, C), D, z, S_seg, save_states)
+  cb = _chunk_cb(meta, B, C) if meta.cb_in_xla_fwd else None
+  y, states = _fwd_main(meta, x, dtp, cs, B, C, cb, D, z, S_seg, save_states)
   if S_fin is None:
     # One segment: the final state is the last chunk's state advanced over the last chunk; recompute in XLA
     # cheaply only when asked (the caller drops it otherwise, and XLA removes dead code).
@@ -692,7 +750,10 @@ def _make_meta(
   S_bwd = _bwd_segments(S * K * T // T_bwd, b, h * (p // P_bwd), cfg.target_programs_bwd, S)
   H = _heads_per_program(h // g, cfg.heads_per_program_bwd)
   bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, H, 0 if P_bwd == p else P_bwd)
-  return _Meta(T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, bwd, 0 if P == p else P)
+  return _Meta(
+    T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, bwd, 0 if P == p else P,
+    cfg.prefetch, cfg.prefetch_fwd, cfg.cb_in_xla_fwd,
+  )  # fmt: skip
 
 
 def ssd_pallas(
