@@ -24,7 +24,7 @@ def main():
   print(jax.devices()[0].device_kind, "tokens", l, flush=True)
 
   def prep(cfg, with_z):
-    meta = pt._make_meta(cfg, b, l, h, p, g, True, with_z, False)  # l is a multiple of the chunk: no padding
+    meta = pt._make_meta(cfg, b, l, h, g, True, with_z, False)  # l is a multiple of the chunk: no padding
     dtp = jnp.swapaxes(jax.nn.softplus(dt + dt_bias).astype(jnp.float32), 1, 2)
     da = dtp * A[None, :, None]
     Dp = jnp.broadcast_to(D[:, None], (h, p)).astype(jnp.float32)
@@ -54,7 +54,7 @@ def main():
     report(f"{tag} adjoint pass 2 (chunks)", adj, dout, cs, C, states, G_seg)
     G, GS = jax.jit(adj)(dout, cs, C, states, G_seg)
     chunks = lambda *r: pt._bwd_chunks(mb, *r)
-    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, pt._chunk_cb(mb, B, C), Dp, dout, states, G, GS)
+    report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, dout, states, G, GS)
     vjp = jax.jit(lambda *r: jax.vjp(lambda *q: pt._core(meta, *q)[0], *r)[1](dout))
     report(f"{tag} fwd+bwd of the core", vjp, x, dtp, da, B, C, Dp, zz, S0)
 

@@ -14,29 +14,21 @@ import jax.numpy as jnp
 from benchmarks.bench_scans import _safe, _time, fwd_bwd, make_ssd, ssd_inputs
 from mamba_jax.ops.ssd import pallas_triton as pt
 
-# Forward variants (SSDConfig fields over the defaults). Round 5's first sweep (T 64/128, 4/8 warps, 2/3 stages,
-# 132-1056 programs, block_p 16/32, C B^T from XLA) found the round-4 forward (132 programs, whole head dim,
-# C B^T in the kernel) fastest or within noise at 8K-64K; this sweep adds prefetching walks.
-FWD_SWEEP = [
-  dict(),
-  dict(target_programs=264),
-  dict(prefetch=True),
-  dict(prefetch=True, prefetch_fwd=True),
-  dict(prefetch=True, prefetch_fwd=True, num_stages=1),
-  dict(cb_in_xla_fwd=True),
-  dict(prefetch=True, prefetch_fwd=True, cb_in_xla_fwd=True, num_stages=1),
-  dict(prefetch=True, prefetch_fwd=True, block_p=32, target_programs=264, num_stages=1),
-]
+# Forward variants (SSDConfig fields over the defaults). Round 5 also built and swept, and then removed as slower
+# on an H100 at 8K-64K (benchmarks/results/scans.md): head-dim blocks per program (32, 16), C B^T from one XLA
+# product per group and chunk (read by the kernels), chunk tiles prefetched one step ahead in registers, 3 stages,
+# 8 warps and 128-token chunks.
+FWD_SWEEP = [dict(target_programs=132), dict(), dict(target_programs=528)]
 # Backward variants over the best forward at --bwd-len.
-BWD_SWEEP = [dict(prefetch=False), dict(prefetch=True), dict(prefetch=True, block_p_bwd=32, target_programs_bwd=1056)]
+BWD_SWEEP = [dict(), dict(target_programs_bwd=1056)]
 
 
 def pieces(cfg, l, log):
-  """Times the forward's pieces (XLA prep, segment-state kernel, C B^T, main kernel) for one config."""
+  """Times the forward's pieces (XLA prep, segment-state kernel, scan over segments, main kernel) for one config."""
   x, dt, A, B, C, D, z, dt_bias = ssd_inputs(l, jax.random.PRNGKey(0))
   b, _, h, p = x.shape
   g, n = B.shape[-2:]
-  meta = pt._make_meta(cfg, b, l, h, p, g, True, True, False)
+  meta = pt._make_meta(cfg, b, l, h, g, True, True, False)
   Dp = jnp.broadcast_to(D[:, None], (h, p)).astype(jnp.float32)
 
   def prep(dt):
@@ -44,7 +36,7 @@ def pieces(cfg, l, log):
     return dtp, pt._chunk_cumsum(meta, dtp * A[None, :, None])
 
   dtp, cs = jax.jit(prep)(dt)
-  tag = f"[{l} T={meta.T} K={meta.K} S={meta.S} P={meta.P or p}]"
+  tag = f"[{l} T={meta.T} K={meta.K} S={meta.S}]"
   log(f"{tag} prep (softplus, transpose, cumsum): {_time(jax.jit(prep), dt, iters=20):.3f} ms")
   seg = jax.jit(lambda *r: pt._fwd_segment_states(meta, *r))
   log(f"{tag} segment-state kernel: {_time(seg, x, dtp, cs, B, iters=20):.3f} ms")
@@ -53,11 +45,8 @@ def pieces(cfg, l, log):
   over = jax.jit(lambda S_loc, cs: pt._forward_over_segments(S0, S_loc, pt._segment_decay(meta, cs)))
   log(f"{tag} scan over segments (XLA): {_time(over, S_loc, cs, iters=20):.3f} ms")
   S_seg = over(S_loc, cs)[0]
-  cbf = jax.jit(lambda B, C: pt._chunk_cb(meta, B, C))
-  log(f"{tag} C B^T (XLA): {_time(cbf, B, C, iters=20):.3f} ms")
-  cb = cbf(B, C) if meta.cb_in_xla_fwd else None
   main = jax.jit(lambda *r: pt._fwd_main(meta, *r, save_states=False)[0])
-  log(f"{tag} main kernel: {_time(main, x, dtp, cs, B, C, cb, Dp, z, S_seg, iters=20):.3f} ms")
+  log(f"{tag} main kernel: {_time(main, x, dtp, cs, B, C, Dp, z, S_seg, iters=20):.3f} ms")
 
 
 def main():

@@ -58,7 +58,7 @@ class SSDConfig:
   Attributes:
     block_t: tokens per chunk in the forward kernels (a power of two, >= 16).
     block_t_bwd: tokens per chunk under `jax.vjp` (forward and backward kernels); divides `block_t`.
-    target_programs: aim for at least this many programs (b * h * segments * head-dim blocks) per forward launch.
+    target_programs: aim for at least this many programs (b * h * segments) per forward launch.
     target_programs_bwd: the same for the backward's adjoint pass (its segments are independent of the
       forward's: the forward stores every chunk-entry state).
     num_warps: warps per program of the forward kernels and the backward's adjoint pass.
@@ -67,32 +67,18 @@ class SSDConfig:
     heads_per_program_bwd: heads of one group handled by one program of the backward's chunk kernel (rounded
       down to a power of two dividing the heads per group); they share the C B^T product, and their dB and dC
       are summed in the kernel, which divides the per-head float32 dB/dC traffic by this number.
-    block_p: head-dim columns per program of the forward kernels (a power of two dividing the head dim; None:
-      the whole head dim). Splitting the head dim multiplies the programs that walk the chunks in parallel and
-      divides each one's registers; the C B^T product they share is computed once per group and chunk, in XLA.
-    block_p_bwd: the same for the backward's adjoint passes.
-    prefetch: the state-only walks (the forward's segment states, the backward's two adjoint passes) load each
-      chunk's tiles during the previous chunk's step (`_walk`).
-    prefetch_fwd: the same for the forward's main kernel (more live registers).
-    cb_in_xla_fwd: the forward's main kernel reads C B^T from one XLA product per group and chunk instead of
-      computing it per program (the backward's chunk kernel always reads it).
     Defaults: the fastest of a small sweep on an H100 (benchmarks/bench_scans.py --tune).
   """
 
   block_t: int = 64
   block_t_bwd: int = 64
-  target_programs: int = 132
+  target_programs: int = 264
   target_programs_bwd: int = 528
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 4
   num_stages_bwd: int = 1
   heads_per_program_bwd: int = 1
-  block_p: int | None = None
-  block_p_bwd: int | None = None
-  prefetch: bool = False
-  prefetch_fwd: bool = False
-  cb_in_xla_fwd: bool = False
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -129,65 +115,38 @@ def _silu_parts(z):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The chunk walk shared by the segment kernels.
-
-
-def _walk(K, load, step, init, prefetch, reverse=False):
-  """Runs `carry = step(k, load(k), carry)` over the chunks k = 0 .. K-1 (K-1 .. 0 when `reverse`).
-
-  With `prefetch`, chunk k's tiles are loaded during the step of the chunk before it (they travel in the loop
-  carry), so that their memory latency overlaps that step's math instead of preceding its own.
-  """
-  chunk = (lambda i: K - 1 - i) if reverse else (lambda i: i)
-  if not prefetch:
-    return jax.lax.fori_loop(0, K, lambda i, c: step(chunk(i), load(chunk(i)), c), init)
-
-  def body(i, c):
-    carry, tiles = c
-    nxt = load(chunk(jnp.minimum(i + 1, K - 1)))
-    return step(chunk(i), tiles, carry), nxt
-
-  return jax.lax.fori_loop(0, K, body, (init, load(chunk(0))))[0]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Forward kernels.
 
 
-def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cdt, prefetch):
+def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cdt):
   """State at the end of one segment from a zero start.
 
   Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n) -> out (p, n) float32.
   """
   p, n = out_ref.shape
 
-  def load(k):
+  def body(k, S):
     sl = pl.ds(k * T, T)
-    return x_ref[sl, :], dt_ref[sl], cs_ref[sl], b_ref[sl, :]
-
-  def step(k, tiles, S):
-    xr, dt, c, Bm = tiles
+    x = x_ref[sl, :].astype(jnp.float32)  # (t, p)
+    dt = dt_ref[sl]  # (t,)
+    c = cs_ref[sl]  # (t,)
     c_end = _last(c, T)
-    w = (jnp.exp(c_end - c) * dt)[:, None] * xr.astype(jnp.float32)  # (t, p)
-    return jnp.exp(c_end) * S + _mm(w, Bm, ta=True, cdt=cdt)  # (p, n)
+    w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
+    return jnp.exp(c_end) * S + _mm(w, b_ref[sl, :], ta=True, cdt=cdt)  # (p, n)
 
-  out_ref[...] = _walk(K, load, step, jnp.zeros((p, n), jnp.float32), prefetch)
+  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
 
 
-def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, has_cb, prefetch):
-  """y for one (batch, head, segment, head-dim block), walking its chunks from the segment's incoming state.
+def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
+  """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
 
-  Refs (p: this program's head-dim block): x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n),
-  [C B^T per chunk (k*T, T) float32 when `has_cb`, else computed here], [D (p,)], [z (k*T, p)], S_in (p, n)
+  Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S_in (p, n)
   -> y (k*T, p), [chunk-entry states (k, p, n) in the dots' operand dtype, [the output before the gate (k*T, p)]].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
   i = 5
-  cb_ref = d_ref = z_ref = None
-  if has_cb:
-    cb_ref = refs[i]
-    i += 1
+  d_ref = z_ref = None
   if has_d:
     d_ref = refs[i]
     i += 1
@@ -198,19 +157,18 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, has_cb, prefetch):
   st_ref = refs[i + 2] if save_states else None
   yp_ref = refs[i + 3] if save_states and has_z else None
 
-  def load(k):
-    sl = pl.ds(k * T, T)
-    tiles = (x_ref[sl, :], dt_ref[sl], cs_ref[sl], b_ref[sl, :], c_ref[sl, :])
-    return tiles + ((cb_ref[sl, :],) if has_cb else ()) + ((z_ref[sl, :],) if has_z else ())
-
-  def step(k, tiles, S):
-    xr, dt, c, Bm, Cm = tiles[:5]
+  def body(k, S):
     sl = pl.ds(k * T, T)
     if save_states:
       st_ref[k] = S.astype(st_ref.dtype)
+    xr = x_ref[sl, :]
     x = xr.astype(jnp.float32)  # (t, p)
+    dt = dt_ref[sl]  # (t,)
+    c = cs_ref[sl]  # (t,)
+    Bm = b_ref[sl, :]  # (t, n)
+    Cm = c_ref[sl, :]  # (t, n)
     c_end = _last(c, T)
-    cb = tiles[5] if has_cb else _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u)
+    cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u)
     M = cb * _decay_matrix(c, T) * dt[None, :]  # (t, u)
     y_state = jnp.exp(c)[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's contribution
     y = _mm(M, xr, cdt=cdt) + y_state  # (t, p)
@@ -219,80 +177,69 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, has_cb, prefetch):
     if has_z:
       if yp_ref is not None:
         yp_ref[sl, :] = y.astype(yp_ref.dtype)
-      y = y * _silu_parts(tiles[-1].astype(jnp.float32))[0]
+      y = y * _silu_parts(z_ref[sl, :].astype(jnp.float32))[0]
     y_ref[sl, :] = y.astype(y_ref.dtype)
     w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
     return jnp.exp(c_end) * S + _mm(w, Bm, ta=True, cdt=cdt)  # (p, n)
 
-  _walk(K, load, step, s0_ref[...], prefetch)
+  jax.lax.fori_loop(0, K, body, s0_ref[...])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Backward kernels.
 
 
-def _adjoint_tiles(dy_ref, cs_ref, c_ref, T):
-  def load(k):
-    sl = pl.ds(k * T, T)
-    return dy_ref[sl, :], cs_ref[sl], c_ref[sl, :]
-
-  return load
-
-
-def _adjoint_step(tiles, G, T, cdt):
-  """The adjoint at a chunk's start from the adjoint G at its end."""
-  dyr, c, Cm = tiles
-  dy = jnp.exp(c)[:, None] * dyr.astype(jnp.float32)
-  return jnp.exp(_last(c, T)) * G + _mm(dy, Cm, ta=True, cdt=cdt)
-
-
-def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt, prefetch):
+def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt):
   """Adjoint state at the start of one segment from a zero adjoint at its end.
 
   Refs: dy (k*T, p) the gradient of the scan output (after the gate's backward), cs (k*T,), C (k*T, n)
   -> out (p, n) float32.
   """
   p, n = out_ref.shape
-  load = _adjoint_tiles(dy_ref, cs_ref, c_ref, T)
-  step = lambda k, tiles, G: _adjoint_step(tiles, G, T, cdt)
-  out_ref[...] = _walk(K, load, step, jnp.zeros((p, n), jnp.float32), prefetch, reverse=True)
+
+  def body(i, G):
+    return _adjoint_step(dy_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt)
+
+  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
 
 
-def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt, prefetch):
-  """The adjoint state at every chunk end of one segment (and head-dim block), from the true adjoint at the
-  segment's end.
+def _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt):
+  """The adjoint at chunk k's start from the adjoint G at its end."""
+  sl = pl.ds(k * T, T)
+  c = cs_ref[sl]
+  dy = jnp.exp(c)[:, None] * dy_ref[sl, :].astype(jnp.float32)
+  return jnp.exp(_last(c, T)) * G + _mm(dy, c_ref[sl, :], ta=True, cdt=cdt)
 
-  Refs (p: this program's head-dim block): dy (k*T, p), cs (k*T,), C (k*T, n), chunk-entry states (k, p, n),
-  adjoint at the segment's end (p, n) -> adjoint at each chunk's end (k, p, n) in the states' dtype, and
-  <adjoint at the chunk's end, state at its start> over this block, repeated over the chunk's tokens (k*T,)
-  float32.
+
+def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt):
+  """The adjoint state at every chunk end of one segment, from the true adjoint at the segment's end.
+
+  Refs: dy (k*T, p), cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), adjoint at the segment's end (p, n)
+  -> adjoint at each chunk's end (k, p, n) in the states' dtype, and <adjoint at the chunk's end, state at its
+  start> repeated over the chunk's tokens (k*T,) float32.
   """
-  load_adj = _adjoint_tiles(dy_ref, cs_ref, c_ref, T)
 
-  def load(k):
-    return load_adj(k) + (st_ref[k],)
-
-  def step(k, tiles, G):
+  def body(i, G):
+    k = K - 1 - i
     g_ref[k] = G.astype(g_ref.dtype)
-    gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * tiles[3].astype(jnp.float32)))
-    return _adjoint_step(tiles[:3], G, T, cdt)
+    gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * st_ref[k].astype(jnp.float32)))
+    return _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt)
 
-  _walk(K, load, step, g0_ref[...], prefetch, reverse=True)
+  jax.lax.fori_loop(0, K, body, g0_ref[...])
 
 
 def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
   """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
-  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), C B^T (t, u) float32, [D (H, p)], dy (t, H, p)
-    the gradient of the
+  Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], dy (t, H, p) the gradient of the
     scan output (after the gate's backward),
     chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
   Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
     [dD partial (H, p)].
   """
   refs = list(refs)
-  x_ref, dt_ref, cs_ref, b_ref, c_ref, cb_ref = refs[:6]
-  i = 6
+  x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
+  i = 5
   d_ref = dd_ref = None
   if has_d:
     d_ref = refs[i]
@@ -306,7 +253,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
   last = jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == T - 1
   Bm = b_ref[...]  # (t, n)
   Cm = c_ref[...]  # (t, n)
-  cb = cb_ref[...]  # (t, u), shared by the group's heads
+  cb = _mm(Cm, Bm, tb=True, cdt=cdt)  # (t, u), shared by the group's heads
   # The statements are ordered so that each large intermediate dies early (its last use follows soon after it is
   # made, and results are stored as soon as they are final). Registers, not FLOPs, bound this kernel: this order
   # and bf16 states took the 32K-token fwd+bwd from 20.6 to 8.6 ms on an H100 (benchmarks/results/scans.md).
@@ -376,13 +323,8 @@ class _Meta:
   num_stages: int
   interpret: bool
 
-  # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program,
-  # adjoint-pass head-dim columns per program or 0).
-  bwd: tuple[int, int, int, int, int, int] = (64, 8, 1, 1, 1, 0)
-  P: int = 0  # head-dim columns per program of the segment-walking kernels (0: the whole head dim)
-  prefetch: bool = False
-  prefetch_fwd: bool = False
-  cb_in_xla_fwd: bool = False
+  # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
+  bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
 
   def for_vjp(self) -> "_Meta":
     """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
@@ -391,8 +333,8 @@ class _Meta:
 
   def for_bwd(self) -> "_Meta":
     """The backward's adjoint pass: the backward's chunks and segments, the forward's launch parameters."""
-    t, _, _, s, _, P = self.bwd
-    return dataclasses.replace(self, T=t, S=s, K=self.S * self.K * self.T // (t * s), P=P)
+    t, _, _, s, _ = self.bwd
+    return dataclasses.replace(self, T=t, S=s, K=self.S * self.K * self.T // (t * s))
 
 
 def _cdt(dtype):
@@ -400,28 +342,16 @@ def _cdt(dtype):
 
 
 def _specs(meta, b, h, p, n):
-  """The grid (head-dim blocks, h, s, b) of the segment kernels and BlockSpecs over it for their tensor layouts."""
-  KT, T = meta.K * meta.T, meta.T
-  P = meta.P or p
+  """BlockSpecs over the grid (h, s, b) for the tensor layouts used by the segment kernels."""
+  KT = meta.K * meta.T
   r = h // meta.g
-  seq_hp = pl.BlockSpec((_SQ, KT, _SQ, P), lambda pi, hi, si, bi: (bi, si, hi, pi))  # (b, l, h, p)
-  seq_gn = pl.BlockSpec((_SQ, KT, _SQ, n), lambda pi, hi, si, bi: (bi, si, hi // r, 0))  # (b, l, g, n)
-  seq_gt = pl.BlockSpec((_SQ, _SQ, KT, T), lambda pi, hi, si, bi: (bi, hi // r, si, 0))  # (b, g, l, T)
-  seq_h = pl.BlockSpec((_SQ, _SQ, KT), lambda pi, hi, si, bi: (bi, hi, si))  # (b, h, l)
-  head_p = pl.BlockSpec((_SQ, P), lambda pi, hi, si, bi: (hi, pi))  # (h, p)
-  seg_pn = pl.BlockSpec((_SQ, _SQ, _SQ, P, n), lambda pi, hi, si, bi: (bi, hi, si, pi, 0))  # (b, h, s, p, n)
-  chunks_pn = pl.BlockSpec((_SQ, _SQ, meta.K, P, n), lambda pi, hi, si, bi: (bi, hi, si, pi, 0))  # (b, h, c, p, n)
-  grid = (p // P, h, meta.S, b)
-  return dict(
-    grid=grid,
-    seq_hp=seq_hp,
-    seq_gn=seq_gn,
-    seq_gt=seq_gt,
-    seq_h=seq_h,
-    head_p=head_p,
-    seg_pn=seg_pn,
-    chunks_pn=chunks_pn,
-  )
+  seq_hp = pl.BlockSpec((_SQ, KT, _SQ, p), lambda hi, si, bi: (bi, si, hi, 0))  # (b, l, h, p)
+  seq_gn = pl.BlockSpec((_SQ, KT, _SQ, n), lambda hi, si, bi: (bi, si, hi // r, 0))  # (b, l, g, n)
+  seq_h = pl.BlockSpec((_SQ, _SQ, KT), lambda hi, si, bi: (bi, hi, si))  # (b, h, l)
+  head_p = pl.BlockSpec((_SQ, p), lambda hi, si, bi: (hi, 0))  # (h, p)
+  seg_pn = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, s, p, n)
+  chunks_pn = pl.BlockSpec((_SQ, _SQ, meta.K, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, p, n)
+  return dict(seq_hp=seq_hp, seq_gn=seq_gn, seq_h=seq_h, head_p=head_p, seg_pn=seg_pn, chunks_pn=chunks_pn)
 
 
 def _call(kernel, meta, grid, in_specs, out_specs, out_shape, name, num_warps=None, num_stages=None):
@@ -443,11 +373,11 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
   b, _, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_fwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), prefetch=meta.prefetch)
+  kernel = functools.partial(_fwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype))
   return _call(
     kernel,
     meta,
-    sp["grid"],
+    (h, meta.S, b),
     [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"]],
     sp["seg_pn"],
     jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32),
@@ -455,28 +385,17 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
   )(x, dtp, cs, B)
 
 
-def _fwd_main(meta, x, dtp, cs, B, C, cb, D, z, S_seg, save_states):
+def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   """y (b, l, h, p) and, when `save_states`, (the (b, h, c, p, n) chunk-entry states in the dots' operand dtype,
   with a gate the output before it (b, l, h, p), else None)."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
   kernel = functools.partial(
-    _fwd_kernel,
-    T=meta.T,
-    K=meta.K,
-    cdt=_cdt(x.dtype),
-    has_d=meta.has_d,
-    has_z=meta.has_z,
-    save_states=save_states,
-    has_cb=cb is not None,
-    prefetch=meta.prefetch_fwd,
+    _fwd_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z, save_states=save_states
   )
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
   args = [x, dtp, cs, B, C]
-  if cb is not None:
-    in_specs.append(sp["seq_gt"])
-    args.append(cb)
   if meta.has_d:
     in_specs.append(sp["head_p"])
     args.append(D)
@@ -493,7 +412,7 @@ def _fwd_main(meta, x, dtp, cs, B, C, cb, D, z, S_seg, save_states):
     if meta.has_z:
       out_specs.append(sp["seq_hp"])
       out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-  outs = _call(kernel, meta, sp["grid"], in_specs, out_specs, out_shape, "ssd_fwd")(*args)
+  outs = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_fwd")(*args)
   if not save_states:
     return outs[0], None
   return outs[0], (outs[1], outs[2] if meta.has_z else None)
@@ -504,10 +423,10 @@ def _bwd_segment_states(meta, dy, cs, C, h):
   b, _, _, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), prefetch=meta.prefetch)
+  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"]]
   out_shape = jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32)
-  return _call(kernel, meta, sp["grid"], in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(dy, cs, C)
+  return _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(dy, cs, C)
 
 
 def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
@@ -516,18 +435,15 @@ def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
   b, l, h, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), prefetch=meta.prefetch)
+  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_pn"], sp["seg_pn"]]
-  npb = sp["grid"][0]
-  out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, npb, h, l), jnp.float32)]
-  gs_spec = pl.BlockSpec((_SQ, _SQ, _SQ, meta.K * meta.T), lambda pi, hi, si, bi: (bi, pi, hi, si))  # (b, pb, h, l)
-  out_specs = [sp["chunks_pn"], gs_spec]
-  call = _call(kernel, meta, sp["grid"], in_specs, out_specs, out_shape, "ssd_bwd_adjoints")
-  G, GS = call(dy, cs, C, states, G_seg)
-  return G, GS.sum(1)  # the head-dim blocks' partial inner products
+  out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, h, l), jnp.float32)]
+  out_specs = [sp["chunks_pn"], sp["seq_h"]]
+  call = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")
+  return call(dy, cs, C, states, G_seg)
 
 
-def _bwd_chunks(meta, x, dtp, cs, B, C, cb, D, dy, states, G, GS):
+def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   """All gradients, one program per (H heads, chunk, batch); dB and dC summed over each program's heads."""
   b, l, h, p = x.shape
   n = B.shape[-1]
@@ -537,12 +453,11 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, cb, D, dy, states, G, GS):
   seq_hp = pl.BlockSpec((_SQ, T, H, p), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h, p)
   seq_gn = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb * H // r, 0))  # (b, l, g, n)
   seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
-  chunk_tt = pl.BlockSpec((_SQ, _SQ, T, T), lambda hb, ci, bi: (bi, hb * H // r, ci, 0))  # (b, g, l, T)
   chunk_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, p, n)
   sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
   kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d)
-  in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn, chunk_tt]
-  args = [x, dtp, cs, B, C, cb]
+  in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn]
+  args = [x, dtp, cs, B, C]
   if meta.has_d:
     in_specs.append(pl.BlockSpec((H, p), lambda hb, ci, bi: (hb, 0)))
     args.append(D)
@@ -555,7 +470,7 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, cb, D, dy, states, G, GS):
   if meta.has_d:
     out_specs.append(pl.BlockSpec((_SQ, H, _SQ, p), lambda hb, ci, bi: (bi, hb, ci, 0)))  # (b, h, c, p)
     out_shape.append(jax.ShapeDtypeStruct((b, h, nc, p), jnp.float32))
-  _, w, st, _, _, _ = meta.bwd
+  _, w, st, _, _ = meta.bwd
   call = _call(kernel, meta, (h // H, nc, b), in_specs, out_specs, out_shape, "ssd_bwd", num_warps=w, num_stages=st)
   outs = list(call(*args))
   return (*outs[:5], outs[5] if meta.has_d else None)  # dx, ddt, dcs, dB, dC, dD
@@ -578,8 +493,8 @@ def _segment_decay(meta, cs):
 
 def _unroll(s):
   """Unroll the scans over segments: on a GPU each step of an XLA while loop costs a round trip to the host for
-  its condition (~25 us; see the selective scan's notes), more than the step itself. Long scans (tiny batch x
-  heads) are unrolled in blocks to bound the program size."""
+  its condition (~25 us; see the selective scan's notes), more than the step itself, and a model pays it in every
+  layer. Long scans (tiny batch x heads) are unrolled in blocks to bound the program size."""
   return True if s <= 64 else 16
 
 
@@ -611,18 +526,6 @@ def _backward_over_segments(dS_fin, G_loc, dec):
 # The differentiable core on padded, preprocessed inputs.
 
 
-def _chunk_cb(meta, B, C):
-  """C_t . B_u for t, u in the same chunk, (b, g, l, T) float32: shared by a group's heads (and a head's
-  head-dim blocks), so it is one batched matrix product in XLA rather than one per program."""
-  b, l, g, n = B.shape
-  T = meta.T
-  Bc = B.reshape(b, l // T, T, g, n)
-  Cc = C.reshape(b, l // T, T, g, n)
-  prec = jax.lax.Precision.HIGHEST if _cdt(B.dtype) == jnp.float32 else None
-  cb = jnp.einsum("bctgn,bcugn->bgctu", Cc, Bc, precision=prec, preferred_element_type=jnp.float32)
-  return cb.reshape(b, g, l, T)
-
-
 def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   dec = _segment_decay(meta, cs)
   if meta.S > 1:
@@ -631,8 +534,7 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   else:
     S_seg = S0[:, :, None]
     S_fin = None
-  cb = _chunk_cb(meta, B, C) if meta.cb_in_xla_fwd else None
-  y, states = _fwd_main(meta, x, dtp, cs, B, C, cb, D, z, S_seg, save_states)
+  y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states)
   if S_fin is None:
     # One segment: the final state is the last chunk's state advanced over the last chunk; recompute in XLA
     # cheaply only when asked (the caller drops it otherwise, and XLA removes dead code).
@@ -687,8 +589,7 @@ def _core_bwd(meta, res, cts):
   G_loc = _bwd_segment_states(meta, dy, cs, C, h)
   G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs))
   G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
-  cb = _chunk_cb(meta, B, C)
-  dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, cb, D, dy, states, G, GS)
+  dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
   dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
   dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
   if meta.has_d:
@@ -734,26 +635,14 @@ def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: i
   return fwd_segments if s is None else s
 
 
-def _make_meta(
-  cfg: SSDConfig, b: int, l: int, h: int, p: int, g: int, has_d: bool, has_z: bool, interpret: bool
-) -> _Meta:
+def _make_meta(cfg: SSDConfig, b: int, l: int, h: int, g: int, has_d: bool, has_z: bool, interpret: bool) -> _Meta:
   """Chunks, segments and launch parameters of one call; the padded length is meta.S * meta.K * meta.T."""
-  P = p if cfg.block_p is None else cfg.block_p
-  if p % P or P & (P - 1):
-    raise ValueError(f"SSDConfig.block_p={cfg.block_p} must be a power of two dividing the head dim {p}")
   T = cfg.block_t
-  S, K = _segments(-(-l // T), b, h * (p // P), cfg.target_programs)
+  S, K = _segments(-(-l // T), b, h, cfg.target_programs)
   T_bwd = min(cfg.block_t_bwd, T)
-  P_bwd = p if cfg.block_p_bwd is None else cfg.block_p_bwd
-  if p % P_bwd or P_bwd & (P_bwd - 1):
-    raise ValueError(f"SSDConfig.block_p_bwd={cfg.block_p_bwd} must be a power of two dividing the head dim {p}")
-  S_bwd = _bwd_segments(S * K * T // T_bwd, b, h * (p // P_bwd), cfg.target_programs_bwd, S)
-  H = _heads_per_program(h // g, cfg.heads_per_program_bwd)
-  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, H, 0 if P_bwd == p else P_bwd)
-  return _Meta(
-    T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, bwd, 0 if P == p else P,
-    cfg.prefetch, cfg.prefetch_fwd, cfg.cb_in_xla_fwd,
-  )  # fmt: skip
+  S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
+  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
+  return _Meta(T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, bwd)
 
 
 def ssd_pallas(
@@ -788,7 +677,7 @@ def ssd_pallas(
   g, n = B.shape[-2:]
   if h % g:
     raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
-  meta = _make_meta(cfg, b, l, h, p, g, D is not None, z is not None, interpret)
+  meta = _make_meta(cfg, b, l, h, g, D is not None, z is not None, interpret)
   pad = meta.S * meta.K * meta.T - l
 
   def pad_l(a, axis=1):
