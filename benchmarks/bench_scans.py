@@ -177,7 +177,8 @@ def check_256k(op, pallas_fn, xla_fn, make, inputs, l, pieces, log):
   return err
 
 
-SSD_FWD_SWEEP = [(64, 4, 2, 132), (64, 4, 2, 264)]  # rounds 2-5 swept 132-1056 programs, 4-8 warps, T 32-128, 2-3 stages
+# (block_t, warps, stages, target_programs); rounds 2-5 swept 132-1056 programs, 4-8 warps, T 32-128, 2-3 stages
+SSD_FWD_SWEEP = [(64, 4, 2, 132), (64, 4, 2, 264)]
 # (block_t_bwd, warps, stages, target_programs_bwd, heads_per_program_bwd). Round 4 (chunk-parallel backward)
 # also swept heads per program 2-8 (slower), 8 warps (slower), T 32 (slower): see benchmarks/profile_ssd_bwd.py.
 SSD_BWD_SWEEP = [
