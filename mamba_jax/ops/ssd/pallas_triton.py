@@ -67,7 +67,8 @@ class SSDConfig:
     heads_per_program_bwd: heads of one group handled by one program of the backward's chunk kernel (rounded
       down to a power of two dividing the heads per group); they share the C B^T product, and their dB and dC
       are summed in the kernel, which divides the per-head float32 dB/dC traffic by this number.
-    Defaults: the fastest of a small sweep on an H100 (benchmarks/bench_scans.py --tune).
+    Defaults: the fastest of small sweeps on an H100 (benchmarks/bench_scans.py --tune, benchmarks/profile_ssd_fwd.py;
+      benchmarks/results/scans.md).
   """
 
   block_t: int = 64
