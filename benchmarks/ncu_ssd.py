@@ -5,7 +5,6 @@ ncu --clock-control none --kernel-name regex:ssd --section LaunchStats --section
 """
 
 import argparse
-import functools
 
 import jax
 
@@ -19,7 +18,7 @@ def main():
   a = ap.parse_args()
   args = ssd_inputs(a.len, jax.random.PRNGKey(1))
   fwd = jax.jit(make_ssd(pt.ssd_pallas))
-  both = jax.jit(fwd_bwd(make_ssd(functools.partial(pt.ssd_pallas))))
+  both = jax.jit(fwd_bwd(make_ssd(pt.ssd_pallas)))
   jax.block_until_ready(fwd(*args))
   jax.block_until_ready(both(*args))
 

@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from benchmarks.bench_scans import _safe, _time, fwd_bwd, make_ssd, ssd_inputs
+from benchmarks.bench_scans import _fastest, _safe, _time, fwd_bwd, make_ssd, ssd_inputs
 from mamba_jax.ops.ssd import pallas_triton as pt
 
 # Forward variants (SSDConfig fields over the defaults). Round 5 also built and swept, and then removed as slower
@@ -60,18 +60,13 @@ def main():
   base = pt.SSDConfig()
   for l in [int(s) for s in a.lens.split(",")]:
     args = ssd_inputs(l, jax.random.PRNGKey(1))
-    for kw in FWD_SWEEP:
-      cfg = dataclasses.replace(base, **kw)
-      f = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
-      t = _safe(lambda f=f, args=args: _time(f, *args, iters=20), log)
-      log(f"fwd {l} {kw}: {t:.3f} ms")
-      if l not in best or t < best[l][0]:
-        best[l] = (t, cfg)
-    log(f"best fwd at {l}: {best[l][0]:.3f} ms {best[l][1]}")
-    _safe(lambda l=l: pieces(best[l][1], l, log), log)
+    candidates = [dataclasses.replace(base, **kw) for kw in FWD_SWEEP]
+    build = lambda cfg: jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
+    best[l] = _fastest(f"ssd fwd {l}", candidates, build, args, 20, log)
+    _safe(lambda l=l: pieces(best[l], l, log), log)
   l = a.bwd_len
   args = ssd_inputs(l, jax.random.PRNGKey(1))
-  fwd_cfg = best.get(l, (0, base))[1]
+  fwd_cfg = best.get(l, base)
   for kw in BWD_SWEEP:
     cfg = dataclasses.replace(fwd_cfg, **kw)
     for with_z in (True, False):
