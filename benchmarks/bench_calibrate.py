@@ -64,7 +64,8 @@ def _time(fn, iters: int) -> list[float]:
   return times
 
 
-def bench_one(model, method: str, length: int, args) -> dict:
+def bench_one(model, method: str, length: int, args, after=None) -> dict:
+  """Compile and time one step; `after(compiled, call_args)`, if given, runs once after the timing."""
   model.remat = method == "grad"
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
   ids = jax.random.randint(jax.random.key(0), (1, length), 0, model.cfg.vocab_size)
@@ -88,6 +89,8 @@ def bench_one(model, method: str, length: int, args) -> dict:
   jax.block_until_ready(compiled(*call_args))  # warm-up
   times = _time(lambda: compiled(*call_args), args.iters)
   planned, peak = _planned_bytes(compiled), _peak_bytes()
+  if after is not None:
+    after(compiled, call_args)
   return {
     "seconds": statistics.median(times),
     "compile_s": compile_s,

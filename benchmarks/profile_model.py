@@ -1,0 +1,125 @@
+"""Where a calibration step's GPU time goes: a jax.profiler trace of a few calls, summed per kernel and per group.
+
+  PYTHONPATH=. python benchmarks/profile_model.py --models mamba2-1.3b --length 8192 --methods forward,spsa
+  PYTHONPATH=. python benchmarks/profile_model.py --tiny          # CPU smoke run (host plane, no GPU kernels)
+
+For each (model, method): one warm-up call, then `--calls` calls under `jax.profiler.trace`; the device planes'
+kernel events are summed by name and divided by the calls. Groups: the Pallas scan kernels (their `name=`),
+matrix products (cuBLAS / cuBLASLt / XLA's Triton GEMMs), XLA fusions, copies and the rest. Printed as tables
+(top kernels, groups); `--json` appends one line per (model, method) with the groups.
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+
+import jax
+from flax import nnx
+
+from benchmarks.bench_calibrate import bench_one, model_config
+from mamba_jax import MambaLM
+from mamba_jax.scales import attach_scales
+
+_GROUPS = [
+  ("scan (Pallas)", re.compile(r"ssd_|selective_scan|ssm_")),
+  ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|sm90_|cublas|dot|triton_gemm", re.I)),
+  ("copy / transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+  ("reduce / fusion", re.compile(r"fusion|reduce|loop_|input_|wrapped_", re.I)),
+]
+
+
+def _group(name: str) -> str:
+  for label, pattern in _GROUPS:
+    if pattern.search(name):
+      return label
+  return "other"
+
+
+def kernel_times(trace_dir: str) -> dict[str, float]:
+  """Seconds per kernel name over the device planes of the newest trace under `trace_dir`."""
+  from jax.profiler import ProfileData
+
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+  if not files:
+    raise FileNotFoundError(f"no .xplane.pb under {trace_dir}")
+  data = ProfileData.from_file(files[-1])
+  totals: dict[str, float] = collections.defaultdict(float)
+  for plane in data.planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    for line in plane.lines:
+      # Stream lines hold the kernels; "XLA Ops" / "XLA Modules" / "Steps" lines are annotations of the same time.
+      if not line.name.lower().startswith("stream"):
+        continue
+      for event in line.events:
+        totals[event.name] += event.duration_ns * 1e-9
+  if not totals:  # say what the trace holds instead of printing empty tables
+    for plane in data.planes:
+      print(f"  plane {plane.name}: lines {[line.name for line in plane.lines][:12]}", flush=True)
+  return dict(totals)
+
+
+def profile(model, method: str, length: int, calls: int, args) -> dict:
+  """Per-call seconds of each kernel and group, from a trace of `calls` calls of one calibration step."""
+  holder = {}
+
+  def run_traced(fn, call_args):
+    jax.block_until_ready(fn(*call_args))  # warm-up outside the trace
+    with tempfile.TemporaryDirectory() as d:
+      with jax.profiler.trace(d):
+        for _ in range(calls):
+          jax.block_until_ready(fn(*call_args))
+      holder["kernels"] = {k: v / calls for k, v in kernel_times(d).items()}
+
+  timing = bench_one(model, method, length, args, after=run_traced)
+  kernels = holder["kernels"]
+  groups: dict[str, float] = collections.defaultdict(float)
+  for name, sec in kernels.items():
+    groups[_group(name)] += sec
+  return {"wall_s": timing["seconds"], "kernels": kernels, "groups": dict(groups)}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--tiny", action="store_true")
+  p.add_argument("--models", default="mamba2-1.3b")
+  p.add_argument("--length", type=int, default=8192)
+  p.add_argument("--methods", default="forward,spsa")
+  p.add_argument("--calls", type=int, default=3)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--chunk", type=int, default=2048)
+  p.add_argument("--json", default=None)
+  p.add_argument("--no-scan-layers", action="store_true", help="inline the blocks instead of one lax.scan")
+  args = p.parse_args(argv)
+  args.iters, args.pair = 3, "vmap"
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  for name in args.models.split(","):
+    model = MambaLM(model_config(name, args.tiny), param_dtype=jax.numpy.dtype(args.dtype), rngs=nnx.Rngs(0))
+    attach_scales(model, "A", "linear", "layer")
+    model.scan_layers = not args.no_scan_layers
+    for method in args.methods.split(","):
+      r = profile(model, method, args.length, args.calls, args)
+      total = sum(r["kernels"].values())
+      print(f"\n## {name} {method} {args.length} tokens, scan_layers={model.scan_layers}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms")
+      print("| group | ms per call | share |\n|---|---|---|")
+      for g, sec in sorted(r["groups"].items(), key=lambda kv: -kv[1]):
+        print(f"| {g} | {sec * 1e3:.2f} | {sec / max(total, 1e-12):.0%} |")
+      print("| kernel | group | ms per call |\n|---|---|---|")
+      for k, sec in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"| `{k[:90]}` | {_group(k)} | {sec * 1e3:.3f} |")
+      if args.json:
+        with open(args.json, "a") as f:
+          row = {"model": name, "method": method, "length": args.length, "wall_s": r["wall_s"]}
+          f.write(json.dumps({**row, "groups": r["groups"], "kernels_total_s": total}) + "\n")
+    del model
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
