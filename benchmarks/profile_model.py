@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     for method in args.methods.split(","):
       r = profile(model, method, args.length, args.calls, args)
       total = sum(r["kernels"].values())
-      print(f"\n## {name} {method} {args.length} tokens, scan_layers={model.scan_layers}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms")
+      head = f"{name} {method} {args.length} tokens, scan_layers={model.scan_layers}"
+      print(f"\n## {head}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms")
       print("| group | ms per call | share |\n|---|---|---|")
       for g, sec in sorted(r["groups"].items(), key=lambda kv: -kv[1]):
         print(f"| {g} | {sec * 1e3:.2f} | {sec / max(total, 1e-12):.0%} |")
