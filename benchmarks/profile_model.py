@@ -64,6 +64,42 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
   return dict(totals)
 
 
+def fusion_sources(hlo_text: str, names) -> dict[str, str]:
+  """For each kernel name that is an HLO instruction: its op and the distinct source op_names it fuses."""
+  comps, current = {}, None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if m and "=" not in line.split("{")[0]:
+      current = comps.setdefault(m.group(1), [])
+    elif current is not None:
+      current.append(line)
+  lines_by_name = {}
+  for body in comps.values():
+    for line in body:
+      m = re.match(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ", line)
+      if m:
+        lines_by_name[m.group(1)] = line
+  out = {}
+  for name in names:
+    line = lines_by_name.get(name)
+    if line is None:
+      continue
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    body = comps.get(called.group(1), []) if called else [line]
+    ops = []
+    for b in body:
+      for op in re.findall(r'op_name="([^"]+)"', b):
+        short = "/".join(op.split("/")[-3:])
+        src = re.search(r"source_line=(\d+)", b)
+        f = re.search(r'source_file="([^"]+)"', b)
+        tag = f"{short}@{os.path.basename(f.group(1)) if f else '?'}:{src.group(1) if src else '?'}"
+        if tag not in ops:
+          ops.append(tag)
+    shape = re.search(r" = (\S+) ", line)
+    out[name] = f"{shape.group(1) if shape else ''} {'; '.join(ops[:8])}"
+  return out
+
+
 def profile(model, method: str, length: int, calls: int, args) -> dict:
   """Per-call seconds of each kernel and group, from a trace of `calls` calls of one calibration step."""
   holder = {}
@@ -75,13 +111,16 @@ def profile(model, method: str, length: int, calls: int, args) -> dict:
         for _ in range(calls):
           jax.block_until_ready(fn(*call_args))
       holder["kernels"] = {k: v / calls for k, v in kernel_times(d).items()}
+    holder["hlo"] = fn.as_text() if args.hlo else ""
 
   timing = bench_one(model, method, length, args, after=run_traced)
   kernels = holder["kernels"]
   groups: dict[str, float] = collections.defaultdict(float)
   for name, sec in kernels.items():
     groups[_group(name)] += sec
-  return {"wall_s": timing["seconds"], "kernels": kernels, "groups": dict(groups)}
+  top = sorted(kernels, key=lambda k: -kernels[k])[: args.top]
+  sources = fusion_sources(holder["hlo"], top) if args.hlo else {}
+  return {**timing, "wall_s": timing["seconds"], "kernels": kernels, "groups": dict(groups), "sources": sources}
 
 
 def main(argv=None) -> int:
@@ -95,6 +134,7 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--chunk", type=int, default=2048)
   p.add_argument("--json", default=None)
+  p.add_argument("--hlo", action="store_true", help="name the source ops fused into each top kernel")
   p.add_argument("--no-scan-layers", action="store_true", help="inline the blocks instead of one lax.scan")
   args = p.parse_args(argv)
   args.iters, args.pair = 3, "vmap"
@@ -107,13 +147,17 @@ def main(argv=None) -> int:
       r = profile(model, method, args.length, args.calls, args)
       total = sum(r["kernels"].values())
       head = f"{name} {method} {args.length} tokens, scan_layers={model.scan_layers}"
-      print(f"\n## {head}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms")
+      print(
+        f"\n## {head}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms, compile {r['compile_s']:.1f} s"
+      )
       print("| group | ms per call | share |\n|---|---|---|")
       for g, sec in sorted(r["groups"].items(), key=lambda kv: -kv[1]):
         print(f"| {g} | {sec * 1e3:.2f} | {sec / max(total, 1e-12):.0%} |")
       print("| kernel | group | ms per call |\n|---|---|---|")
       for k, sec in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"| `{k[:90]}` | {_group(k)} | {sec * 1e3:.3f} |")
+      for k, src in r["sources"].items():
+        print(f"  {k}: {src[:400]}")
       if args.json:
         with open(args.json, "a") as f:
           row = {"model": name, "method": method, "length": args.length, "wall_s": r["wall_s"]}
