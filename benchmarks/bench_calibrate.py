@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from calibrate.cli import scan_layers
 from calibrate.gradient import Gradient
 from calibrate.objective import scale_loss
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
@@ -67,6 +68,7 @@ def _time(fn, iters: int) -> list[float]:
 def bench_one(model, method: str, length: int, args, after=None) -> dict:
   """Compile and time one step; `after(compiled, call_args)`, if given, runs once after the timing."""
   model.remat = method == "grad"
+  model.scan_layers = scan_layers(args.layers, method)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
   ids = jax.random.randint(jax.random.key(0), (1, length), 0, model.cfg.vocab_size)
   step = jnp.asarray(0, jnp.int32)
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
   p.add_argument("--chunk", type=int, default=2048, help="positions per LM-head slice")
   p.add_argument("--pair", choices=("vmap", "sequential"), default="vmap")
   p.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
+  p.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto", help="as python -m calibrate's")
   args = p.parse_args(argv)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
           r = bench_one(model, method, length, args)
         except Exception as e:  # e.g. out of memory at 64K: report it and go on with the next shape
           r = {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"}
-        row = {"model": name, "length": length, "method": method, "dtype": dtype.name, **r}
+        row = {"model": name, "length": length, "method": method, "dtype": dtype.name, "layers": args.layers, **r}
         if "error" in r:
           print(f"{name:<12} {length:>7} {method:<8} error: {r['error']}", flush=True)
         else:

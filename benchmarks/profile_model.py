@@ -77,14 +77,14 @@ def fusion_sources(hlo_text: str, names) -> dict[str, str]:
   for body in comps.values():
     for line in body:
       m = re.match(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ", line)
-      if m:
-        lines_by_name[m.group(1)] = line
+      if m:  # kernel names spell HLO's "fusion.12" as "fusion_12"
+        lines_by_name[m.group(1).replace(".", "_")] = line
   out = {}
   for name in names:
     line = lines_by_name.get(name)
     if line is None:
       continue
-    called = re.search(r"calls=%([\w.\-]+)", line)
+    called = re.search(r"calls=%([\w.\-]+)", line)  # the fused computation's own name keeps its dots
     body = comps.get(called.group(1), []) if called else [line]
     ops = []
     for b in body:
@@ -135,18 +135,17 @@ def main(argv=None) -> int:
   p.add_argument("--chunk", type=int, default=2048)
   p.add_argument("--json", default=None)
   p.add_argument("--hlo", action="store_true", help="name the source ops fused into each top kernel")
-  p.add_argument("--no-scan-layers", action="store_true", help="inline the blocks instead of one lax.scan")
+  p.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto", help="as python -m calibrate's")
   args = p.parse_args(argv)
   args.iters, args.pair = 3, "vmap"
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   for name in args.models.split(","):
     model = MambaLM(model_config(name, args.tiny), param_dtype=jax.numpy.dtype(args.dtype), rngs=nnx.Rngs(0))
     attach_scales(model, "A", "linear", "layer")
-    model.scan_layers = not args.no_scan_layers
     for method in args.methods.split(","):
       r = profile(model, method, args.length, args.calls, args)
       total = sum(r["kernels"].values())
-      head = f"{name} {method} {args.length} tokens, scan_layers={model.scan_layers}"
+      head = f"{name} {method} {args.length} tokens, layers={args.layers}"
       print(
         f"\n## {head}: wall {r['wall_s'] * 1e3:.1f} ms, kernels {total * 1e3:.1f} ms, compile {r['compile_s']:.1f} s"
       )

@@ -35,7 +35,17 @@ from mamba_jax.scales import CalibrationScale, attach_scales, scale_shape
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 # Settings that may change between a killed run and its restart without changing what the steps compute.
-_NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet"}
+_NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet", "layers"}
+
+
+def scan_layers(layers: str, method: str) -> bool:
+  """--layers as `MambaLM.scan_layers`. The layer scan stacks the blocks' weights on every call and slices them
+  per block (~9 ms of a 67 ms mamba2-1.3b forward at 8K on an H100, benchmarks/results/calibrate.md); inlined
+  blocks avoid that but compile ~2x longer. auto: inline for SPSA (forward-only steps, usually many of them),
+  scan for gradient steps (whose rematerialised backward takes longest to compile)."""
+  if layers == "auto":
+    return method != "spsa"
+  return layers == "scan"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -103,6 +113,12 @@ def _calibrate_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=1, help="samples per forward")
   p.add_argument("--chunk", type=int, default=2048, help="positions per LM-head slice")
   p.add_argument("--no-remat", action="store_true", help="grad: keep block activations (faster, more memory)")
+  p.add_argument(
+    "--layers",
+    choices=("auto", "scan", "unroll"),
+    default="auto",
+    help="blocks as one lax.scan (fast compile) or inlined (faster steps, ~2x compile); auto: unroll for spsa",
+  )
   p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation (keep-best) interval")
   p.add_argument("--no-keep-best", action="store_true", help="save the last scales, not the best held-out ones")
   p.add_argument("--checkpoint-every", type=int, default=10, help="orbax checkpoint interval (0: never)")
@@ -206,6 +222,7 @@ def run_calibration(args) -> dict:
 
   model = from_pretrained(model_dir, args.dtype, scan_impl=args.scan_impl)
   model.remat = args.method == "grad" and not args.no_remat
+  model.scan_layers = scan_layers(args.layers, args.method)
   attach_scales(model, args.target, args.mode, args.granularity, apply_in_decode=not args.prefill_only, init=args.init)
   _set_initial(model, args)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)

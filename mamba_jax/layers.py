@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba_jax import ops
+
 F32 = jnp.float32
 
 
@@ -37,17 +39,9 @@ class GatedRMSNorm(nnx.Module):
     self.eps = eps
     self.norm_before_gate = norm_before_gate
 
-  def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
-    out_dtype = y.dtype
-    y32, gate = y.astype(F32), jax.nn.silu(z.astype(F32))
-    if not self.norm_before_gate:
-      y32 = y32 * gate
-    grouped = y32.reshape(*y32.shape[:-1], self.ngroups, -1)
-    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + self.eps)
-    out = grouped.reshape(y32.shape) * self.weight[...].astype(F32)
-    if self.norm_before_gate:
-      out = out * gate
-    return out.astype(out_dtype)
+  def __call__(self, y: jax.Array, z: jax.Array, impl: str = "auto") -> jax.Array:
+    """y, z (..., dim) -> (..., dim) in y's dtype; `impl` as in `mamba_jax.ops` (Pallas kernel on GPU)."""
+    return ops.gated_rms_norm(y, z, self.weight[...], self.ngroups, self.eps, self.norm_before_gate, impl=impl)
 
 
 class CausalConv1d(nnx.Module):

@@ -68,7 +68,7 @@ class Mamba2Mixer(ScaleHooks, nnx.Module):
   def _finish(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array) -> jax.Array:
     """y (..., e_ssm) -> gated norm -> optional MLP branch -> out_proj."""
     if self.norm is not None:
-      y = self.norm(y, z)
+      y = self.norm(y, z, impl=self.scan_impl)
     if self.cfg.d_mlp:
       y = jnp.concatenate([(jax.nn.silu(z0.astype(F32)) * x0.astype(F32)).astype(y.dtype), y], axis=-1)
     return self.out_proj(y)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_hf_mamba
 
-from calibrate import checkpointing
+from calibrate import checkpointing, cli
 from calibrate import scales as scales_lib
 from calibrate.cli import main
 from mamba_jax import from_pretrained
@@ -231,3 +231,11 @@ def test_bad_input(world, capsys, tmp_path):
     ["ppl", m2, "--data", world / "stream.txt", "--lengths", 32, "--scales", tmp_path / "m1scales"], capsys
   )
   assert code == 2 and "made for another model" in err and "arch: scales made for 'mamba1', model has 'mamba2'" in err
+
+
+def test_layers_policy():
+  """--layers auto inlines the blocks for SPSA (forward-only steps) and keeps the layer scan for gradient steps."""
+  assert cli.scan_layers("auto", "spsa") is False
+  assert cli.scan_layers("auto", "grad") is True
+  assert cli.scan_layers("unroll", "grad") is False
+  assert cli.scan_layers("scan", "spsa") is True

@@ -40,7 +40,10 @@ def test_mamba2_logits_match_transformers(torch_mods, tmp_path):
   rng = np.random.default_rng(1)
   for length in LENGTHS:
     ids = rng.integers(0, 96, (2, length))
-    assert rel_err(model(jnp.asarray(ids)), _torch_logits(torch, ref, ids)) <= 1e-4, length
+    want = _torch_logits(torch, ref, ids)
+    for scan_layers in (True, False):  # blocks as one lax.scan, and inlined (calibrate's --layers)
+      model.scan_layers = scan_layers
+      assert rel_err(model(jnp.asarray(ids)), want) <= 1e-4, (length, scan_layers)
 
 
 def _grouped_gated_norm_forward(torch, ngroups):

@@ -1,4 +1,4 @@
-"""Scan operators and the one place where an implementation is chosen.
+"""Scan operators (and Mamba2's gated norm) and the one place where an implementation is chosen.
 
 `impl` picks the implementation: "auto" (Pallas on GPU when available, XLA elsewhere), "pallas",
 "xla" or "reference" (the slow sequential scan used by tests).
@@ -8,6 +8,7 @@ import math
 
 import jax
 
+from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
 from mamba_jax.ops.selective_scan.xla import selective_scan_xla
 from mamba_jax.ops.ssd.reference import ssd_reference
@@ -21,6 +22,8 @@ def _pallas_module(op: str):
   try:
     if op == "ssd":
       from mamba_jax.ops.ssd import pallas_triton as mod  # noqa: PLC0415
+    elif op == "gated_norm":
+      from mamba_jax.ops.gated_norm import pallas_triton as mod  # noqa: PLC0415
     else:
       from mamba_jax.ops.selective_scan import pallas_triton as mod  # noqa: PLC0415
   except ImportError:
@@ -130,4 +133,44 @@ def selective_scan(
   return selective_scan_xla(*args)
 
 
-__all__ = ["ssd", "selective_scan", "ssd_reference", "selective_scan_reference", "ssd_xla", "selective_scan_xla"]
+def gated_rms_norm(
+  y,
+  z,
+  weight,
+  ngroups: int = 1,
+  eps: float = 1e-5,
+  norm_before_gate: bool = False,
+  *,
+  impl: str = "auto",
+):
+  """Mamba2's gated RMSNorm (mamba_ssm's `RMSNormGated`), per group of `e / ngroups` contiguous channels.
+
+  norm_before_gate=False: rmsnorm(y * silu(z)) * weight; True: rmsnorm(y) * weight * silu(z); float32 math.
+
+  Args:
+    y, z: `(..., e)`.
+    weight: `(e,)`.
+    impl: "auto" | "pallas" | "xla" | "reference" ("reference" is the XLA formula). "auto" takes the Pallas kernel
+      on GPU where the group width has a power-of-two factor of at least 16, else XLA.
+
+  Returns:
+    `(..., e)` in y's dtype.
+  """
+  args = (y, z, weight, ngroups, eps, norm_before_gate)
+  impl = resolve_impl(impl, "gated_norm")
+  if impl == "pallas":
+    mod = _pallas_module("gated_norm")
+    if mod.supported(y.shape[-1], ngroups):
+      return mod.gated_rms_norm_pallas(*args)
+  return gated_rms_norm_xla(*args)
+
+
+__all__ = [
+  "gated_rms_norm",
+  "ssd",
+  "selective_scan",
+  "ssd_reference",
+  "selective_scan_reference",
+  "ssd_xla",
+  "selective_scan_xla",
+]

@@ -1,0 +1,1 @@
+"""Mamba2's grouped, gated RMSNorm: the XLA formula and a Pallas GPU kernel."""

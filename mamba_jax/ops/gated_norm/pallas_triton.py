@@ -1,0 +1,145 @@
+"""Mamba2's gated RMSNorm as a Pallas GPU kernel (Triton lowering); the backward is XLA's.
+
+Shape legend: r rows (the leading dims flattened), g groups, k chunks of a group, w chunk width (a power of two),
+e width = g k w.
+
+Why a kernel: XLA compiles this normalisation into a reduction and an elementwise pass and materialises the float32
+gated input (and a float32 copy of y) in memory between them. Measured on an H100 (mamba2-1.3b, 8K tokens,
+benchmarks/results/calibrate.md): those fusions took ~8 ms of a 58 ms forward. Here one program owns one
+(row block, group), reads y and z once in their own dtype, and writes the output once: memory traffic is the
+floor of 2 reads and 1 write. A group whose width is not a power of two is read as k chunks of w columns, twice
+(sum of squares, then the output; the second read hits L2).
+The backward differentiates the XLA formula (`gated_rms_norm_xla`) from the saved inputs; it only runs under
+gradient calibration, where it is one more elementwise fusion next to the scan's backward.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
+
+F32 = jnp.float32
+_SQ = pl.squeezed if hasattr(pl, "squeezed") else None
+MIN_CHUNK = 16  # narrower power-of-two factors than this are left to XLA (see `supported`)
+MAX_CHUNK = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class _Meta:
+  ngroups: int
+  eps: float
+  norm_before_gate: bool
+  interpret: bool
+
+
+def chunk_width(group_width: int) -> int:
+  """w: the largest power of two dividing the group width, at most MAX_CHUNK."""
+  return min(group_width & -group_width, MAX_CHUNK)
+
+
+def supported(width: int, ngroups: int) -> bool:
+  """Whether the kernel takes this shape (a group width with a power-of-two factor of at least MIN_CHUNK)."""
+  return width % ngroups == 0 and chunk_width(width // ngroups) >= MIN_CHUNK
+
+
+def _row_block(rows: int, w: int) -> int:
+  """Rows per program: up to 2048 elements per chunk tile, a power of two dividing `rows`."""
+  r = 1
+  while r * 2 * w <= 2048 and rows % (r * 2) == 0:
+    r *= 2
+  return r
+
+
+def _kernel(y_ref, z_ref, w_ref, o_ref, *, eps, norm_before_gate, k):
+  """One (row block, group). Refs: y, z, out (r_blk, k, w); weight (k, w) in the math dtype (float32; float64 for
+  float64 inputs, which the tests use)."""
+  acc = w_ref.dtype
+  width = k * y_ref.shape[-1]
+
+  def gated(j):  # (the normalised input, the gate), float32 (r_blk, w)
+    y = y_ref[:, j, :].astype(acc)
+    z = z_ref[:, j, :].astype(acc)
+    gate = z * jax.nn.sigmoid(z)
+    return (y, gate) if norm_before_gate else (y * gate, gate)
+
+  parts = [gated(0)] if k == 1 else None  # one chunk: keep it in registers for the output pass
+  ssq = 0.0
+  for j in range(k):
+    v, _ = parts[0] if parts else gated(j)
+    ssq = ssq + jnp.sum(v * v, axis=1)
+  rstd = jax.lax.rsqrt(ssq / width + eps)[:, None]  # (r_blk, 1)
+  for j in range(k):
+    v, gate = parts[0] if parts else gated(j)
+    out = v * rstd * w_ref[j, :][None, :]
+    if norm_before_gate:
+      out = out * gate
+    o_ref[:, j, :] = out.astype(o_ref.dtype)
+
+
+def _forward(meta: _Meta, y, z, weight):
+  e = y.shape[-1]
+  g = meta.ngroups
+  w = chunk_width(e // g)
+  k = e // (g * w)
+  rows = y.size // e
+  r_blk = _row_block(rows, w)
+  spec = pl.BlockSpec((r_blk, _SQ, k, w), lambda ri, gi: (ri, gi, 0, 0))  # (r, g, k, w)
+  wspec = pl.BlockSpec((_SQ, k, w), lambda ri, gi: (gi, 0, 0))  # (g, k, w)
+  kernel = functools.partial(_kernel, eps=meta.eps, norm_before_gate=meta.norm_before_gate, k=k)
+  out = pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((rows, g, k, w), y.dtype),
+    grid=(rows // r_blk, g),
+    in_specs=[spec, spec, wspec],
+    out_specs=spec,
+    compiler_params=plgpu.CompilerParams(num_warps=8 if r_blk * w >= 2048 else 4, num_stages=1),
+    interpret=meta.interpret,
+    name="gated_rms_norm",
+  )(y.reshape(rows, g, k, w), z.reshape(rows, g, k, w), weight.astype(jnp.promote_types(y.dtype, F32)).reshape(g, k, w))
+  return out.reshape(y.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _norm(meta, y, z, weight):
+  return _forward(meta, y, z, weight)
+
+
+def _norm_fwd(meta, y, z, weight):
+  return _forward(meta, y, z, weight), (y, z, weight)
+
+
+def _norm_bwd(meta, res, g):
+  fn = functools.partial(gated_rms_norm_xla, ngroups=meta.ngroups, eps=meta.eps, norm_before_gate=meta.norm_before_gate)
+  return jax.vjp(fn, *res)[1](g)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def gated_rms_norm_pallas(
+  y: jax.Array,  # (..., e)
+  z: jax.Array,  # (..., e)
+  weight: jax.Array,  # (e,)
+  ngroups: int = 1,
+  eps: float = 1e-5,
+  norm_before_gate: bool = False,
+  *,
+  interpret: bool = False,
+) -> jax.Array:
+  """Same contract as `gated_rms_norm_xla`; differentiable in y, z and weight."""
+  e = y.shape[-1]
+  if z.shape != y.shape or weight.shape != (e,):
+    raise ValueError(f"gated_rms_norm: y {y.shape}, z {z.shape} and weight {weight.shape} do not match")
+  if not supported(e, ngroups):
+    raise ValueError(
+      f"gated_rms_norm_pallas: group width {e}/{ngroups} has no power-of-two factor >= {MIN_CHUNK}; use impl='xla'"
+    )
+  return _norm(_Meta(ngroups, float(eps), bool(norm_before_gate), interpret), y, z, weight)
+
+
+__all__ = ["gated_rms_norm_pallas", "supported"]
