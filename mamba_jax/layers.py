@@ -39,9 +39,12 @@ class GatedRMSNorm(nnx.Module):
     self.eps = eps
     self.norm_before_gate = norm_before_gate
 
-  def __call__(self, y: jax.Array, z: jax.Array, impl: str = "auto") -> jax.Array:
-    """y, z (..., dim) -> (..., dim) in y's dtype; `impl` as in `mamba_jax.ops` (Pallas kernel on GPU)."""
-    return ops.gated_rms_norm(y, z, self.weight[...], self.ngroups, self.eps, self.norm_before_gate, impl=impl)
+  def __call__(self, y: jax.Array, z: jax.Array, impl: str = "auto", z_start: int | None = None) -> jax.Array:
+    """y, z (..., dim) -> (..., dim) in y's dtype; `impl` and `z_start` (z wider, the gate read in place) as in
+    `mamba_jax.ops.gated_rms_norm` (a Pallas kernel on GPU)."""
+    return ops.gated_rms_norm(
+      y, z, self.weight[...], self.ngroups, self.eps, self.norm_before_gate, z_start=z_start, impl=impl
+    )
 
 
 class CausalConv1d(nnx.Module):
@@ -58,15 +61,21 @@ class CausalConv1d(nnx.Module):
     )
     self.width = width
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x (b, l, c) -> (b, l, c), zero history before t = 0."""
-    w = self.kernel[...].astype(F32)
-    k, l = self.width, x.shape[1]
-    xp = jnp.pad(x.astype(F32), ((0, 0), (k - 1, 0), (0, 0)))
-    out = sum(xp[:, i : i + l] * w[i] for i in range(k))  # k shifted multiply-adds, fused by XLA
-    if self.bias is not None:
-      out = out + self.bias[...].astype(F32)
-    return out.astype(x.dtype)
+  def __call__(
+    self,
+    src: jax.Array,
+    *,
+    start: int | None = None,
+    splits: tuple[int, ...] | None = None,
+    silu: bool = False,
+    impl: str = "auto",
+  ):
+    """src (b, l, c) -> (b, l, c), zero history before t = 0; with `start`, the conv reads src's columns
+    [start, start + c) (a wider src, e.g. the in_proj output, read in place); with `splits`, a tuple of consecutive
+    channel windows; `silu` fused. See `mamba_jax.ops.causal_conv1d` (a Pallas kernel on GPU)."""
+    bias = None if self.bias is None else self.bias[...]
+    width = self.kernel.shape[1]
+    return ops.causal_conv1d(src, self.kernel[...], bias, start=start, width=width, silu=silu, splits=splits, impl=impl)
 
   def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One step. x_t (b, c); conv_state (b, k, c) holds the last k inputs, oldest first."""

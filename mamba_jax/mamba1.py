@@ -50,8 +50,9 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
   @jax.named_scope("mamba1_mixer")
   def __call__(self, u: jax.Array, *, return_cache: bool = False):
     """u (b, l, d) -> (b, l, d); with `return_cache`, also the MixerCache after the last step."""
-    x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (b, l, e) each
-    xc = jax.nn.silu(self.conv1d(x))
+    xz = self.in_proj(u)
+    x, z = jnp.split(xz, 2, axis=-1)  # (b, l, e) each
+    xc = self.conv1d(xz, start=0, silu=True, impl=self.scan_impl)  # reads x in place from the in_proj output
     dt, B, C = self._project(xc)
     dt_scale = self._scale("dt_scale", decode=False)
     if dt_scale is None:  # bias and softplus fused into the scan

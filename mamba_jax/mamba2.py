@@ -65,10 +65,11 @@ class Mamba2Mixer(ScaleHooks, nnx.Module):
       C.reshape(*lead, cfg.ngroups, cfg.d_state),
     )
 
-  def _finish(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array) -> jax.Array:
-    """y (..., e_ssm) -> gated norm -> optional MLP branch -> out_proj."""
+  def _finish(self, y: jax.Array, z: jax.Array, z0: jax.Array, x0: jax.Array, z_start: int | None = None):
+    """y (..., e_ssm) -> gated norm -> optional MLP branch -> out_proj. With `z_start`, z is the whole in_proj
+    output and the gate its columns from z_start (the norm kernel reads them in place, without a copy)."""
     if self.norm is not None:
-      y = self.norm(y, z, impl=self.scan_impl)
+      y = self.norm(y, z, impl=self.scan_impl, z_start=z_start)
     if self.cfg.d_mlp:
       y = jnp.concatenate([(jax.nn.silu(z0.astype(F32)) * x0.astype(F32)).astype(y.dtype), y], axis=-1)
     return self.out_proj(y)
@@ -78,9 +79,16 @@ class Mamba2Mixer(ScaleHooks, nnx.Module):
     """u (b, l, d) -> (b, l, d); with `return_cache`, also the MixerCache after the last step."""
     cfg = self.cfg
     b, l, _ = u.shape
-    z0, x0, z, xBC_in, dt = self._split_in_proj(self.in_proj(u))
-    xBC = jax.nn.silu(self.conv1d(xBC_in))
-    x, B, C = self._split_xBC(xBC)  # (b,l,h,p), (b,l,g,n), (b,l,g,n)
+    zxbcdt = self.in_proj(u)
+    z0, x0, z, xBC_in, dt = self._split_in_proj(zxbcdt)
+    # The conv reads [x | B | C] in place from the in_proj output and writes x, B and C as separate arrays.
+    gn = cfg.ngroups * cfg.d_state
+    x, B, C = self.conv1d(
+      zxbcdt, start=2 * cfg.d_mlp + cfg.ssm_width, splits=(cfg.ssm_width, gn, gn), silu=True, impl=self.scan_impl
+    )
+    x = x.reshape(b, l, cfg.nheads, cfg.headdim)
+    B = B.reshape(b, l, cfg.ngroups, cfg.d_state)
+    C = C.reshape(b, l, cfg.ngroups, cfg.d_state)
     dt_scale = self._scale("dt_scale", decode=False)
     if dt_scale is None:  # bias, softplus and clamp fused into the scan
       dt_args = dict(dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=cfg.dt_limit)
@@ -99,7 +107,11 @@ class Mamba2Mixer(ScaleHooks, nnx.Module):
       return_final_states=True,
       impl=self.scan_impl,
     )
-    out = self._finish(y.reshape(b, l, cfg.ssm_width), z, z0, x0)
+    if self.norm is not None:
+      z, z_start = zxbcdt, 2 * cfg.d_mlp
+    else:
+      z_start = None
+    out = self._finish(y.reshape(b, l, cfg.ssm_width), z, z0, x0, z_start)
     if return_cache:
       return out, MixerCache(CausalConv1d.state_from_inputs(xBC_in, cfg.d_conv), S)
     return out

@@ -99,7 +99,7 @@ def _numpy_A(A_log, s, target, mode):
 def _mamba1_by_hand(mixer, u, s, target, mode):
   """The one-layer Mamba1 mixer in numpy float64 from its projections, the scale put where the paper puts it."""
   x, z = jnp.split(mixer.in_proj(u), 2, axis=-1)
-  xc = jax.nn.silu(mixer.conv1d(x))
+  xc = mixer.conv1d(x, silu=True)
   dt, B, C = (np.asarray(t, np.float64) for t in mixer._project(xc))
   xc, z = np.asarray(xc, np.float64), np.asarray(z, np.float64)
   delta = _softplus(dt + np.asarray(mixer.dt_proj.bias[...], np.float64))  # (b, l, e)
@@ -120,7 +120,7 @@ def _mamba2_by_hand(mixer, u, s, target, mode):
   """The one-layer Mamba2 mixer in numpy float64 (recurrent form), the scale put where the paper puts it."""
   cfg = mixer.cfg
   z0, x0, z, xBC, dt = mixer._split_in_proj(mixer.in_proj(u))
-  x, B, C = (np.asarray(t, np.float64) for t in mixer._split_xBC(jax.nn.silu(mixer.conv1d(xBC))))
+  x, B, C = (np.asarray(t, np.float64) for t in mixer._split_xBC(mixer.conv1d(xBC, silu=True)))
   delta = _softplus(np.asarray(dt, np.float64) + np.asarray(mixer.dt_bias[...], np.float64))  # (b, l, h)
   if target == "dt":
     delta = delta * s

@@ -73,3 +73,25 @@ def test_dispatch_falls_back_to_xla_for_unsupported_widths():
     pt.gated_rms_norm_pallas(y, z, w, 1, interpret=True)
   got = ops.gated_rms_norm(y, z, w, 1, impl="pallas")
   assert rel_err(got, _numpy_reference(y, z, w, 1, 1e-5, False)) < 1e-5
+
+
+@pytest.mark.parametrize("z_start", [64, 40])  # a multiple of the group width (read in place), and not (sliced)
+def test_gate_read_from_a_wider_array(z_start):
+  """The model passes the whole in_proj output as z with the gate's first column; the extra columns are ignored."""
+  y, _, w = _inputs((2, 7, 64), jnp.float32)
+  wide = jax.random.normal(jax.random.PRNGKey(3), (2, 7, 200), jnp.float32)
+  gate = wide[..., z_start : z_start + 64]
+  want = _numpy_reference(y, gate, w, 2, 1e-5, False)
+  got = pt.gated_rms_norm_pallas(y, wide, w, 2, 1e-5, False, z_start=z_start, interpret=INTERPRET)
+  assert rel_err(got, want) < 1e-5
+  assert rel_err(ops.gated_rms_norm(y, wide, w, 2, z_start=z_start, impl="xla"), want) < 1e-5
+  with float64():
+    y64, wide64, w64 = (a.astype(jnp.float64) for a in (y, wide, w))
+    fn = lambda y, z, w: pt.gated_rms_norm_pallas(y, z, w, 2, 1e-5, False, z_start=z_start, interpret=INTERPRET)
+    check_grads(fn, (y64, wide64, w64), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_mismatched_shapes_are_refused():
+  y, z, w = _inputs((2, 3, 64), jnp.float32)
+  with pytest.raises(ValueError, match="do not match"):
+    pt.gated_rms_norm_pallas(y, z, w, 1, z_start=8, interpret=True)  # the gate would run past z's last column

@@ -8,6 +8,7 @@ import math
 
 import jax
 
+from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
 from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
 from mamba_jax.ops.selective_scan.xla import selective_scan_xla
@@ -22,6 +23,8 @@ def _pallas_module(op: str):
   try:
     if op == "ssd":
       from mamba_jax.ops.ssd import pallas_triton as mod  # noqa: PLC0415
+    elif op == "causal_conv":
+      from mamba_jax.ops.causal_conv import pallas_triton as mod  # noqa: PLC0415
     elif op == "gated_norm":
       from mamba_jax.ops.gated_norm import pallas_triton as mod  # noqa: PLC0415
     else:
@@ -133,6 +136,58 @@ def selective_scan(
   return selective_scan_xla(*args)
 
 
+def causal_conv1d(
+  src,
+  weight,
+  bias=None,
+  *,
+  start: int | None = None,
+  width: int | None = None,
+  silu: bool = True,
+  splits: tuple[int, ...] | None = None,
+  impl: str = "auto",
+):
+  """Depthwise causal conv1d over time (mamba_ssm's `causal_conv1d_fn`), channels-last, with the SiLU fused.
+
+  out[t] = silu(sum_i weight[i] x[t - k + 1 + i] + bias) with zero history before t = 0, float32 math.
+
+  Args:
+    src: `(batch, seqlen, d)`; the conv reads its columns [start, start + width) (all of them by default), so a
+      mixer can pass its in_proj output and let the Pallas kernel read the window in place.
+    weight: `(k, width)`; weight[k - 1] multiplies the current step (torch's Conv1d weight (c, 1, k) transposed).
+    bias: `(width,)` or None.
+    silu: apply the SiLU.
+    splits: channel counts of consecutive windows (summing to width, e.g. Mamba2's x | B | C): returns a tuple of
+      one output per window; the Pallas path writes each as its own array (no slicing copies).
+    impl: "auto" | "pallas" | "xla" | "reference" ("reference" is the XLA formula). "auto" takes the Pallas kernel
+      on GPU where start and width (of each split) are multiples of 16, else XLA.
+
+  Returns:
+    `(batch, seqlen, width)` in src's dtype, or a tuple of `(batch, seqlen, split)` with `splits`.
+  """
+  start = start or 0
+  width = src.shape[-1] - start if width is None else width
+  if splits is not None and sum(splits) != width:
+    raise ValueError(f"causal_conv1d: splits {splits} do not sum to the window's {width} channels")
+  impl = resolve_impl(impl, "causal_conv")
+  mod = _pallas_module("causal_conv") if impl == "pallas" else None
+  offsets = [0]
+  for n in splits or (width,):
+    offsets.append(offsets[-1] + n)
+  pieces = list(zip(offsets[:-1], offsets[1:], strict=True))
+  if mod is not None and src.ndim == 3 and all(mod.supported(start + a, e - a) for a, e in pieces):
+    outs = tuple(
+      mod.causal_conv1d_pallas(
+        src, weight[:, a:e], None if bias is None else bias[a:e], start=start + a, width=e - a, silu=silu
+      )
+      for a, e in pieces
+    )
+  else:
+    out = causal_conv1d_xla(src, weight, bias, start=start, width=width, silu=silu)
+    outs = tuple(out[..., a:e] for a, e in pieces) if splits is not None else (out,)
+  return outs if splits is not None else outs[0]
+
+
 def gated_rms_norm(
   y,
   z,
@@ -141,6 +196,7 @@ def gated_rms_norm(
   eps: float = 1e-5,
   norm_before_gate: bool = False,
   *,
+  z_start: int | None = None,
   impl: str = "auto",
 ):
   """Mamba2's gated RMSNorm (mamba_ssm's `RMSNormGated`), per group of `e / ngroups` contiguous channels.
@@ -150,6 +206,8 @@ def gated_rms_norm(
   Args:
     y, z: `(..., e)`.
     weight: `(e,)`.
+    z_start: when given, z is a wider array (e.g. the in_proj output) whose columns [z_start, z_start + e) are the
+      gate; the Pallas kernel reads them in place instead of from a sliced copy.
     impl: "auto" | "pallas" | "xla" | "reference" ("reference" is the XLA formula). "auto" takes the Pallas kernel
       on GPU where the group width has a power-of-two factor of at least 16, else XLA.
 
@@ -161,8 +219,10 @@ def gated_rms_norm(
   if impl == "pallas":
     mod = _pallas_module("gated_norm")
     if mod.supported(y.shape[-1], ngroups):
-      return mod.gated_rms_norm_pallas(*args)
-  return gated_rms_norm_xla(*args)
+      return mod.gated_rms_norm_pallas(*args, z_start=z_start)
+  if z_start is not None:
+    z = z[..., z_start : z_start + y.shape[-1]]
+  return gated_rms_norm_xla(y, z, weight, ngroups, eps, norm_before_gate)
 
 
 __all__ = [

@@ -34,6 +34,7 @@ class _Meta:
   ngroups: int
   eps: float
   norm_before_gate: bool
+  z_start: int  # the gate is columns [z_start, z_start + e) of z's last dim
   interpret: bool
 
 
@@ -55,15 +56,15 @@ def _row_block(rows: int, w: int) -> int:
   return r
 
 
-def _kernel(y_ref, z_ref, w_ref, o_ref, *, eps, norm_before_gate, k):
-  """One (row block, group). Refs: y, z, out (r_blk, k, w); weight (k, w) in the math dtype (float32; float64 for
-  float64 inputs, which the tests use)."""
+def _kernel(y_ref, z_ref, w_ref, o_ref, *, eps, norm_before_gate, k, w):
+  """One (row block, group). Refs: y, z, out (r_blk, k w); weight (k w,) in the math dtype (float32; float64 for
+  float64 inputs, which the tests use). Each is read as k chunks of w columns."""
   acc = w_ref.dtype
-  width = k * y_ref.shape[-1]
 
-  def gated(j):  # (the normalised input, the gate), float32 (r_blk, w)
-    y = y_ref[:, j, :].astype(acc)
-    z = z_ref[:, j, :].astype(acc)
+  def gated(j):  # (the normalised input, the gate) of chunk j, (r_blk, w)
+    cols = pl.ds(j * w, w)
+    y = y_ref[:, cols].astype(acc)
+    z = z_ref[:, cols].astype(acc)
     gate = z * jax.nn.sigmoid(z)
     return (y, gate) if norm_before_gate else (y * gate, gate)
 
@@ -72,36 +73,42 @@ def _kernel(y_ref, z_ref, w_ref, o_ref, *, eps, norm_before_gate, k):
   for j in range(k):
     v, _ = parts[0] if parts else gated(j)
     ssq = ssq + jnp.sum(v * v, axis=1)
-  rstd = jax.lax.rsqrt(ssq / width + eps)[:, None]  # (r_blk, 1)
+  rstd = jax.lax.rsqrt(ssq / (k * w) + eps)[:, None]  # (r_blk, 1)
   for j in range(k):
     v, gate = parts[0] if parts else gated(j)
-    out = v * rstd * w_ref[j, :][None, :]
+    out = v * rstd * w_ref[pl.ds(j * w, w)][None, :]
     if norm_before_gate:
       out = out * gate
-    o_ref[:, j, :] = out.astype(o_ref.dtype)
+    o_ref[:, pl.ds(j * w, w)] = out.astype(o_ref.dtype)
 
 
 def _forward(meta: _Meta, y, z, weight):
   e = y.shape[-1]
   g = meta.ngroups
-  w = chunk_width(e // g)
-  k = e // (g * w)
+  eg = e // g
+  w = chunk_width(eg)
   rows = y.size // e
   r_blk = _row_block(rows, w)
-  spec = pl.BlockSpec((r_blk, _SQ, k, w), lambda ri, gi: (ri, gi, 0, 0))  # (r, g, k, w)
-  wspec = pl.BlockSpec((_SQ, k, w), lambda ri, gi: (gi, 0, 0))  # (g, k, w)
-  kernel = functools.partial(_kernel, eps=meta.eps, norm_before_gate=meta.norm_before_gate, k=k)
+  z_blk0 = meta.z_start // eg  # _norm_args makes z_start a multiple of the group width
+  y_spec = pl.BlockSpec((r_blk, eg), lambda ri, gi: (ri, gi))  # (r, e)
+  z_spec = pl.BlockSpec((r_blk, eg), lambda ri, gi: (ri, z_blk0 + gi))  # (r, z's width)
+  w_spec = pl.BlockSpec((eg,), lambda ri, gi: (gi,))  # (e,)
+  kernel = functools.partial(_kernel, eps=meta.eps, norm_before_gate=meta.norm_before_gate, k=eg // w, w=w)
   out = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct((rows, g, k, w), y.dtype),
+    out_shape=jax.ShapeDtypeStruct((rows, e), y.dtype),
     grid=(rows // r_blk, g),
-    in_specs=[spec, spec, wspec],
-    out_specs=spec,
+    in_specs=[y_spec, z_spec, w_spec],
+    out_specs=y_spec,
     compiler_params=plgpu.CompilerParams(num_warps=8 if r_blk * w >= 2048 else 4, num_stages=1),
     interpret=meta.interpret,
     name="gated_rms_norm",
-  )(y.reshape(rows, g, k, w), z.reshape(rows, g, k, w), weight.astype(jnp.promote_types(y.dtype, F32)).reshape(g, k, w))
+  )(y.reshape(rows, e), z.reshape(rows, z.shape[-1]), weight.astype(jnp.promote_types(y.dtype, F32)))
   return out.reshape(y.shape)
+
+
+def _gate(meta: _Meta, z, e):
+  return z if meta.z_start == 0 and z.shape[-1] == e else z[..., meta.z_start : meta.z_start + e]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -114,7 +121,9 @@ def _norm_fwd(meta, y, z, weight):
 
 
 def _norm_bwd(meta, res, g):
-  fn = functools.partial(gated_rms_norm_xla, ngroups=meta.ngroups, eps=meta.eps, norm_before_gate=meta.norm_before_gate)
+  def fn(y, z, weight):
+    return gated_rms_norm_xla(y, _gate(meta, z, y.shape[-1]), weight, meta.ngroups, meta.eps, meta.norm_before_gate)
+
   return jax.vjp(fn, *res)[1](g)
 
 
@@ -123,23 +132,33 @@ _norm.defvjp(_norm_fwd, _norm_bwd)
 
 def gated_rms_norm_pallas(
   y: jax.Array,  # (..., e)
-  z: jax.Array,  # (..., e)
+  z: jax.Array,  # (..., e), or wider with z_start
   weight: jax.Array,  # (e,)
   ngroups: int = 1,
   eps: float = 1e-5,
   norm_before_gate: bool = False,
   *,
+  z_start: int | None = None,
   interpret: bool = False,
 ) -> jax.Array:
-  """Same contract as `gated_rms_norm_xla`; differentiable in y, z and weight."""
+  """Same contract as `gated_rms_norm_xla`; differentiable in y, z and weight.
+
+  z_start: when given, the gate is `z[..., z_start : z_start + e]` of a wider z (e.g. the in_proj output), read in
+    place when z_start is a multiple of the group width (no copy), else sliced first.
+  """
   e = y.shape[-1]
-  if z.shape != y.shape or weight.shape != (e,):
-    raise ValueError(f"gated_rms_norm: y {y.shape}, z {z.shape} and weight {weight.shape} do not match")
+  z_start = 0 if z_start is None else int(z_start)
+  if z.shape[:-1] != y.shape[:-1] or z_start < 0 or z_start + e > z.shape[-1] or weight.shape != (e,):
+    raise ValueError(
+      f"gated_rms_norm: y {y.shape}, z {z.shape} (gate columns from {z_start}) and weight {weight.shape} do not match"
+    )
   if not supported(e, ngroups):
     raise ValueError(
       f"gated_rms_norm_pallas: group width {e}/{ngroups} has no power-of-two factor >= {MIN_CHUNK}; use impl='xla'"
     )
-  return _norm(_Meta(ngroups, float(eps), bool(norm_before_gate), interpret), y, z, weight)
+  if z_start % (e // ngroups):
+    z, z_start = z[..., z_start : z_start + e], 0
+  return _norm(_Meta(ngroups, float(eps), bool(norm_before_gate), z_start, interpret), y, z, weight)
 
 
 __all__ = ["gated_rms_norm_pallas", "supported"]
