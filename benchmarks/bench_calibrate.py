@@ -68,7 +68,7 @@ def _time(fn, iters: int) -> list[float]:
 def bench_one(model, method: str, length: int, args, after=None) -> dict:
   """Compile and time one step; `after(compiled, call_args)`, if given, runs once after the timing."""
   model.remat = method == "grad"
-  model.scan_layers = scan_layers(args.layers, method)
+  model.scan_layers = scan_layers(args.layers, method, model.cfg.arch)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
   ids = jax.random.randint(jax.random.key(0), (1, length), 0, model.cfg.vocab_size)
   step = jnp.asarray(0, jnp.int32)

@@ -38,13 +38,14 @@ EXIT_NONFINITE = 3
 _NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet", "layers"}
 
 
-def scan_layers(layers: str, method: str) -> bool:
+def scan_layers(layers: str, method: str, arch: str = "mamba2") -> bool:
   """--layers as `MambaLM.scan_layers`. The layer scan stacks the blocks' weights on every call and slices them
-  per block (~9 ms of a 67 ms mamba2-1.3b forward at 8K on an H100, benchmarks/results/calibrate.md); inlined
-  blocks avoid that but compile ~2x longer. auto: inline for SPSA (forward-only steps, usually many of them),
-  scan for gradient steps (whose rematerialised backward takes longest to compile)."""
+  per block; inlined blocks avoid that and compile longer. Measured on an H100 at 8K tokens
+  (benchmarks/results/calibrate.md, round 6): mamba2-1.3b SPSA iteration 122.5 -> 104.9 ms for 13 -> 30 s of
+  compile; mamba-1.4b 170.1 -> 158.5 ms for 46 -> 142 s. auto: inline for Mamba2 SPSA only (forward-only steps,
+  usually many); the layer scan for gradient steps and for Mamba1, whose inlined scan kernels compile slowly."""
   if layers == "auto":
-    return method != "spsa"
+    return not (method == "spsa" and arch == "mamba2")
   return layers == "scan"
 
 
@@ -117,7 +118,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     "--layers",
     choices=("auto", "scan", "unroll"),
     default="auto",
-    help="blocks as one lax.scan (fast compile) or inlined (faster steps, ~2x compile); auto: unroll for spsa",
+    help="blocks as one lax.scan (fast compile) or inlined (faster steps, slower compile); auto: inline mamba2 spsa",
   )
   p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation (keep-best) interval")
   p.add_argument("--no-keep-best", action="store_true", help="save the last scales, not the best held-out ones")
@@ -222,7 +223,7 @@ def run_calibration(args) -> dict:
 
   model = from_pretrained(model_dir, args.dtype, scan_impl=args.scan_impl)
   model.remat = args.method == "grad" and not args.no_remat
-  model.scan_layers = scan_layers(args.layers, args.method)
+  model.scan_layers = scan_layers(args.layers, args.method, model.cfg.arch)
   attach_scales(model, args.target, args.mode, args.granularity, apply_in_decode=not args.prefill_only, init=args.init)
   _set_initial(model, args)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)

@@ -234,8 +234,9 @@ def test_bad_input(world, capsys, tmp_path):
 
 
 def test_layers_policy():
-  """--layers auto inlines the blocks for SPSA (forward-only steps) and keeps the layer scan for gradient steps."""
-  assert cli.scan_layers("auto", "spsa") is False
-  assert cli.scan_layers("auto", "grad") is True
+  """--layers auto inlines the blocks for Mamba2 SPSA only; the layer scan elsewhere."""
+  assert cli.scan_layers("auto", "spsa", "mamba2") is False
+  assert cli.scan_layers("auto", "spsa", "mamba1") is True
+  assert cli.scan_layers("auto", "grad", "mamba2") is True
   assert cli.scan_layers("unroll", "grad") is False
   assert cli.scan_layers("scan", "spsa") is True
