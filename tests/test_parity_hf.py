@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,13 @@ from tests.conftest import make_hf_mamba, rel_err
 
 CHUNK = 8
 LENGTHS = [1, 7, CHUNK - 1, CHUNK + 1, 3 * CHUNK + 5]
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+  """float32 matmuls at full precision: XLA's default on GPU is TF32, ~1e-3 off the torch logits (seen on an H100)."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 def _torch_logits(torch, model, ids):
