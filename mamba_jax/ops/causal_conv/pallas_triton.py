@@ -3,12 +3,12 @@
 Shape legend: b batch, l length, d the source's width, c window channels, t rows per program, w channels per
 program, k conv width.
 
-Why a kernel: the mixers' conv reads a column window of the in_proj output. XLA fuses the window, the shifted
-multiply-adds and the SiLU, but writes the result through a float32 padded intermediate and needs the window
-sliced out for the consumers that are custom calls; measured on an H100 (mamba2-1.3b at 8K tokens,
-benchmarks/results/calibrate.md) the conv fusion and its slices took 0.095 ms per layer, this kernel 0.080 ms
-(the memory floor is ~0.047 ms). Here each program reads its (t + k - 1, w) input rows straight out of the source (the window's column offset is a
-BlockSpec block index, so nothing is sliced or padded in memory) and writes (t, w) outputs once.
+Why a kernel: the mixers' conv reads a column window of the in_proj output, and Mamba2's SSD kernel needs x, B and
+C as separate arrays. XLA fuses the window, the shifted multiply-adds and the SiLU into one pass that writes x, and
+copies B and C out in another. Here each program reads its (t + k - 1, w) input rows straight out of the source
+(the window's column offset is a BlockSpec block index, so nothing is sliced or padded in memory) and writes (t, w)
+outputs once, one launch per window. Measured on an H100 (mamba2-1.3b at 8K tokens,
+benchmarks/results/calibrate.md): 0.080 ms per layer against 0.095 ms for XLA's passes; the memory floor is ~0.047.
 Rows before 0 and at or beyond l are masked in the loads, and stores beyond l are masked: any length works.
 The interpreter (CPU tests) cannot load from negative row offsets (its dynamic slices clamp), so there the source
 is first padded with k - 1 zero rows and no load starts below row 0; the GPU path masks instead.
