@@ -24,7 +24,8 @@ BWD_SWEEP = [dict(), dict(target_programs_bwd=1056)]
 
 
 def pieces(cfg, l, log):
-  """Times the forward's pieces (XLA prep, segment-state kernel, scan over segments, main kernel) for one config."""
+  """Times the forward's pieces (XLA prep, segment-state kernel, main kernel with its chaining of the segments'
+  states) for one config."""
   x, dt, A, B, C, D, z, dt_bias = ssd_inputs(l, jax.random.PRNGKey(0))
   b, _, h, p = x.shape
   g, n = B.shape[-2:]
@@ -41,12 +42,11 @@ def pieces(cfg, l, log):
   seg = jax.jit(lambda *r: pt._fwd_segment_states(meta, *r))
   log(f"{tag} segment-state kernel: {_time(seg, x, dtp, cs, B, iters=20):.3f} ms")
   S_loc = seg(x, dtp, cs, B)
+  dec = jax.jit(lambda cs: pt._segment_decay(meta, cs))(cs)
   S0 = jnp.zeros((b, h, p, n), jnp.float32)
-  over = jax.jit(lambda S_loc, cs: pt._forward_over_segments(S0, S_loc, pt._segment_decay(meta, cs)))
-  log(f"{tag} scan over segments (XLA): {_time(over, S_loc, cs, iters=20):.3f} ms")
-  S_seg = over(S_loc, cs)[0]
-  main = jax.jit(lambda *r: pt._fwd_main(meta, *r, save_states=False)[0])
-  log(f"{tag} main kernel: {_time(main, x, dtp, cs, B, C, Dp, z, S_seg, iters=20):.3f} ms")
+  chained = (S_loc, dec) if meta.S > 1 else (None, None)
+  main = jax.jit(lambda *r: pt._fwd_main(meta, *r, *chained, save_states=False)[0])
+  log(f"{tag} main kernel: {_time(main, x, dtp, cs, B, C, Dp, z, S0, iters=20):.3f} ms")
 
 
 def main():

@@ -9,10 +9,12 @@ Design (see benchmarks/results/scans.md for measurements):
     `s` segments of `k` chunks. One program owns one (batch, head, segment) and walks its chunks in order,
     keeping the (p, n) state in registers: there is no chunk-state round trip through memory in the
     forward pass, and the number of programs (b * h * s) is chosen to fill the GPU at any length.
-  * Forward = 3 steps: (1) a Pallas kernel computes each segment's state from a zero start; (2) a tiny
-    XLA scan over segments gives each segment's incoming state; (3) the main Pallas kernel recomputes the
-    segment from its true incoming state and writes y with D and the z gate fused. Step 1 only does the
-    state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass.
+  * Forward = 2 launches: (1) a Pallas kernel computes each segment's state from a zero start; (2) the main
+    Pallas kernel chains those end states (from the initial state) up to its own segment, a few (p, n) steps,
+    then recomputes the segment from its true incoming state and writes y with D and the z gate fused. Step 1
+    only does the state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass. (Round 5
+    ran an XLA scan over segments between the launches: a few small kernels per layer and a (b, h, s, p, n)
+    array written and read; benchmarks/results/calibrate.md.)
   * Backward = adjoint passes and a chunk-parallel gradient kernel. Under `jax.vjp` the forward stores every
     chunk-entry state (in the dots' operand dtype: the dots read them in that dtype anyway, and it halves their
     traffic for bf16). The adjoint passes are the forward's pattern in reverse: a Pallas kernel per (batch, head,
@@ -138,11 +140,15 @@ def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cd
   out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
 
 
-def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
+def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, chain):
   """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
 
-  Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S_in (p, n)
+  Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S0 (p, n) the scan's
+  initial state, [when `chain`: S_loc (s, p, n) every segment's end state from a zero start and dec (s,) every
+  segment's total decay]
   -> y (k*T, p), [chunk-entry states (k, p, n) in the dots' operand dtype, [the output before the gate (k*T, p)]].
+  The segment's incoming state is chained here from S0 through the segments before it (a few (p, n) steps), so the
+  forward needs no XLA scan over segments between its two launches.
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -154,9 +160,14 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
   if has_z:
     z_ref = refs[i]
     i += 1
-  s0_ref, y_ref = refs[i], refs[i + 1]
-  st_ref = refs[i + 2] if save_states else None
-  yp_ref = refs[i + 3] if save_states and has_z else None
+  s0_ref = refs[i]
+  i += 1
+  if chain:
+    sloc_ref, dec_ref = refs[i], refs[i + 1]
+    i += 2
+  y_ref = refs[i]
+  st_ref = refs[i + 1] if save_states else None
+  yp_ref = refs[i + 2] if save_states and has_z else None
 
   def body(k, S):
     sl = pl.ds(k * T, T)
@@ -183,7 +194,10 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states):
     w = (jnp.exp(c_end - c) * dt)[:, None] * x  # (t, p)
     return jnp.exp(c_end) * S + _mm(w, Bm, ta=True, cdt=cdt)  # (p, n)
 
-  jax.lax.fori_loop(0, K, body, s0_ref[...])
+  S_in = s0_ref[...]
+  if chain:
+    S_in = jax.lax.fori_loop(0, pl.program_id(1), lambda j, S: dec_ref[j] * S + sloc_ref[j], S_in)
+  jax.lax.fori_loop(0, K, body, S_in)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,8 +365,21 @@ def _specs(meta, b, h, p, n):
   seq_h = pl.BlockSpec((_SQ, _SQ, KT), lambda hi, si, bi: (bi, hi, si))  # (b, h, l)
   head_p = pl.BlockSpec((_SQ, p), lambda hi, si, bi: (hi, 0))  # (h, p)
   seg_pn = pl.BlockSpec((_SQ, _SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, s, p, n)
+  init_pn = pl.BlockSpec((_SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, 0, 0))  # (b, h, p, n)
+  all_seg_pn = pl.BlockSpec((_SQ, _SQ, meta.S, p, n), lambda hi, si, bi: (bi, hi, 0, 0, 0))  # (b, h, s, p, n)
+  all_seg = pl.BlockSpec((_SQ, _SQ, meta.S), lambda hi, si, bi: (bi, hi, 0))  # (b, h, s)
   chunks_pn = pl.BlockSpec((_SQ, _SQ, meta.K, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, p, n)
-  return dict(seq_hp=seq_hp, seq_gn=seq_gn, seq_h=seq_h, head_p=head_p, seg_pn=seg_pn, chunks_pn=chunks_pn)
+  return dict(
+    seq_hp=seq_hp,
+    seq_gn=seq_gn,
+    seq_h=seq_h,
+    head_p=head_p,
+    seg_pn=seg_pn,
+    init_pn=init_pn,
+    all_seg_pn=all_seg_pn,
+    all_seg=all_seg,
+    chunks_pn=chunks_pn,
+  )
 
 
 def _call(kernel, meta, grid, in_specs, out_specs, out_shape, name, num_warps=None, num_stages=None):
@@ -386,14 +413,22 @@ def _fwd_segment_states(meta, x, dtp, cs, B):
   )(x, dtp, cs, B)
 
 
-def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
+def _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states):
   """y (b, l, h, p) and, when `save_states`, (the (b, h, c, p, n) chunk-entry states in the dots' operand dtype,
   with a gate the output before it (b, l, h, p), else None)."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   sp = _specs(meta, b, h, p, n)
+  chain = S_loc is not None
   kernel = functools.partial(
-    _fwd_kernel, T=meta.T, K=meta.K, cdt=_cdt(x.dtype), has_d=meta.has_d, has_z=meta.has_z, save_states=save_states
+    _fwd_kernel,
+    T=meta.T,
+    K=meta.K,
+    cdt=_cdt(x.dtype),
+    has_d=meta.has_d,
+    has_z=meta.has_z,
+    save_states=save_states,
+    chain=chain,
   )
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
   args = [x, dtp, cs, B, C]
@@ -403,8 +438,11 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states):
   if meta.has_z:
     in_specs.append(sp["seq_hp"])
     args.append(z)
-  in_specs.append(sp["seg_pn"])
-  args.append(S_seg)
+  in_specs.append(sp["init_pn"])
+  args.append(S0)
+  if chain:
+    in_specs += [sp["all_seg_pn"], sp["all_seg"]]
+    args += [S_loc, dec]
   out_specs = [sp["seq_hp"]]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if save_states:
@@ -499,16 +537,15 @@ def _unroll(s):
   return True if s <= 64 else 16
 
 
-def _forward_over_segments(S0, S_loc, dec):
-  """Incoming state of each segment (b, h, s, p, n) and the final state (b, h, p, n)."""
+def _final_over_segments(S0, S_loc, dec):
+  """The state after the last segment (b, h, p, n), from the initial state and each segment's local end state."""
 
   def step(S, inp):
     loc, d = inp
-    return d[..., None, None] * S + loc, S
+    return d[..., None, None] * S + loc, None
 
   xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
-  S_fin, S_in = jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))
-  return jnp.moveaxis(S_in, 0, 2), S_fin
+  return jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))[0]
 
 
 def _backward_over_segments(dS_fin, G_loc, dec):
@@ -531,12 +568,11 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   dec = _segment_decay(meta, cs)
   if meta.S > 1:
     S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
-    S_seg, S_fin = _forward_over_segments(S0, S_loc, dec)
+    y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states)
+    # The final state, in XLA; dead code (removed by XLA) unless the caller uses it.
+    S_fin = _final_over_segments(S0, S_loc, dec)
   else:
-    S_seg = S0[:, :, None]
-    S_fin = None
-  y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S_seg, save_states)
-  if S_fin is None:
+    y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, None, None, save_states)
     # One segment: the final state is the last chunk's state advanced over the last chunk; recompute in XLA
     # cheaply only when asked (the caller drops it otherwise, and XLA removes dead code).
     S_fin = _final_state_one_segment(meta, x, dtp, cs, B, S0)
