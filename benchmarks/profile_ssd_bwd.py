@@ -49,12 +49,10 @@ def main():
     dout = jax.random.normal(jax.random.PRNGKey(1), x.shape, x.dtype)
     seg = lambda *r: pt._bwd_segment_states(mb, *r, h)
     report(f"{tag} adjoint pass 1 (segments)", seg, dout, cs, C)
-    dS_fin = jnp.zeros((b, h, p, n), jnp.float32)
-    G_loc = jax.jit(seg)(dout, cs, C) if mb.S > 1 else None
-    dec = jax.jit(lambda cs: pt._segment_decay(mb, cs))(cs) if mb.S > 1 else None
-    adj = lambda *r: pt._bwd_adjoints(mb, *r, G_loc, dec)
-    report(f"{tag} adjoint pass 2 (chunks, chaining the segments)", adj, dout, cs, C, states, dS_fin)
-    G, GS = jax.jit(adj)(dout, cs, C, states, dS_fin)
+    G_seg = jnp.zeros((b, h, mb.S, p, n), jnp.float32)
+    adj = lambda *r: pt._bwd_adjoints(mb, *r)
+    report(f"{tag} adjoint pass 2 (chunks)", adj, dout, cs, C, states, G_seg)
+    G, GS = jax.jit(adj)(dout, cs, C, states, G_seg)
     chunks = lambda *r: pt._bwd_chunks(mb, *r)
     report(f"{tag} chunk kernel", chunks, x, dtp, cs, B, C, Dp, dout, states, G, GS)
     vjp = jax.jit(lambda *r: jax.vjp(lambda *q: pt._core(meta, *q)[0], *r)[1](dout))

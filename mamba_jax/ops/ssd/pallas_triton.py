@@ -18,10 +18,10 @@ Design (see benchmarks/results/scans.md for measurements):
   * Backward = adjoint passes and a chunk-parallel gradient kernel. Under `jax.vjp` the forward stores every
     chunk-entry state (in the dots' operand dtype: the dots read them in that dtype anyway, and it halves their
     traffic for bf16). The adjoint passes are the forward's pattern in reverse: a Pallas kernel per (batch, head,
-    segment) walks the chunks backwards from a zero adjoint, and a second walk first chains those adjoints back
-    from the final state's cotangent to its own segment's end, then stores the adjoint at every chunk end (and its
-    inner product with the chunk-entry state, which the decay's gradient needs). With a gate, the forward also saves
-    the output before it (in the input dtype, as the official kernels do), and the gate's backward (dz, and the gradient
+    segment) walks the chunks backwards from a zero adjoint, a tiny XLA scan over segments gives each segment
+    end's true adjoint, and a second walk from it stores the adjoint at every chunk end (and its inner product
+    with the chunk-entry state, which the decay's gradient needs). With a gate, the forward also saves the output
+    before it (in the input dtype, as the official kernels do), and the gate's backward (dz, and the gradient
     of the scan output in the input dtype) is one elementwise XLA fusion, so no backward kernel sees the gate
     (in the chunk kernel the gate's extra live tiles cost ~2x). Then one program per (H heads of a group,
     chunk, batch), independent of every other, writes dx, d(dt), d(log-decay cumsum), dB and dC summed over
@@ -226,21 +226,13 @@ def _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt):
   return jnp.exp(_last(c, T)) * G + _mm(dy, c_ref[sl, :], ta=True, cdt=cdt)
 
 
-def _bwd_adjoint_kernel(*refs, T, K, cdt, chain):
-  """The adjoint state at every chunk end of one segment, from the adjoint at the sequence's end.
+def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt):
+  """The adjoint state at every chunk end of one segment, from the true adjoint at the segment's end.
 
-  Refs: dy (k*T, p), cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), the final state's cotangent (p, n),
-  [when `chain`: G_loc (s, p, n) every segment's start adjoint from a zero end adjoint and dec (s,) every
-  segment's total decay]
+  Refs: dy (k*T, p), cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), adjoint at the segment's end (p, n)
   -> adjoint at each chunk's end (k, p, n) in the states' dtype, and <adjoint at the chunk's end, state at its
   start> repeated over the chunk's tokens (k*T,) float32.
-  The adjoint at this segment's end is chained here from the final state's cotangent back through the segments
-  after it, as the forward chains its incoming state.
   """
-  dy_ref, cs_ref, c_ref, st_ref, g0_ref = refs[:5]
-  if chain:
-    gloc_ref, dec_ref = refs[5:7]
-  g_ref, gs_ref = refs[-2:]
 
   def body(i, G):
     k = K - 1 - i
@@ -248,15 +240,7 @@ def _bwd_adjoint_kernel(*refs, T, K, cdt, chain):
     gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * st_ref[k].astype(jnp.float32)))
     return _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt)
 
-  G_end = g0_ref[...]
-  if chain:
-    last = gloc_ref.shape[0] - 1
-
-    def back(j, G):
-      return dec_ref[last - j] * G + gloc_ref[last - j]
-
-    G_end = jax.lax.fori_loop(0, last - pl.program_id(1), back, G_end)
-  jax.lax.fori_loop(0, K, body, G_end)
+  jax.lax.fori_loop(0, K, body, g0_ref[...])
 
 
 def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
@@ -484,23 +468,18 @@ def _bwd_segment_states(meta, dy, cs, C, h):
   return _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(dy, cs, C)
 
 
-def _bwd_adjoints(meta, dy, cs, C, states, dS_fin, G_loc, dec):
+def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
   """The adjoint at every chunk end (b, h, c, p, n), in the states' dtype, and <it, the chunk-entry state>
-  repeated over each chunk's tokens (b, h, l) float32. G_loc, dec: None with one segment."""
+  repeated over each chunk's tokens (b, h, l) float32."""
   b, l, h, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  chain = G_loc is not None
-  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), chain=chain)
-  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_pn"], sp["init_pn"]]
-  args = [dy, cs, C, states, dS_fin]
-  if chain:
-    in_specs += [sp["all_seg_pn"], sp["all_seg"]]
-    args += [G_loc, dec]
+  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_pn"], sp["seg_pn"]]
   out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, h, l), jnp.float32)]
   out_specs = [sp["chunks_pn"], sp["seq_h"]]
   call = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")
-  return call(*args)
+  return call(dy, cs, C, states, G_seg)
 
 
 def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
@@ -569,16 +548,16 @@ def _final_over_segments(S0, S_loc, dec):
   return jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))[0]
 
 
-def _initial_over_segments(dS_fin, G_loc, dec):
-  """The adjoint at the start of the sequence (b, h, p, n): the final state's cotangent carried back through every
-  segment."""
+def _backward_over_segments(dS_fin, G_loc, dec):
+  """Adjoint at each segment's end (b, h, s, p, n) and at the start of the sequence (b, h, p, n)."""
 
   def step(G, inp):
     loc, d = inp
-    return d[..., None, None] * G + loc, None
+    return d[..., None, None] * G + loc, G
 
   xs = (jnp.moveaxis(G_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
-  return jax.lax.scan(step, dS_fin, xs, reverse=True, unroll=_unroll(dec.shape[2]))[0]
+  G0, G_out = jax.lax.scan(step, dS_fin, xs, reverse=True, unroll=_unroll(dec.shape[2]))
+  return jnp.moveaxis(G_out, 0, 2), G0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -642,16 +621,11 @@ def _core_bwd(meta, res, cts):
     dy = (dout.astype(jnp.float32) * silu_z).astype(x.dtype)
   else:
     dy = dout
-  # Adjoint passes: local adjoints at the segment starts, then (chaining them back to each segment's end in the
-  # kernel) the true adjoint at every chunk end.
+  # Adjoint passes: local adjoints at the segment starts, the segment ends' true adjoints by a short scan over
+  # segments, then the true adjoint at every chunk end.
   G_loc = _bwd_segment_states(meta, dy, cs, C, h)
-  dec = _segment_decay(meta, cs)
-  dS_fin = dS_fin.astype(jnp.float32)
-  if meta.S > 1:
-    G, GS = _bwd_adjoints(meta, dy, cs, C, states, dS_fin, G_loc, dec)
-  else:
-    G, GS = _bwd_adjoints(meta, dy, cs, C, states, dS_fin, None, None)
-  G0 = _initial_over_segments(dS_fin, G_loc, dec)  # dead code (removed by XLA) unless S0 needs a gradient
+  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs))
+  G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
   dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
   dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
   dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
