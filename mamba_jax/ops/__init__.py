@@ -1,4 +1,5 @@
-"""Scan operators (and Mamba2's gated norm) and the one place where an implementation is chosen.
+"""Scan operators, the mixers' causal conv and Mamba2's gated norm, and the one place where an implementation is
+chosen.
 
 `impl` picks the implementation: "auto" (Pallas on GPU when available, XLA elsewhere), "pallas",
 "xla" or "reference" (the slow sequential scan used by tests).
@@ -226,6 +227,7 @@ def gated_rms_norm(
 
 
 __all__ = [
+  "causal_conv1d",
   "gated_rms_norm",
   "ssd",
   "selective_scan",

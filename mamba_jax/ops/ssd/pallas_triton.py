@@ -13,8 +13,8 @@ Design (see benchmarks/results/scans.md for measurements):
     Pallas kernel chains those end states (from the initial state) up to its own segment, a few (p, n) steps,
     then recomputes the segment from its true incoming state and writes y with D and the z gate fused. Step 1
     only does the state half of the chunk math, so the whole forward costs ~1.3x the FLOPs of one pass. (Round 5
-    ran an XLA scan over segments between the launches: a few small kernels per layer and a (b, h, s, p, n)
-    array written and read; benchmarks/results/calibrate.md.)
+    ran an XLA scan over segments between the launches, a few small kernels and a (b, h, s, p, n) array written
+    and read; chaining in the kernel took the H100 stream time at 8K from 0.270 to 0.255 ms, scans.md round 6.)
   * Backward = adjoint passes and a chunk-parallel gradient kernel. Under `jax.vjp` the forward stores every
     chunk-entry state (in the dots' operand dtype: the dots read them in that dtype anyway, and it halves their
     traffic for bf16). The adjoint passes are the forward's pattern in reverse: a Pallas kernel per (batch, head,
