@@ -33,16 +33,6 @@ class Block(nnx.Module):
     return (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype), cache
 
 
-def _stack(*leaves: jax.Array) -> jax.Array:
-  """jnp.stack(leaves) written as one in-place update per leaf. XLA's GPU concatenate of 48 weight matrices ran at
-  about a third of copy bandwidth (3.9 ms for mamba2-1.3b's in_proj weights on an H100); an update per leaf is a
-  plain copy each (benchmarks/results/calibrate.md, round 6)."""
-  out = jnp.zeros((len(leaves), *leaves[0].shape), leaves[0].dtype)
-  for i, leaf in enumerate(leaves):
-    out = jax.lax.dynamic_update_index_in_dim(out, leaf.astype(out.dtype), i, 0)
-  return out
-
-
 class Backbone(nnx.Module):
   """mamba_ssm `MixerModel`: embedding, blocks, final RMSNorm."""
 
@@ -107,7 +97,7 @@ class MambaLM(nnx.Module):
     if self.scan_layers and all(nnx.graphdef(layer) == graphdef for layer in layers[1:]):
       # One compiled block applied n_layer times (lax.scan over the stacked layer states) instead of n_layer
       # inlined copies: compile time independent of depth. Stacking copies the weights once per call.
-      stacked = jax.tree.map(_stack, *[nnx.state(layer) for layer in layers])
+      stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer) for layer in layers])
       residual, _ = jax.lax.scan(self._block_fn(graphdef), residual, stacked)
     else:
       for layer in layers:
