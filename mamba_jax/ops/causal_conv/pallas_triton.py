@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mamba_jax.ops._reference_vjp import reference_vjp
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
 
 F32 = jnp.float32
@@ -108,23 +109,11 @@ def _forward(meta: _Meta, src, weight, bias):
   )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _conv(meta, src, weight, bias):
-  return _forward(meta, src, weight, bias)
+def _reference(meta: _Meta, src, weight, bias):
+  return causal_conv1d_xla(src, weight, bias, start=meta.start, width=meta.width, silu=meta.silu)
 
 
-def _conv_fwd(meta, src, weight, bias):
-  return _forward(meta, src, weight, bias), (src, weight, bias)
-
-
-def _conv_bwd(meta, res, g):
-  def fn(src, weight, bias):
-    return causal_conv1d_xla(src, weight, bias, start=meta.start, width=meta.width, silu=meta.silu)
-
-  return jax.vjp(fn, *res)[1](g)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = reference_vjp(_forward, _reference)
 
 
 def causal_conv1d_pallas(

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mamba_jax.ops._reference_vjp import reference_vjp
 from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
 
 F32 = jnp.float32
@@ -108,27 +109,13 @@ def _forward(meta: _Meta, y, z, weight):
   return out.reshape(y.shape)
 
 
-def _gate(meta: _Meta, z, e):
-  return z if meta.z_start == 0 and z.shape[-1] == e else z[..., meta.z_start : meta.z_start + e]
+def _reference(meta: _Meta, y, z, weight):
+  e = y.shape[-1]
+  gate = z if meta.z_start == 0 and z.shape[-1] == e else z[..., meta.z_start : meta.z_start + e]
+  return gated_rms_norm_xla(y, gate, weight, meta.ngroups, meta.eps, meta.norm_before_gate)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _norm(meta, y, z, weight):
-  return _forward(meta, y, z, weight)
-
-
-def _norm_fwd(meta, y, z, weight):
-  return _forward(meta, y, z, weight), (y, z, weight)
-
-
-def _norm_bwd(meta, res, g):
-  def fn(y, z, weight):
-    return gated_rms_norm_xla(y, _gate(meta, z, y.shape[-1]), weight, meta.ngroups, meta.eps, meta.norm_before_gate)
-
-  return jax.vjp(fn, *res)[1](g)
-
-
-_norm.defvjp(_norm_fwd, _norm_bwd)
+_norm = reference_vjp(_forward, _reference)
 
 
 def gated_rms_norm_pallas(
