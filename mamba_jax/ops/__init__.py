@@ -9,7 +9,7 @@ import math
 
 import jax
 
-from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
+from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
 from mamba_jax.ops.selective_scan.xla import selective_scan_xla
@@ -166,8 +166,7 @@ def causal_conv1d(
   Returns:
     `(batch, seqlen, width)` in src's dtype, or a tuple of `(batch, seqlen, split)` with `splits`.
   """
-  start = start or 0
-  width = src.shape[-1] - start if width is None else width
+  start, width = window_bounds(src.shape[-1], start, width)
   if splits is not None and sum(splits) != width:
     raise ValueError(f"causal_conv1d: splits {splits} do not sum to the window's {width} channels")
   impl = resolve_impl(impl, "causal_conv")
@@ -221,9 +220,7 @@ def gated_rms_norm(
     mod = _pallas_module("gated_norm")
     if mod.supported(y.shape[-1], ngroups):
       return mod.gated_rms_norm_pallas(*args, z_start=z_start)
-  if z_start is not None:
-    z = z[..., z_start : z_start + y.shape[-1]]
-  return gated_rms_norm_xla(y, z, weight, ngroups, eps, norm_before_gate)
+  return gated_rms_norm_xla(*args, z_start=z_start)
 
 
 __all__ = [

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._reference_vjp import reference_vjp
-from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
+from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 
 F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -127,8 +127,7 @@ def causal_conv1d_pallas(
   interpret: bool = False,
 ) -> jax.Array:
   """Same contract as `causal_conv1d_xla`; differentiable in src, weight and bias."""
-  start = start or 0
-  width = src.shape[-1] - start if width is None else width
+  start, width = window_bounds(src.shape[-1], start, width)
   if src.ndim != 3 or start < 0 or start + width > src.shape[-1] or weight.shape[1:] != (width,):
     raise ValueError(
       f"causal_conv1d: src {src.shape} (window of {width} from column {start}) and weight {weight.shape} do not match"
@@ -140,11 +139,9 @@ def causal_conv1d_pallas(
       f"causal_conv1d_pallas: window start {start} and width {width} share no power-of-two block of at least "
       f"{MIN_BLOCK_W} channels; use impl='xla'"
     )
+  meta = _Meta(start, width, silu, bias is not None, interpret)
   if bias is None:
     bias = jnp.zeros((width,), F32)  # a differentiable placeholder; the kernel skips it
-    meta = _Meta(start, width, silu, False, interpret)
-  else:
-    meta = _Meta(start, width, silu, True, interpret)
   return _conv(meta, src, weight, bias)
 
 

@@ -9,12 +9,17 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
+def window_bounds(src_width: int, start: int | None, width: int | None) -> tuple[int, int]:
+  """(start, width) of a column window: start defaults to 0, width to the rest of the source's columns."""
+  start = start or 0
+  return start, src_width - start if width is None else width
+
+
 def window(src: jax.Array, start: int | None, width: int | None) -> jax.Array:
   """src[..., start : start + width] (the whole last dim when both are None)."""
   if start is None and width is None:
     return src
-  start = start or 0
-  width = src.shape[-1] - start if width is None else width
+  start, width = window_bounds(src.shape[-1], start, width)
   return src[..., start : start + width]
 
 

@@ -91,7 +91,7 @@ def _forward(meta: _Meta, y, z, weight):
   w = chunk_width(eg)
   rows = y.size // e
   r_blk = _row_block(rows, w)
-  z_blk0 = meta.z_start // eg  # _norm_args makes z_start a multiple of the group width
+  z_blk0 = meta.z_start // eg  # gated_rms_norm_pallas makes z_start a multiple of the group width
   y_spec = pl.BlockSpec((r_blk, eg), lambda ri, gi: (ri, gi))  # (r, e)
   z_spec = pl.BlockSpec((r_blk, eg), lambda ri, gi: (ri, z_blk0 + gi))  # (r, z's width)
   w_spec = pl.BlockSpec((eg,), lambda ri, gi: (gi,))  # (e,)
@@ -110,9 +110,7 @@ def _forward(meta: _Meta, y, z, weight):
 
 
 def _reference(meta: _Meta, y, z, weight):
-  e = y.shape[-1]
-  gate = z if meta.z_start == 0 and z.shape[-1] == e else z[..., meta.z_start : meta.z_start + e]
-  return gated_rms_norm_xla(y, gate, weight, meta.ngroups, meta.eps, meta.norm_before_gate)
+  return gated_rms_norm_xla(y, z, weight, meta.ngroups, meta.eps, meta.norm_before_gate, z_start=meta.z_start)
 
 
 _norm = reference_vjp(_forward, _reference)

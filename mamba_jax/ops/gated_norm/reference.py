@@ -16,9 +16,12 @@ def gated_rms_norm_xla(
   ngroups: int = 1,
   eps: float = 1e-5,
   norm_before_gate: bool = False,
+  z_start: int | None = None,
 ) -> jax.Array:
   """norm_before_gate=False: rmsnorm(y * silu(z)) * w; True: rmsnorm(y) * w * silu(z). In y's dtype; the math in
-  float32 (float64 for float64 inputs)."""
+  float32 (float64 for float64 inputs). With `z_start`, z is wider and the gate is z[..., z_start : z_start + e]."""
+  if z_start is not None:
+    z = z[..., z_start : z_start + y.shape[-1]]
   acc = jnp.promote_types(y.dtype, F32)
   y32, gate = y.astype(acc), jax.nn.silu(z.astype(acc))
   if not norm_before_gate:
