@@ -74,6 +74,9 @@ class SelectiveScanConfig:
     bwd_rows: backward kernel. True: `_bwd_rows_kernel`, the state and adjoint held as n (e-block,) rows like
       the forward (one channel per thread; the stored states are (n, e) rows). False: `_bwd_kernel`, the
       (e-block, n) layout (n spread over lanes, per-step reductions over n across lanes).
+    fwd_tile: forward kernel. True: `_fwd_tile_kernel`, the state held as one (n, e-block) tile, so that a step's
+      B_t and C_t rows are one vector load each per thread; False: `_fwd_kernel`, n separate (e-block,) rows
+      and 2n scalar loads per step.
 
   Defaults: the fastest of small sweeps on an H100 at 32K tokens (benchmarks/bench_scans.py --tune;
   benchmarks/results/scans.md, round 3): 256 channels x 8 warps forward; rows backward with 128 channels x 4 warps
@@ -89,6 +92,7 @@ class SelectiveScanConfig:
   unroll_bwd: int = 8
   num_warps_bwd: int = 4
   bwd_rows: bool = True
+  fwd_tile: bool = False
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -111,6 +115,7 @@ class _Meta:
   num_stages: int
   num_warps_bwd: int
   bwd_rows: bool
+  fwd_tile: bool
   interpret: bool
 
   @property
@@ -280,6 +285,64 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (h, zeros))
   for k in range(n):
     r.h_out[k, :] = h[k]
+  if not write_y:
+    r.dsum[...] = ds
+
+
+def _fwd_tile_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
+  """`_fwd_kernel` with the state held as one (n, e-block) tile instead of n (e-block,) rows.
+
+  With the channels on the tile's fast axis, Triton's default layout gives each thread one channel and all n
+  states, as the rows do; the difference is in the loads: B_t and C_t are (n,) vectors broadcast over the
+  channels, which Triton can load with a few vector loads per thread instead of 2n scalar loads.
+  Refs: as `_fwd_kernel`.
+  """
+  r = _Refs(refs, names)
+  A2 = r.A2[...]  # (n, e)
+  bias = r.bias[...].astype(jnp.float32) if meta.has_bias else None
+  Dv = r.D[...].astype(jnp.float32) if write_y and meta.has_d else None
+  si = pl.program_id(1)
+  seg0 = si * meta.seg_len
+  K = meta.unroll_bwd
+  zeros = jnp.zeros(A2.shape, jnp.float32)
+
+  if write_y:
+    h = r.h0[...]
+    if meta.S > 1:
+
+      def chain(i, h):
+        return _exp2(r.dsum[i, :][None, :] * A2, meta.interpret) * h + r.h_loc[i]
+
+      h = jax.lax.fori_loop(0, si, chain, h)
+  else:
+    h = zeros
+
+  def body(it, carry):
+    h, ds = carry
+    for j in range(meta.unroll):
+      t = it * meta.unroll + j
+      if save and j % K == 0:
+        if meta.bwd_rows:
+          r.h_sub[t // K] = h
+        else:
+          r.h_sub[t // K] = h.T  # the (e, n) backward's layout
+      u = r.u[t, :].astype(jnp.float32)  # (e,)
+      d, _ = _step_delta(r, t, seg0, meta, bias)  # (e,)
+      h = _exp2(d[None, :] * A2, meta.interpret) * h + r.B[t, :][:, None] * (d * u)[None, :]  # (n, e)
+      if write_y:
+        y = jnp.sum(h * r.C[t, :][:, None], axis=0)  # (e,)
+        if meta.has_d:
+          y = y + Dv * u
+        if meta.has_z:
+          zt = r.z[t, :].astype(jnp.float32)
+          y = y * zt / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
+        r.y[t, :] = y.astype(r.y.dtype)
+      else:
+        ds = ds + d
+    return h, ds
+
+  h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (h, jnp.zeros(A2.shape[1:], jnp.float32)))
+  r.h_out[...] = h
   if not write_y:
     r.dsum[...] = ds
 
@@ -526,10 +589,11 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2), ("B", "seq_n", B.astype(f32))]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
+  kernel = _fwd_tile_kernel if meta.fwd_tile else _fwd_kernel
   chain_in, dsum = [], None
   if meta.S > 1:
     h_loc, dsum = _call(
-      _fwd_kernel, meta, meta.block_e, meta.num_warps, common + bias_in,
+      kernel, meta, meta.block_e, meta.num_warps, common + bias_in,
       [("h_out", "seg_ne", seg_ne), ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
       "selective_scan_segment_states", write_y=False, save=False,
     )  # fmt: skip
@@ -542,7 +606,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   if save:
     sub = (n, e) if meta.bwd_rows else (e, n)
     outs.append(("h_sub", _sub_kind(meta), jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, *sub), f32)))
-  res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
+  res = _call(kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
   y, h_out = res[0], res[1]
   return y, jnp.swapaxes(h_out[:, -1], 1, 2), (res[2], dsum) if save else None
 
@@ -686,7 +750,7 @@ def selective_scan_pallas(
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
-    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, interpret,
+    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.fwd_tile, interpret,
   )  # fmt: skip
   pad = seg * S - l
 

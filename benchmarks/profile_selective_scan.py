@@ -1,0 +1,59 @@
+"""Times Pallas selective-scan config variants on the GPU, forward and forward+backward (a diagnostic, not a
+benchmark table; benchmarks/bench_scans.py writes the table).
+
+PYTHONPATH=. python benchmarks/profile_selective_scan.py --lens 8192,32768,65536 \\
+  --fwd '{}' '{"fwd_tile": true}' --bwd '{}'
+
+With --ncu, each variant's forward (and forward+backward with --bwd) runs once, for Nsight Compute:
+ncu --clock-control none --kernel-name regex:selective_scan --section LaunchStats --section Occupancy \\
+  python benchmarks/profile_selective_scan.py --ncu --lens 32768 --fwd '{}'
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+
+import jax
+
+from benchmarks.bench_scans import _rel, _safe, _time, _time_stream, fwd_bwd, make_ss, ss_inputs
+from mamba_jax.ops.selective_scan import pallas_triton as sp
+from mamba_jax.ops.selective_scan.xla import selective_scan_xla
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--lens", default="8192,32768,65536")
+  ap.add_argument("--fwd", nargs="*", default=["{}"], help="forward variants: JSON SelectiveScanConfig overrides")
+  ap.add_argument("--bwd", nargs="*", default=[], help="forward+backward variants (JSON overrides)")
+  ap.add_argument("--ncu", action="store_true", help="run each variant once (for Nsight Compute), no timing")
+  ap.add_argument("--check", action="store_true", help="check each forward variant against float32 XLA first")
+  a = ap.parse_args()
+  log = lambda s: print(s, flush=True)
+  log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  for l in [int(x) for x in a.lens.split(",")]:
+    args = ss_inputs(l, jax.random.PRNGKey(2))
+    ref = None
+    for grad, variants in ((False, a.fwd), (True, a.bwd)):
+      for v in variants:
+        cfg = dataclasses.replace(sp.DEFAULT_CONFIG, **json.loads(v))
+        f = make_ss(functools.partial(sp.selective_scan_pallas, config=cfg))
+        fn = jax.jit(fwd_bwd(f) if grad else f)
+        seg, S = sp._segments(l, 1, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
+        tag = f"{'fwd+bwd' if grad else 'fwd'} {l} {v} (S={S}, seg={seg})"
+        if a.ncu:
+          jax.block_until_ready(fn(*args))
+          log(f"ran {tag}")
+          continue
+        if a.check and not grad:
+          if ref is None:
+            ref = jax.jit(make_ss(selective_scan_xla))(*[x.astype("float32") for x in args])
+          log(f"{tag} err {_rel(fn(*args), ref):.2e}")
+        reps = 10 if grad else 20
+        wall = _safe(lambda fn=fn, args=args, reps=reps: _time(fn, *args, iters=reps), log)
+        stream = _safe(lambda fn=fn, args=args, reps=reps: _time_stream(fn, *args, calls=reps), log)
+        log(f"{tag}: wall {wall:.3f} ms, stream {stream:.3f} ms")
+
+
+if __name__ == "__main__":
+  main()
