@@ -21,8 +21,8 @@ BWD = {
   "rows": dict(bwd_rows=True, block_e_bwd=32, num_warps_bwd=1),
   "rows_blocksum": dict(bwd_rows=True),
   "en": dict(bwd_rows=False),
-  # The tile forward (its stored states feed the backward).
-  "rows_tile": dict(bwd_rows=True, fwd_tile=True),
+  # The forward without prefetching (its stored states feed the backward).
+  "rows_noprefetch": dict(bwd_rows=True, prefetch=False),
 }
 
 
@@ -68,11 +68,11 @@ def _f64(tree):
   return jax.tree.map(lambda a: None if a is None else np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize("fwd_tile", [False, True])
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_matches_reference(name, fwd_tile):
+def test_forward_matches_reference(name, prefetch):
   inp, kw = _case(name)
-  y, h = _pallas(dataclasses.replace(CFG, fwd_tile=fwd_tile), **inp, **kw)
+  y, h = _pallas(dataclasses.replace(CFG, prefetch=prefetch), **inp, **kw)
   with float64():
     y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
     y_ref, h_ref = np.asarray(y_ref), np.asarray(h_ref)
@@ -94,7 +94,7 @@ def test_forward_bf16_inputs():
 
 @pytest.mark.parametrize(
   "name, bwd",
-  [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum"), ("all", "rows_tile")],
+  [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum"), ("all", "rows_noprefetch")],
 )
 def test_gradients_match_reference(name, bwd):
   cfg = dataclasses.replace(CFG, **BWD[bwd])

@@ -74,9 +74,8 @@ class SelectiveScanConfig:
     bwd_rows: backward kernel. True: `_bwd_rows_kernel`, the state and adjoint held as n (e-block,) rows like
       the forward (one channel per thread; the stored states are (n, e) rows). False: `_bwd_kernel`, the
       (e-block, n) layout (n spread over lanes, per-step reductions over n across lanes).
-    fwd_tile: forward kernel. True: `_fwd_tile_kernel`, the state held as one (n, e-block) tile, so that a step's
-      B_t and C_t rows are one vector load each per thread; False: `_fwd_kernel`, n separate (e-block,) rows
-      and 2n scalar loads per step.
+    prefetch: the forward loads the next `unroll` steps' u, delta and z rows while it computes the current ones
+      (carried through the loop); without it each row is loaded where it is used.
 
   Defaults: the fastest of small sweeps on an H100 at 32K tokens (benchmarks/bench_scans.py --tune;
   benchmarks/results/scans.md, round 3): 256 channels x 8 warps forward; rows backward with 128 channels x 4 warps
@@ -92,7 +91,7 @@ class SelectiveScanConfig:
   unroll_bwd: int = 8
   num_warps_bwd: int = 4
   bwd_rows: bool = True
-  fwd_tile: bool = False
+  prefetch: bool = True
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -115,7 +114,7 @@ class _Meta:
   num_stages: int
   num_warps_bwd: int
   bwd_rows: bool
-  fwd_tile: bool
+  prefetch: bool
   interpret: bool
 
   @property
@@ -133,6 +132,37 @@ def _exp2(x, interpret):
     return jnp.exp2(x)
   (y,) = plgpu.elementwise_inline_asm(
     "ex2.approx.ftz.f32 $0, $1;",
+    args=[x],
+    constraints="=r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+  )
+  return y
+
+
+def _fma(a, b, c, interpret):
+  """a * b + c as one `fma.rn.f32` (float32 (e,) rows; b or c may be scalars): Triton does not contract a
+  multiply and an add into an FMA (Nsight Compute counted 16 fused against 117 separate float32 instructions
+  per warp and step in the forward)."""
+  if interpret:
+    return a * b + c
+  b, c = (jnp.broadcast_to(v, a.shape) for v in (b, c))
+  (y,) = plgpu.elementwise_inline_asm(
+    "fma.rn.f32 $0, $1, $2, $3;",
+    args=[a, b, c],
+    constraints="=r,r,r,r",
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+  )
+  return y
+
+
+def _rcp(x, interpret):
+  """1 / x as one `rcp.approx.ftz.f32` (at most 1 ulp off; a float32 division is a dozen instructions)."""
+  if interpret:
+    return 1.0 / x
+  (y,) = plgpu.elementwise_inline_asm(
+    "rcp.approx.ftz.f32 $0, $1;",
     args=[x],
     constraints="=r,r",
     pack=1,
@@ -211,9 +241,11 @@ class _Refs:
     self.__dict__.update(zip(names, refs, strict=True))
 
 
-def _step_delta(r, t, seg0, meta, bias):
-  """(delta after bias/softplus and the ragged mask, raw delta + bias) at row t; both (e,) float32."""
-  x = r.delta[t, :].astype(jnp.float32)
+def _step_delta(r, t, seg0, meta, bias, raw=None):
+  """(delta after bias/softplus and the ragged mask, raw delta + bias) at row t; both (e,) float32.
+
+  raw: the row r.delta[t, :] when already loaded."""
+  x = (r.delta[t, :] if raw is None else raw).astype(jnp.float32)
   if bias is not None:
     x = x + bias
   d = _softplus(x) if meta.softplus else x
@@ -244,105 +276,63 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   K = meta.unroll_bwd
   zeros = jnp.zeros(r.A2.shape[1:], jnp.float32)
 
+  fma = functools.partial(_fma, interpret=meta.interpret)
   if write_y:
     h = tuple(r.h0[k, :] for k in range(n))
     if meta.S > 1:
 
       def chain(i, h):
         ds = r.dsum[i, :]
-        return tuple(_exp2(ds * A2[k], meta.interpret) * h[k] + r.h_loc[i, k, :] for k in range(n))
+        return tuple(fma(_exp2(ds * A2[k], meta.interpret), h[k], r.h_loc[i, k, :]) for k in range(n))
 
       h = jax.lax.fori_loop(0, si, chain, h)
   else:
     h = (zeros,) * n
+  U = meta.unroll
+  blocks = meta.seg_len // U
+
+  def load(it):
+    """The per-channel rows of steps it * U ... it * U + U - 1: (u, raw delta, z or None) each."""
+    rows = []
+    for j in range(U):
+      t = it * U + j
+      rows.append((r.u[t, :], r.delta[t, :], r.z[t, :] if write_y and meta.has_z else None))
+    return tuple(rows)
 
   def body(it, carry):
-    h, ds = carry
-    for j in range(meta.unroll):
-      t = it * meta.unroll + j
+    h, ds, rows = carry
+    if meta.prefetch:  # issue the next block's loads first; their latency hides behind this block's work
+      nxt = load(jnp.minimum(it + 1, blocks - 1))
+    else:
+      rows, nxt = load(it), ()
+    for j in range(U):
+      t = it * U + j
       if save and j % K == 0:
         for k in range(n):
           if meta.bwd_rows:
             r.h_sub[t // K, k, :] = h[k]
           else:
             r.h_sub[t // K, :, k] = h[k]  # strided: the (e, n) backward's layout
-      u = r.u[t, :].astype(jnp.float32)  # (e,)
-      d, _ = _step_delta(r, t, seg0, meta, bias)  # (e,)
+      u_raw, delta_raw, z_raw = rows[j]
+      u = u_raw.astype(jnp.float32)  # (e,)
+      d, _ = _step_delta(r, t, seg0, meta, bias, raw=delta_raw)  # (e,)
       du = d * u
-      h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
+      h = tuple(fma(_exp2(d * A2[k], meta.interpret), h[k], r.B[t, k] * du) for k in range(n))
       if write_y:
-        y = sum(h[k] * r.C[t, k] for k in range(n))  # (e,)
-        if meta.has_d:
-          y = y + Dv * u
+        y = Dv * u if meta.has_d else zeros
+        for k in range(n):
+          y = fma(h[k], r.C[t, k], y)  # (e,)
         if meta.has_z:
-          zt = r.z[t, :].astype(jnp.float32)
-          y = y * zt / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
+          zt = z_raw.astype(jnp.float32)
+          y = y * zt * _rcp(1.0 + _exp2(-_LOG2E * zt, meta.interpret), meta.interpret)
         r.y[t, :] = y.astype(r.y.dtype)
       else:
         ds = ds + d
-    return h, ds
+    return h, ds, nxt
 
-  h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (h, zeros))
+  h, ds, _ = jax.lax.fori_loop(0, blocks, body, (h, zeros, load(0) if meta.prefetch else ()))
   for k in range(n):
     r.h_out[k, :] = h[k]
-  if not write_y:
-    r.dsum[...] = ds
-
-
-def _fwd_tile_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
-  """`_fwd_kernel` with the state held as one (n, e-block) tile instead of n (e-block,) rows.
-
-  With the channels on the tile's fast axis, Triton's default layout gives each thread one channel and all n
-  states, as the rows do; the difference is in the loads: B_t and C_t are (n,) vectors broadcast over the
-  channels, which Triton can load with a few vector loads per thread instead of 2n scalar loads.
-  Refs: as `_fwd_kernel`.
-  """
-  r = _Refs(refs, names)
-  A2 = r.A2[...]  # (n, e)
-  bias = r.bias[...].astype(jnp.float32) if meta.has_bias else None
-  Dv = r.D[...].astype(jnp.float32) if write_y and meta.has_d else None
-  si = pl.program_id(1)
-  seg0 = si * meta.seg_len
-  K = meta.unroll_bwd
-  zeros = jnp.zeros(A2.shape, jnp.float32)
-
-  if write_y:
-    h = r.h0[...]
-    if meta.S > 1:
-
-      def chain(i, h):
-        return _exp2(r.dsum[i, :][None, :] * A2, meta.interpret) * h + r.h_loc[i]
-
-      h = jax.lax.fori_loop(0, si, chain, h)
-  else:
-    h = zeros
-
-  def body(it, carry):
-    h, ds = carry
-    for j in range(meta.unroll):
-      t = it * meta.unroll + j
-      if save and j % K == 0:
-        if meta.bwd_rows:
-          r.h_sub[t // K] = h
-        else:
-          r.h_sub[t // K] = h.T  # the (e, n) backward's layout
-      u = r.u[t, :].astype(jnp.float32)  # (e,)
-      d, _ = _step_delta(r, t, seg0, meta, bias)  # (e,)
-      h = _exp2(d[None, :] * A2, meta.interpret) * h + r.B[t, :][:, None] * (d * u)[None, :]  # (n, e)
-      if write_y:
-        y = jnp.sum(h * r.C[t, :][:, None], axis=0)  # (e,)
-        if meta.has_d:
-          y = y + Dv * u
-        if meta.has_z:
-          zt = r.z[t, :].astype(jnp.float32)
-          y = y * zt / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
-        r.y[t, :] = y.astype(r.y.dtype)
-      else:
-        ds = ds + d
-    return h, ds
-
-  h, ds = jax.lax.fori_loop(0, meta.seg_len // meta.unroll, body, (h, jnp.zeros(A2.shape[1:], jnp.float32)))
-  r.h_out[...] = h
   if not write_y:
     r.dsum[...] = ds
 
@@ -454,6 +444,12 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
   seg0 = pl.program_id(1) * meta.seg_len
   K = meta.unroll_bwd
   zeros = jnp.zeros((e_blk,), jnp.float32)
+  fma = functools.partial(_fma, interpret=meta.interpret)
+
+  def dot(xs, ys, acc):  # acc + sum_k xs[k] ys[k], one FMA per term
+    for x, y in zip(xs, ys, strict=True):
+      acc = fma(x, y, acc)
+    return acc
 
   def body(i, carry):
     c, dA, dD, dbias = carry
@@ -466,7 +462,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         t = kb * K + j
         d, _ = _step_delta(r, t, seg0, meta, bias)
         du = d * r.u[t, :].astype(jnp.float32)
-        h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
+        h = tuple(fma(_exp2(d * A2[k], meta.interpret), h[k], r.B[t, k] * du) for k in range(n))
         hs.append(h)
     for j in reversed(range(K)):
       t = kb * K + j
@@ -476,10 +472,10 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
       dy0 = dy
       if meta.has_z:
         zt = r.z[t, :].astype(jnp.float32)
-        sz = 1.0 / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
+        sz = _rcp(1.0 + _exp2(-_LOG2E * zt, meta.interpret), meta.interpret)
         dy0 = dy * zt * sz
       Ct = [r.C[t, k] for k in range(n)]
-      g = [c[k] + dy0 * Ct[k] for k in range(n)]
+      g = [fma(dy0, Ct[k], c[k]) for k in range(n)]
       c = tuple(a[k] * g[k] for k in range(n))
       if not full:
         continue
@@ -487,7 +483,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
       du = d * u
       Bt = [r.B[t, k] for k in range(n)]
       h_prev = hs[j]
-      h_t = [a[k] * h_prev[k] + Bt[k] * du for k in range(n)]
+      h_t = [fma(a[k], h_prev[k], Bt[k] * du) for k in range(n)]
       if meta.lane_sums:
         P, _ = _lane_rows(n)
         v = [g[k] * du for k in range(n)] + [dy0 * h_t[k] for k in range(n)] + [zeros] * (P - 2 * n)
@@ -497,22 +493,20 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         for k in range(n):
           r.dB[t, k] = jnp.sum(g[k] * du)
           r.dC[t, k] = jnp.sum(dy0 * h_t[k])
-      sgB = sum(g[k] * Bt[k] for k in range(n))
+      sgB = dot(g, Bt, zeros)
       q = [c[k] * h_prev[k] for k in range(n)]  # a g h_prev
-      dA = tuple(dA[k] + d * q[k] for k in range(n))
-      dd = _LN2 * sum(q[k] * A2[k] for k in range(n)) + u * sgB  # dL/d(delta) (e,)
+      dA = tuple(fma(d, q[k], dA[k]) for k in range(n))
+      dd = fma(dot(q, A2, zeros), _LN2, u * sgB)  # dL/d(delta) (e,)
       dx = d * sgB
       if meta.has_d:
-        dx = dx + Dv * dy0
-        dD = dD + dy0 * u
+        dx = fma(Dv, dy0, dx)
+        dD = fma(dy0, u, dD)
       r.du[t, :] = dx.astype(r.du.dtype)
       if meta.has_z:
-        y0 = sum(h_t[k] * Ct[k] for k in range(n))
-        if meta.has_d:
-          y0 = y0 + Dv * u
+        y0 = dot(h_t, Ct, Dv * u if meta.has_d else zeros)
         r.dz[t, :] = (dy * y0 * sz * (1.0 + zt * (1.0 - sz))).astype(r.dz.dtype)
       if meta.softplus:
-        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + _exp2(-_LOG2E * x, meta.interpret)))
+        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, _rcp(1.0 + _exp2(-_LOG2E * x, meta.interpret), meta.interpret))
       if meta.ragged:
         dd = jnp.where(seg0 + t < meta.l, dd, 0.0)
       r.ddelta[t, :] = dd.astype(r.ddelta.dtype)
@@ -589,11 +583,10 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2), ("B", "seq_n", B.astype(f32))]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
-  kernel = _fwd_tile_kernel if meta.fwd_tile else _fwd_kernel
   chain_in, dsum = [], None
   if meta.S > 1:
     h_loc, dsum = _call(
-      kernel, meta, meta.block_e, meta.num_warps, common + bias_in,
+      _fwd_kernel, meta, meta.block_e, meta.num_warps, common + bias_in,
       [("h_out", "seg_ne", seg_ne), ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
       "selective_scan_segment_states", write_y=False, save=False,
     )  # fmt: skip
@@ -606,7 +599,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   if save:
     sub = (n, e) if meta.bwd_rows else (e, n)
     outs.append(("h_sub", _sub_kind(meta), jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, *sub), f32)))
-  res = _call(kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
+  res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
   y, h_out = res[0], res[1]
   return y, jnp.swapaxes(h_out[:, -1], 1, 2), (res[2], dsum) if save else None
 
@@ -750,7 +743,7 @@ def selective_scan_pallas(
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
-    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.fwd_tile, interpret,
+    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch, interpret,
   )  # fmt: skip
   pad = seg * S - l
 
