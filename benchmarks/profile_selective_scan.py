@@ -12,6 +12,7 @@ ncu --clock-control none --kernel-name regex:selective_scan --section LaunchStat
 import argparse
 import dataclasses
 import functools
+import importlib
 import json
 
 import jax
@@ -26,6 +27,9 @@ def main():
   ap.add_argument("--lens", default="8192,32768,65536")
   ap.add_argument("--fwd", nargs="*", default=["{}"], help="forward variants: JSON SelectiveScanConfig overrides")
   ap.add_argument("--bwd", nargs="*", default=[], help="forward+backward variants (JSON overrides)")
+  ap.add_argument(
+    "--bwd-module", nargs="*", default=[], help="also time --bwd variants with these modules' kernels (A/B)"
+  )
   ap.add_argument("--ncu", action="store_true", help="run each variant once (for Nsight Compute), no timing")
   ap.add_argument("--check", action="store_true", help="check each forward variant against float32 XLA first")
   a = ap.parse_args()
@@ -34,13 +38,16 @@ def main():
   for l in [int(x) for x in a.lens.split(",")]:
     args = ss_inputs(l, jax.random.PRNGKey(2))
     ref = None
-    for grad, variants in ((False, a.fwd), (True, a.bwd)):
-      for v in variants:
-        cfg = dataclasses.replace(sp.DEFAULT_CONFIG, **json.loads(v))
-        f = make_ss(functools.partial(sp.selective_scan_pallas, config=cfg))
+    mods = [(sp, False, v) for v in a.fwd] + [(sp, True, v) for v in a.bwd]
+    for m in a.bwd_module:
+      mods += [(importlib.import_module(m), True, v) for v in a.bwd]
+    for mod, grad, v in mods:
+      if True:
+        cfg = dataclasses.replace(mod.DEFAULT_CONFIG, **json.loads(v))
+        f = make_ss(functools.partial(mod.selective_scan_pallas, config=cfg))
         fn = jax.jit(fwd_bwd(f) if grad else f)
         seg, S = sp._segments(l, 1, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
-        tag = f"{'fwd+bwd' if grad else 'fwd'} {l} {v} (S={S}, seg={seg})"
+        tag = f"{'fwd+bwd' if grad else 'fwd'} {l} {mod.__name__.split('.')[-1]} {v} (S={S}, seg={seg})"
         if a.ncu:
           jax.block_until_ready(fn(*args))
           log(f"ran {tag}")

@@ -10,5 +10,5 @@ if [ -n "$NCU" ]; then
     python benchmarks/profile_selective_scan.py --ncu --lens 32768 $NCU_ARGS > $OUT/ncu_ss.txt 2>&1
   echo "ncu rc $?"
 fi
-python benchmarks/profile_selective_scan.py --check --lens ${LENS:-8192,32768,65536} --fwd $FWD --bwd $BWD 2>&1 \
+python benchmarks/profile_selective_scan.py --check --lens ${LENS:-8192,32768,65536} --fwd $FWD --bwd $BWD $EXTRA 2>&1 \
   | grep --line-buffered -v Warning | tee $OUT/variants.txt

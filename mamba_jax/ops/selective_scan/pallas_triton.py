@@ -91,7 +91,7 @@ class SelectiveScanConfig:
   unroll_bwd: int = 8
   num_warps_bwd: int = 4
   bwd_rows: bool = True
-  prefetch: bool = True
+  prefetch: bool = False
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -291,20 +291,21 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   U = meta.unroll
   blocks = meta.seg_len // U
 
+  def load_step(t):
+    """The per-channel rows of step t: (u, raw delta, z or None)."""
+    return r.u[t, :], r.delta[t, :], r.z[t, :] if write_y and meta.has_z else None
+
   def load(it):
-    """The per-channel rows of steps it * U ... it * U + U - 1: (u, raw delta, z or None) each."""
-    rows = []
-    for j in range(U):
-      t = it * U + j
-      rows.append((r.u[t, :], r.delta[t, :], r.z[t, :] if write_y and meta.has_z else None))
-    return tuple(rows)
+    """The rows of steps it * U ... it * U + U - 1."""
+    return tuple(load_step(it * U + j) for j in range(U))
 
   def body(it, carry):
     h, ds, rows = carry
+    nxt = ()
     if meta.prefetch:  # issue the next block's loads first; their latency hides behind this block's work
       nxt = load(jnp.minimum(it + 1, blocks - 1))
-    else:
-      rows, nxt = load(it), ()
+    elif not save:
+      rows = load(it)
     for j in range(U):
       t = it * U + j
       if save and j % K == 0:
@@ -313,7 +314,7 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
             r.h_sub[t // K, k, :] = h[k]
           else:
             r.h_sub[t // K, :, k] = h[k]  # strided: the (e, n) backward's layout
-      u_raw, delta_raw, z_raw = rows[j]
+      u_raw, delta_raw, z_raw = rows[j] if rows else load_step(t)
       u = u_raw.astype(jnp.float32)  # (e,)
       d, _ = _step_delta(r, t, seg0, meta, bias, raw=delta_raw)  # (e,)
       du = d * u
@@ -444,12 +445,6 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
   seg0 = pl.program_id(1) * meta.seg_len
   K = meta.unroll_bwd
   zeros = jnp.zeros((e_blk,), jnp.float32)
-  fma = functools.partial(_fma, interpret=meta.interpret)
-
-  def dot(xs, ys, acc):  # acc + sum_k xs[k] ys[k], one FMA per term
-    for x, y in zip(xs, ys, strict=True):
-      acc = fma(x, y, acc)
-    return acc
 
   def body(i, carry):
     c, dA, dD, dbias = carry
@@ -462,7 +457,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         t = kb * K + j
         d, _ = _step_delta(r, t, seg0, meta, bias)
         du = d * r.u[t, :].astype(jnp.float32)
-        h = tuple(fma(_exp2(d * A2[k], meta.interpret), h[k], r.B[t, k] * du) for k in range(n))
+        h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
         hs.append(h)
     for j in reversed(range(K)):
       t = kb * K + j
@@ -472,10 +467,10 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
       dy0 = dy
       if meta.has_z:
         zt = r.z[t, :].astype(jnp.float32)
-        sz = _rcp(1.0 + _exp2(-_LOG2E * zt, meta.interpret), meta.interpret)
+        sz = 1.0 / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
         dy0 = dy * zt * sz
       Ct = [r.C[t, k] for k in range(n)]
-      g = [fma(dy0, Ct[k], c[k]) for k in range(n)]
+      g = [c[k] + dy0 * Ct[k] for k in range(n)]
       c = tuple(a[k] * g[k] for k in range(n))
       if not full:
         continue
@@ -483,7 +478,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
       du = d * u
       Bt = [r.B[t, k] for k in range(n)]
       h_prev = hs[j]
-      h_t = [fma(a[k], h_prev[k], Bt[k] * du) for k in range(n)]
+      h_t = [a[k] * h_prev[k] + Bt[k] * du for k in range(n)]
       if meta.lane_sums:
         P, _ = _lane_rows(n)
         v = [g[k] * du for k in range(n)] + [dy0 * h_t[k] for k in range(n)] + [zeros] * (P - 2 * n)
@@ -493,20 +488,22 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         for k in range(n):
           r.dB[t, k] = jnp.sum(g[k] * du)
           r.dC[t, k] = jnp.sum(dy0 * h_t[k])
-      sgB = dot(g, Bt, zeros)
+      sgB = sum(g[k] * Bt[k] for k in range(n))
       q = [c[k] * h_prev[k] for k in range(n)]  # a g h_prev
-      dA = tuple(fma(d, q[k], dA[k]) for k in range(n))
-      dd = fma(dot(q, A2, zeros), _LN2, u * sgB)  # dL/d(delta) (e,)
+      dA = tuple(dA[k] + d * q[k] for k in range(n))
+      dd = _LN2 * sum(q[k] * A2[k] for k in range(n)) + u * sgB  # dL/d(delta) (e,)
       dx = d * sgB
       if meta.has_d:
-        dx = fma(Dv, dy0, dx)
-        dD = fma(dy0, u, dD)
+        dx = dx + Dv * dy0
+        dD = dD + dy0 * u
       r.du[t, :] = dx.astype(r.du.dtype)
       if meta.has_z:
-        y0 = dot(h_t, Ct, Dv * u if meta.has_d else zeros)
+        y0 = sum(h_t[k] * Ct[k] for k in range(n))
+        if meta.has_d:
+          y0 = y0 + Dv * u
         r.dz[t, :] = (dy * y0 * sz * (1.0 + zt * (1.0 - sz))).astype(r.dz.dtype)
       if meta.softplus:
-        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, _rcp(1.0 + _exp2(-_LOG2E * x, meta.interpret), meta.interpret))
+        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + _exp2(-_LOG2E * x, meta.interpret)))
       if meta.ragged:
         dd = jnp.where(seg0 + t < meta.l, dd, 0.0)
       r.ddelta[t, :] = dd.astype(r.ddelta.dtype)
