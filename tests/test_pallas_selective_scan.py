@@ -21,8 +21,8 @@ BWD = {
   "rows": dict(bwd_rows=True, block_e_bwd=32, num_warps_bwd=1),
   "rows_blocksum": dict(bwd_rows=True),
   "en": dict(bwd_rows=False),
-  # The forward without prefetching (its stored states feed the backward).
-  "rows_noprefetch": dict(bwd_rows=True, prefetch=False),
+  # The forward with prefetching (its stored states feed the backward).
+  "rows_prefetch": dict(bwd_rows=True, prefetch=True),
 }
 
 
@@ -94,7 +94,7 @@ def test_forward_bf16_inputs():
 
 @pytest.mark.parametrize(
   "name, bwd",
-  [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum"), ("all", "rows_noprefetch")],
+  [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum"), ("all", "rows_prefetch")],
 )
 def test_gradients_match_reference(name, bwd):
   cfg = dataclasses.replace(CFG, **BWD[bwd])

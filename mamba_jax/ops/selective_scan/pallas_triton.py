@@ -21,6 +21,10 @@ Design:
     recomputes its segment from the true incoming state and writes y with D and the z gate fused. Two launches
     and no XLA scan between them (an XLA while loop over the segments cost ~25 us per segment, ~0.8 ms).
     delta_bias and softplus are applied inside the kernels.
+  * Triton does not contract a multiply and an add into an FMA (Nsight Compute on an H100: 16 fused against 117
+    separate float32 instructions per warp and step), so the forward spells its FMAs out (`_fma`, inline PTX):
+    15-17% off the forward at 8K-64K (benchmarks/results/scans.md, round 7). The same change made the backward
+    slower, so the backward keeps plain multiplies and adds.
   * exp(delta A) is the hot special function (l * e * n of them per pass): on GPU it is one `ex2.approx` with
     A pre-scaled by log2(e) (inline PTX; libdevice's `__nv_expf` costs several instructions more). The
     interpreter uses `jnp.exp2`.
