@@ -131,17 +131,20 @@ class _Meta:
     return self.bwd_rows and self.block_e_bwd == 32 * self.num_warps_bwd
 
 
-def _exp2(x, interpret):
-  if interpret:
-    return jnp.exp2(x)
+def _ptx(asm, *args):
+  """One PTX instruction applied elementwise to same-shape 32-bit arrays ($0 the result, $1... the args)."""
   (y,) = plgpu.elementwise_inline_asm(
-    "ex2.approx.ftz.f32 $0, $1;",
-    args=[x],
-    constraints="=r,r",
+    asm,
+    args=list(args),
+    constraints=",".join(["=r"] + ["r"] * len(args)),
     pack=1,
-    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)],
   )
   return y
+
+
+def _exp2(x, interpret):
+  return jnp.exp2(x) if interpret else _ptx("ex2.approx.ftz.f32 $0, $1;", x)
 
 
 def _fma(a, b, c, interpret):
@@ -150,29 +153,13 @@ def _fma(a, b, c, interpret):
   per warp and step in the forward)."""
   if interpret:
     return a * b + c
-  b, c = (jnp.broadcast_to(v, a.shape) for v in (b, c))
-  (y,) = plgpu.elementwise_inline_asm(
-    "fma.rn.f32 $0, $1, $2, $3;",
-    args=[a, b, c],
-    constraints="=r,r,r,r",
-    pack=1,
-    result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-  )
-  return y
+  b, c = (jnp.broadcast_to(v, a.shape).astype(jnp.float32) for v in (b, c))
+  return _ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c)
 
 
 def _rcp(x, interpret):
   """1 / x as one `rcp.approx.ftz.f32` (at most 1 ulp off; a float32 division is a dozen instructions)."""
-  if interpret:
-    return 1.0 / x
-  (y,) = plgpu.elementwise_inline_asm(
-    "rcp.approx.ftz.f32 $0, $1;",
-    args=[x],
-    constraints="=r,r",
-    pack=1,
-    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-  )
-  return y
+  return 1.0 / x if interpret else _ptx("rcp.approx.ftz.f32 $0, $1;", x)
 
 
 def _softplus(x):
@@ -183,14 +170,7 @@ def _lane_xor(x, m, interpret):
   """x (e,), one element per thread, as held by lane `lane ^ m` of the same warp (`shfl.sync.bfly`)."""
   if interpret:
     return x[jnp.arange(x.shape[0]) ^ m]  # element i is lane i % 32 of warp i // 32
-  (y,) = plgpu.elementwise_inline_asm(
-    f"shfl.sync.bfly.b32 $0, $1, {m}, 0x1f, -1;",
-    args=[x],
-    constraints="=r,r",
-    pack=1,
-    result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
-  )
-  return y
+  return _ptx(f"shfl.sync.bfly.b32 $0, $1, {m}, 0x1f, -1;", x)
 
 
 def _lane_rows(n):
