@@ -2,7 +2,7 @@
 benchmark table; benchmarks/bench_scans.py writes the table).
 
 PYTHONPATH=. python benchmarks/profile_selective_scan.py --lens 8192,32768,65536 \\
-  --fwd '{}' '{"fwd_tile": true}' --bwd '{}'
+  --fwd '{}' '{"prefetch": true, "unroll": 8}' --bwd '{}'
 
 With --ncu, each variant's forward (and forward+backward with --bwd) runs once, for Nsight Compute:
 ncu --clock-control none --kernel-name regex:selective_scan --section LaunchStats --section Occupancy \\
@@ -42,24 +42,23 @@ def main():
     for m in a.bwd_module:
       mods += [(importlib.import_module(m), True, v) for v in a.bwd]
     for mod, grad, v in mods:
-      if True:
-        cfg = dataclasses.replace(mod.DEFAULT_CONFIG, **json.loads(v))
-        f = make_ss(functools.partial(mod.selective_scan_pallas, config=cfg))
-        fn = jax.jit(fwd_bwd(f) if grad else f)
-        seg, S = sp._segments(l, 1, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
-        tag = f"{'fwd+bwd' if grad else 'fwd'} {l} {mod.__name__.split('.')[-1]} {v} (S={S}, seg={seg})"
-        if a.ncu:
-          jax.block_until_ready(fn(*args))
-          log(f"ran {tag}")
-          continue
-        if a.check and not grad:
-          if ref is None:
-            ref = jax.jit(make_ss(selective_scan_xla))(*[x.astype("float32") for x in args])
-          log(f"{tag} err {_rel(fn(*args), ref):.2e}")
-        reps = 10 if grad else 20
-        wall = _safe(lambda fn=fn, args=args, reps=reps: _time(fn, *args, iters=reps), log)
-        stream = _safe(lambda fn=fn, args=args, reps=reps: _time_stream(fn, *args, calls=reps), log)
-        log(f"{tag}: wall {wall:.3f} ms, stream {stream:.3f} ms")
+      cfg = dataclasses.replace(mod.DEFAULT_CONFIG, **json.loads(v))
+      f = make_ss(functools.partial(mod.selective_scan_pallas, config=cfg))
+      fn = jax.jit(fwd_bwd(f) if grad else f)
+      seg, S = sp._segments(l, 1, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
+      tag = f"{'fwd+bwd' if grad else 'fwd'} {l} {mod.__name__.split('.')[-1]} {v} (S={S}, seg={seg})"
+      if a.ncu:
+        jax.block_until_ready(fn(*args))
+        log(f"ran {tag}")
+        continue
+      if a.check and not grad:
+        if ref is None:
+          ref = jax.jit(make_ss(selective_scan_xla))(*[x.astype("float32") for x in args])
+        log(f"{tag} err {_rel(fn(*args), ref):.2e}")
+      reps = 10 if grad else 20
+      wall = _safe(lambda fn=fn, args=args, reps=reps: _time(fn, *args, iters=reps), log)
+      stream = _safe(lambda fn=fn, args=args, reps=reps: _time_stream(fn, *args, calls=reps), log)
+      log(f"{tag}: wall {wall:.3f} ms, stream {stream:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,10 @@ class SelectiveScanConfig:
       the forward (one channel per thread; the stored states are (n, e) rows). False: `_bwd_kernel`, the
       (e-block, n) layout (n spread over lanes, per-step reductions over n across lanes).
     prefetch: the forward loads the next `unroll` steps' u, delta and z rows while it computes the current ones
-      (carried through the loop); without it each row is loaded where it is used.
+      (carried through the loop). Without it, the forward loads a block's rows at the block's start, and under
+      `jax.vjp` (where it also stores states) each step's rows where that step uses them: on an H100, block-start
+      loads under `jax.vjp` slowed forward+backward (8K 3.006 vs 2.777 ms); outside it they were not measured
+      against per-step loads (benchmarks/results/scans.md, round 7).
 
   Defaults: the fastest of small sweeps on an H100 at 32K tokens (benchmarks/bench_scans.py --tune;
   benchmarks/results/scans.md, round 3): 256 channels x 8 warps forward; rows backward with 128 channels x 4 warps
