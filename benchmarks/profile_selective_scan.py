@@ -14,6 +14,8 @@ import dataclasses
 import functools
 import importlib
 import json
+import math
+import tempfile
 
 import jax
 
@@ -32,6 +34,7 @@ def main():
   )
   ap.add_argument("--ncu", action="store_true", help="run each variant once (for Nsight Compute), no timing")
   ap.add_argument("--check", action="store_true", help="check each forward variant against float32 XLA first")
+  ap.add_argument("--trace", action="store_true", help="also print each variant's GPU time per kernel (profiler)")
   a = ap.parse_args()
   log = lambda s: print(s, flush=True)
   log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -42,7 +45,11 @@ def main():
     for m in a.bwd_module:
       mods += [(importlib.import_module(m), True, v) for v in a.bwd]
     for mod, grad, v in mods:
-      cfg = dataclasses.replace(mod.DEFAULT_CONFIG, **json.loads(v))
+      over = json.loads(v)
+      # "_pad_segments": true cuts the sequence as rounds 3-7 did (the aimed segment count, l padded up to it)
+      pad_segments = over.pop("_pad_segments", False)
+      sp._segments = _padded_segments if pad_segments else _SEGMENTS
+      cfg = dataclasses.replace(mod.DEFAULT_CONFIG, **over)
       f = make_ss(functools.partial(mod.selective_scan_pallas, config=cfg))
       fn = jax.jit(fwd_bwd(f) if grad else f)
       seg, S = sp._segments(l, 1, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
@@ -59,6 +66,33 @@ def main():
       wall = _safe(lambda fn=fn, args=args, reps=reps: _time(fn, *args, iters=reps), log)
       stream = _safe(lambda fn=fn, args=args, reps=reps: _time_stream(fn, *args, calls=reps), log)
       log(f"{tag}: wall {wall:.3f} ms, stream {stream:.3f} ms")
+      if a.trace:
+        _log_kernels(fn, args, log)
+
+
+_SEGMENTS = sp._segments
+
+
+def _padded_segments(l, b, e, cfg):
+  """Rounds 3-7's cut: the aimed segment count, each a multiple of `unroll`, l padded to their total."""
+  progs = b * max(1, e // cfg.block_e)
+  S = max(1, min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll)))
+  seg = math.ceil(math.ceil(l / S) / cfg.unroll) * cfg.unroll
+  return seg, -(-l // seg)
+
+
+def _log_kernels(fn, args, log, calls=3, top=12):
+  """GPU ms per call of the `top` kernels of `calls` traced calls (kernels summed by name; XLA's own too)."""
+  from benchmarks.profile_model import kernel_times
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    ms = {k: 1e3 * v / calls for k, v in kernel_times(d).items()}
+  log(f"  kernels, total {sum(ms.values()):.3f} ms: " + ", ".join(
+    f"{k[:48]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]
+  ))  # fmt: skip
 
 
 if __name__ == "__main__":

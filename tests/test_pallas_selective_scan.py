@@ -92,6 +92,43 @@ def test_forward_bf16_inputs():
   assert rel_err(h, h_ref) < 1e-4  # the state never goes through bf16
 
 
+def test_packed_bc_equals_unpacked():
+  """With bf16 B and C, reading them as packed pairs in the forward's main kernel (`pack_bc`) is exact: outputs
+  and gradients equal those of the unpacked kernels bit for bit, and the reference to float32 rounding."""
+  inp, kw = _case("all", seed=2)
+  inp["B"], inp["C"] = inp["B"].astype(jnp.bfloat16), inp["C"].astype(jnp.bfloat16)
+  names = list(inp)
+  ct = jax.random.normal(jax.random.PRNGKey(5), inp["u"].shape)
+
+  def run(cfg):
+    def f(*arrays):
+      y, h = _pallas(cfg, **dict(zip(names, arrays, strict=True)), **kw)
+      return jnp.sum(y * ct) + jnp.sum(h), (y, h)
+
+    (_, out), grads = jax.value_and_grad(f, argnums=tuple(range(len(names))), has_aux=True)(*inp.values())
+    return out, grads
+
+  base = dataclasses.replace(CFG, **BWD["rows"])
+  out, grads = run(dataclasses.replace(base, pack_bc=False))
+  out_p, grads_p = run(dataclasses.replace(base, pack_bc=True))
+  for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_p, grads_p)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  with float64():
+    y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
+  assert rel_err(out_p[0], y_ref) < 1e-5 and rel_err(out_p[1], h_ref) < 1e-5
+
+
+def test_unpack_bc_reads_each_value():
+  """`_pack_bc` / `_unpack_bc` round trip: every one of the 2n values comes back, in order, for any range."""
+  B = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 4)).astype(jnp.bfloat16)
+  C = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 4)).astype(jnp.bfloat16)
+  words = pt._pack_bc(B, C)[0]  # (3, 4) uint32
+  want = np.concatenate([np.asarray(B[0], np.float32), np.asarray(C[0], np.float32)], axis=-1)
+  for t in range(3):
+    np.testing.assert_array_equal(np.array(pt._unpack_bc(words, t, 0, 8), np.float32), want[t])
+    np.testing.assert_array_equal(np.array(pt._unpack_bc(words, t, 4, 4), np.float32), want[t, 4:])
+
+
 @pytest.mark.parametrize(
   "name, bwd",
   [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum"), ("all", "rows_prefetch")],
@@ -141,6 +178,19 @@ def test_segments_cover_length():
       assert seg % pt.DEFAULT_CONFIG.unroll == 0 and seg * s >= l and seg * (s - 1) < l, (l, e, seg, s)
 
 
+def test_segments_do_not_pad_whole_blocks():
+  """A length of whole `unroll` blocks is cut without padding (a pad copies every input and output), with a
+  segment count near the aimed one (programs = channel blocks x segments)."""
+  cfg = pt.DEFAULT_CONFIG
+  for l in (2048, 8192, 16384, 32768, 65536, 131072, 12288, 49152):
+    for b in (1, 2):
+      progs = b * 4096 // cfg.block_e
+      seg, s = pt._segments(l, b, 4096, cfg)
+      assert seg * s == l and seg % cfg.unroll == 0, (l, b, seg, s)
+      want = min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll))
+      assert 0.9 * want <= s <= 2 * want, (l, b, s, want)
+
+
 def test_lowers_to_triton_for_cuda():
   """CI has no GPU: at least check that the kernels lower to Triton IR for CUDA at the benchmark shapes."""
   b, l, e, n = 1, 4096, 4096, 16
@@ -159,7 +209,10 @@ def test_lowers_to_triton_for_cuda():
       pytest.skip(f"no Triton lowering in this jaxlib: {err}")
     raise
   assert text.count("__gpu$xla.gpu.triton") == 2  # segment states, scan with y
-  for cfg in (pt.DEFAULT_CONFIG, dataclasses.replace(pt.DEFAULT_CONFIG, bwd_rows=False, block_e_bwd=32)):
+  unpacked = dataclasses.replace(pt.DEFAULT_CONFIG, pack_bc=False)  # the default packs B and C
+  text = jax.jit(functools.partial(f, config=unpacked)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2
+  for cfg in (pt.DEFAULT_CONFIG, dataclasses.replace(pt.DEFAULT_CONFIG, bwd_rows=False, block_e_bwd=32), unpacked):
     loss = lambda *a, cfg=cfg: jnp.sum(f(*a, config=cfg).astype(jnp.float32))
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

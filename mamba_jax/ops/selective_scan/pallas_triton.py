@@ -25,6 +25,10 @@ Design:
     separate float32 instructions per warp and step), so the forward spells its FMAs out (`_fma`, inline PTX):
     15-17% off the forward at 8K-64K (benchmarks/results/scans.md, round 7). The same change made the backward
     slower, so the backward keeps plain multiplies and adds.
+  * Each step reads n B and n C values that every thread needs (scalar loads, the same address in every lane:
+    with bf16 inputs the main forward kernel reads them as bf16 pairs packed in 32-bit words, `pack_bc`), and
+    the segment count divides the length where it can (`_segments`): padding the sequence cost a copy of every
+    input and output, 6.56 -> 4.65 ms forward and 29.7 -> 20.5 ms forward+backward at 64K tokens (round 8).
   * exp(delta A) is the hot special function (l * e * n of them per pass): on GPU it is one `ex2.approx` with
     A pre-scaled by log2(e) (inline PTX; libdevice's `__nv_expf` costs several instructions more). The
     interpreter uses `jnp.exp2`.
@@ -83,6 +87,10 @@ class SelectiveScanConfig:
       `jax.vjp` (where it also stores states) each step's rows where that step uses them: on an H100, block-start
       loads under `jax.vjp` slowed forward+backward (8K 3.006 vs 2.777 ms); outside it they were not measured
       against per-step loads (benchmarks/results/scans.md, round 7).
+    pack_bc: when B and C are bfloat16, the forward's main kernel reads them as pairs packed in 32-bit words
+      (`_pack_bc`): one scalar load per two values instead of one per value, and a shift or mask to unpack each
+      (exact). On an H100 the forward's stream time fell 4-6% at 8K-64K; the segment-state kernel and the
+      backward read float32 B and C, because packed they were slower (benchmarks/results/scans.md, round 8).
 
   Defaults: the fastest of small sweeps on an H100 at 32K tokens (benchmarks/bench_scans.py --tune;
   benchmarks/results/scans.md, round 3): 256 channels x 8 warps forward; rows backward with 128 channels x 4 warps
@@ -99,6 +107,7 @@ class SelectiveScanConfig:
   num_warps_bwd: int = 4
   bwd_rows: bool = True
   prefetch: bool = False
+  pack_bc: bool = True
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -122,6 +131,7 @@ class _Meta:
   num_warps_bwd: int
   bwd_rows: bool
   prefetch: bool
+  pack_bc: bool  # the forward's main kernel reads B and C as bf16 pairs in uint32 words (`_pack_bc`)
   interpret: bool
 
   @property
@@ -163,6 +173,23 @@ def _fma(a, b, c, interpret):
 def _rcp(x, interpret):
   """1 / x as one `rcp.approx.ftz.f32` (at most 1 ulp off; a float32 division is a dozen instructions)."""
   return 1.0 / x if interpret else _ptx("rcp.approx.ftz.f32 $0, $1;", x)
+
+
+def _pack_bc(B, C):
+  """(b, l, n) uint32: the 2n bfloat16 values [B_t, C_t] of each step as pairs, value 2j in word j's low half."""
+  BC = jnp.concatenate([B, C], axis=-1)  # (b, l, 2n)
+  return jax.lax.bitcast_convert_type(BC.reshape(*BC.shape[:-1], -1, 2), jnp.uint32)
+
+
+def _unpack_bc(ref, t, first, count):
+  """Values first ... first + count - 1 (both even) of step t's 2n values [B_t, C_t] as float32 scalars, from
+  `_pack_bc`'s words: a bfloat16 is the high half of the float32 of the same value."""
+  vals = []
+  for j in range(first // 2, (first + count) // 2):
+    w = ref[t, j]
+    vals.append(jax.lax.bitcast_convert_type(jax.lax.shift_left(w, jnp.uint32(16)), jnp.float32))
+    vals.append(jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32))
+  return vals
 
 
 def _softplus(x):
@@ -245,8 +272,9 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   """One (channel block, segment, batch): walk the segment's steps from its incoming state.
 
   The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
-  Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32, [C (L_s, n) float32, D (e,),
-    z (L_s, e)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
+  Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
+    n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
+    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
     with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
     delta (pass 1's outputs), chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
@@ -305,11 +333,17 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
       u = u_raw.astype(jnp.float32)  # (e,)
       d, _ = _step_delta(r, t, seg0, meta, bias, raw=delta_raw)  # (e,)
       du = d * u
-      h = tuple(fma(_exp2(d * A2[k], meta.interpret), h[k], r.B[t, k] * du) for k in range(n))
+      if meta.pack_bc and write_y:
+        bc = _unpack_bc(r.BC, t, 0, 2 * n)
+        Bt, Ct = bc[:n], bc[n:]
+      else:
+        Bt = [r.B[t, k] for k in range(n)]
+        Ct = [r.C[t, k] for k in range(n)] if write_y else []
+      h = tuple(fma(_exp2(d * A2[k], meta.interpret), h[k], Bt[k] * du) for k in range(n))
       if write_y:
         y = Dv * u if meta.has_d else zeros
         for k in range(n):
-          y = fma(h[k], r.C[t, k], y)  # (e,)
+          y = fma(h[k], Ct[k], y)  # (e,)
         if meta.has_z:
           zt = z_raw.astype(jnp.float32)
           y = y * zt * _rcp(1.0 + _exp2(-_LOG2E * zt, meta.interpret), meta.interpret)
@@ -564,18 +598,21 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   n = A.shape[-1]
   f32 = jnp.float32
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
-  common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2), ("B", "seq_n", B.astype(f32))]
+  common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
   chain_in, dsum = [], None
   if meta.S > 1:
     h_loc, dsum = _call(
-      _fwd_kernel, meta, meta.block_e, meta.num_warps, common + bias_in,
+      _fwd_kernel, meta, meta.block_e, meta.num_warps, common + [("B", "seq_n", B.astype(f32))] + bias_in,
       [("h_out", "seg_ne", seg_ne), ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
       "selective_scan_segment_states", write_y=False, save=False,
     )  # fmt: skip
     chain_in = [("h_loc", "all_ne", h_loc), ("dsum", "all_e", dsum)]
-  ins = common + [("C", "seq_n", C.astype(f32))]
+  if meta.pack_bc:
+    ins = common + [("BC", "seq_n", _pack_bc(B, C))]
+  else:
+    ins = common + [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
   ins += [("D", "vec_e", D)] if meta.has_d else []
   ins += [("z", "seq_e", z)] if meta.has_z else []
   ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
@@ -686,10 +723,21 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _segments(l, b, e, cfg):
-  """(segment length, segments): segment length a multiple of `unroll`."""
+  """(segment length, segments): segment length a multiple of `unroll`, segments * length >= l.
+
+  Aims at `target_programs` programs, preferring a segment count within [0.9, 2] x the aimed one that divides
+  l into whole `unroll` blocks: padding l costs a copy of u, delta, z, B and C and of y (and of their
+  cotangents under `jax.vjp`). At 64K tokens the aimed 66 segments (of 1008 steps) padded 992 steps.
+  """
   progs = b * max(1, e // cfg.block_e)
-  S = max(1, min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll)))
-  seg = -(-l // S)
+  want = max(1, min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll)))
+  if l % cfg.unroll == 0:
+    blocks = l // cfg.unroll
+    exact = [S for S in range(max(1, (9 * want) // 10), 2 * want + 1) if blocks % S == 0]
+    if exact:
+      S = min(exact, key=lambda S: abs(S - want))
+      return l // S, S
+  seg = -(-l // want)
   seg = -(-seg // cfg.unroll) * cfg.unroll
   return seg, -(-l // seg)
 
@@ -725,9 +773,11 @@ def selective_scan_pallas(
   if cfg.unroll % cfg.unroll_bwd:
     raise ValueError(f"unroll={cfg.unroll} must be a multiple of unroll_bwd={cfg.unroll_bwd}")
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
+  bf16_bc = B.dtype == C.dtype == jnp.bfloat16
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
-    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch, interpret,
+    delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
+    cfg.pack_bc and bf16_bc, interpret,
   )  # fmt: skip
   pad = seg * S - l
 
