@@ -3,7 +3,7 @@
 # "_pad_segments"), and B/C read as packed bf16 pairs in the forward's main kernel (`pack_bc`, then off by
 # default, now on); per-kernel GPU times of each variant (--trace). With TESTS=1 first the compiled tests.
 # (The first call of this round also packed B/C in the segment-state kernel and the backward: slower there.)
-# NEXT=1: what round 8 left untried (segment counts 32 / 64 / 128 at 64K; forward+backward with the forward
+# NEXT=1: what round 8 left untried (segment counts 32 / 64 / 128 at 8K-64K; forward+backward with the forward
 # alone packed), in place of the round-8 variants.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 if [ -n "$TESTS" ]; then
@@ -11,7 +11,9 @@ if [ -n "$TESTS" ]; then
 fi
 run() { python benchmarks/profile_selective_scan.py --check "$@" 2>&1 | grep --line-buffered -v Warning | tee -a $OUT/variants.txt; }
 if [ -n "$NEXT" ]; then
-  run --trace --lens 32768,65536 --fwd '{}' '{"target_programs": 528}' '{"target_programs": 2112}' \
+  # 528 programs: 32 segments (one wave at 4 programs per SM; at 8K each main-kernel program also chains half as
+  # many earlier segments' states, ~16 chain steps against 128 segment steps now); 2112: 128 segments.
+  run --trace --lens 8192,32768,65536 --fwd '{}' '{"target_programs": 528}' '{"target_programs": 2112}' \
     --bwd '{}' '{"pack_bc": false}'
   run --lens 8192 --bwd '{}' '{"pack_bc": false}'
 else
