@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import importlib
 import json
-import math
 import tempfile
 
 import jax
@@ -75,10 +74,7 @@ _SEGMENTS = sp._segments
 
 def _padded_segments(l, b, e, cfg):
   """Rounds 3-7's cut: the aimed segment count, each a multiple of `unroll`, l padded to their total."""
-  progs = b * max(1, e // cfg.block_e)
-  S = max(1, min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll)))
-  seg = math.ceil(math.ceil(l / S) / cfg.unroll) * cfg.unroll
-  return seg, -(-l // seg)
+  return sp._padded_segments(l, sp._aimed_segments(l, b, e, cfg), cfg.unroll)
 
 
 def _log_kernels(fn, args, log, calls=3, top=12):

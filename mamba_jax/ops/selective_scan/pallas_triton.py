@@ -722,6 +722,19 @@ def _core_bwd(meta, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def _aimed_segments(l, b, e, cfg):
+  """The segment count that gives `target_programs` programs (at most one segment per 4 `unroll` blocks)."""
+  progs = b * max(1, e // cfg.block_e)
+  return max(1, min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll)))
+
+
+def _padded_segments(l, S, unroll):
+  """(segment length, segments): about S segments, each a multiple of `unroll`, l padded up to their total."""
+  seg = -(-l // S)
+  seg = -(-seg // unroll) * unroll
+  return seg, -(-l // seg)
+
+
 def _segments(l, b, e, cfg):
   """(segment length, segments): segment length a multiple of `unroll`, segments * length >= l.
 
@@ -729,17 +742,14 @@ def _segments(l, b, e, cfg):
   l into whole `unroll` blocks: padding l costs a copy of u, delta, z, B and C and of y (and of their
   cotangents under `jax.vjp`). At 64K tokens the aimed 66 segments (of 1008 steps) padded 992 steps.
   """
-  progs = b * max(1, e // cfg.block_e)
-  want = max(1, min(-(-cfg.target_programs // progs), l // (4 * cfg.unroll)))
+  want = _aimed_segments(l, b, e, cfg)
   if l % cfg.unroll == 0:
     blocks = l // cfg.unroll
     exact = [S for S in range(max(1, (9 * want) // 10), 2 * want + 1) if blocks % S == 0]
     if exact:
       S = min(exact, key=lambda S: abs(S - want))
       return l // S, S
-  seg = -(-l // want)
-  seg = -(-seg // cfg.unroll) * cfg.unroll
-  return seg, -(-l // seg)
+  return _padded_segments(l, want, cfg.unroll)
 
 
 def selective_scan_pallas(
