@@ -181,11 +181,11 @@ def _pack_bc(B, C):
   return jax.lax.bitcast_convert_type(BC.reshape(*BC.shape[:-1], -1, 2), jnp.uint32)
 
 
-def _unpack_bc(ref, t, first, count):
-  """Values first ... first + count - 1 (both even) of step t's 2n values [B_t, C_t] as float32 scalars, from
-  `_pack_bc`'s words: a bfloat16 is the high half of the float32 of the same value."""
+def _unpack_bc(ref, t):
+  """Step t's 2n values [B_t, C_t] as float32 scalars, from `_pack_bc`'s words (ref (L_s, n) uint32): a bfloat16
+  is the high half of the float32 of the same value."""
   vals = []
-  for j in range(first // 2, (first + count) // 2):
+  for j in range(ref.shape[-1]):
     w = ref[t, j]
     vals.append(jax.lax.bitcast_convert_type(jax.lax.shift_left(w, jnp.uint32(16)), jnp.float32))
     vals.append(jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32))
@@ -334,7 +334,7 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
       d, _ = _step_delta(r, t, seg0, meta, bias, raw=delta_raw)  # (e,)
       du = d * u
       if meta.pack_bc and write_y:
-        bc = _unpack_bc(r.BC, t, 0, 2 * n)
+        bc = _unpack_bc(r.BC, t)
         Bt, Ct = bc[:n], bc[n:]
       else:
         Bt = [r.B[t, k] for k in range(n)]
