@@ -287,6 +287,10 @@ def main():
   ap.add_argument("--tune", type=int, default=0, help="sweep block sizes at this length first and use the best")
   ap.add_argument("--no-xla-bwd-above", type=int, default=65536, help="skip timing XLA fwd+bwd above this length")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test of this script)")
+  ap.add_argument(
+    "--official-json",
+    help="official kernels timed on this device (benchmarks/bench_official.py); default: the issue's H100 figures",
+  )
   a = ap.parse_args()
   lens = [int(s) for s in a.lens.split(",")]
   lines = []
@@ -338,10 +342,30 @@ def main():
       checks["selective_scan"] = check_256k(
         "selective_scan", selective_scan_pallas, selective_scan_xla, make_ss, ss_inputs, a.check_len, 8, log
       )
-  write_md(a.out, dev, rows, checks, lines)
+  official, official_note = load_official(a.official_json)
+  write_md(a.out, dev, rows, checks, lines, official, official_note)
 
 
-def write_md(path, dev, rows, checks, lines):
+def load_official(path):
+  """{(op, "fwd" | "fwd+bwd"): {tokens: (wall ms, stream ms)}} and a sentence saying where the figures come from."""
+  if not path:
+    table = {k: {l: (t, t) for l, t in v.items()} for k, v in OFFICIAL.items()}
+    return table, "the official kernels on an H100, measured by the project lead (one figure for both timings)"
+  with open(path) as f:
+    d = json.load(f)
+  table = {}
+  for op in ("ssd", "selective_scan"):
+    rows = d.get(op, {})
+    table[(op, "fwd")] = {int(l): (r["fwd"], r["stream_fwd"]) for l, r in rows.items()}
+    table[(op, "fwd+bwd")] = {int(l): (r["fwd_bwd"], r["stream_fwd_bwd"]) for l, r in rows.items()}
+  note = (
+    f"the official kernels timed on this device ({d['device']}, torch {d['torch']}, {d['date']}) by "
+    "benchmarks/bench_official.py with the same two timings; ratios are wall/wall and stream/stream"
+  )
+  return table, note
+
+
+def write_md(path, dev, rows, checks, lines, official, official_note):
   date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
   commit = os.environ.get("GIT_COMMIT", "unknown")
   out = [
@@ -351,8 +375,8 @@ def write_md(path, dev, rows, checks, lines):
     "Batch 1, inputs bf16, dt float32, dt_bias + softplus, D and z. Times are medians of synchronised calls",
     "(wall clock around `block_until_ready`, so each includes the host's dispatch and synchronisation, ~0.1 ms on",
     "the lent machines); `stream` columns: back-to-back calls with one synchronisation at the end (the device's",
-    "time, as event-based timing measures it). `official` = the official",
-    "Triton (SSD) / CUDA (selective scan) kernels on an H100, measured by the project lead. `floor` = x, B, C, dt",
+    "time, as event-based timing measures it). `official` = the official Triton (SSD) / CUDA (selective scan)",
+    f"kernels: {official_note}. `floor` = x, B, C, dt",
     "read once and y written once at 3 TB/s (SSD); u, delta, z, B, C read and y written (selective scan).",
     "`err` = ||pallas - xla_f32|| / ||xla_f32|| on the same bf16 inputs (XLA run in float32);",
     "`grad err` = max over inputs of the same for the gradients (first length only).",
@@ -363,17 +387,18 @@ def write_md(path, dev, rows, checks, lines):
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
-    of = OFFICIAL[(r["op"], "fwd")].get(r["l"], float("nan"))
-    ob = OFFICIAL[(r["op"], "fwd+bwd")].get(r["l"], float("nan"))
+    nan = (float("nan"), float("nan"))
+    (of, sof), (ob, sob) = (official.get((r["op"], k), {}).get(r["l"], nan) for k in ("fwd", "fwd+bwd"))
     ge = "" if r["grad_err"] is None else f"{r['grad_err']:.1e}"
     out.append(
-      f"| {r['op']} | {r['l']} | {r['err']:.1e} | {ge} | {r['pallas_fwd']:.3f} | {of} | {r['pallas_fwd'] / of:.2f} "
+      f"| {r['op']} | {r['l']} | {r['err']:.1e} | {ge} | {r['pallas_fwd']:.3f} | {_ms(of, sof)} "
+      f"| {r['pallas_fwd'] / of:.2f} "
       f"| {r['xla_fwd']:.2f} | {r['xla_fwd'] / r['pallas_fwd']:.1f} | {r['floor']:.3f} "
       f"| {r['pallas_fwd'] / r['floor']:.1f} "
-      f"| {r['pallas_fwdbwd']:.3f} | {ob} | {r['pallas_fwdbwd'] / ob:.2f} | {r['xla_fwdbwd']:.2f} "
+      f"| {r['pallas_fwdbwd']:.3f} | {_ms(ob, sob)} | {r['pallas_fwdbwd'] / ob:.2f} | {r['xla_fwdbwd']:.2f} "
       f"| {r['xla_fwdbwd'] / r['pallas_fwdbwd']:.1f} "
-      f"| {r['stream_fwd']:.3f} | {r['stream_fwd'] / of:.2f} | {r['stream_fwdbwd']:.3f} "
-      f"| {r['stream_fwdbwd'] / ob:.2f} | {r['stream_xla_fwdbwd'] / r['stream_fwdbwd']:.1f} |"
+      f"| {r['stream_fwd']:.3f} | {r['stream_fwd'] / sof:.2f} | {r['stream_fwdbwd']:.3f} "
+      f"| {r['stream_fwdbwd'] / sob:.2f} | {r['stream_xla_fwdbwd'] / r['stream_fwdbwd']:.1f} |"
     )
   out.append("")
   for op, err in checks.items():
@@ -384,6 +409,11 @@ def write_md(path, dev, rows, checks, lines):
   with open(path, "w") as f:
     f.write("\n".join(out))
   print("\n".join(out[: -len(lines) - 5]))
+
+
+def _ms(wall, stream):
+  """An official time: one figure, or wall / stream when the two timings differ."""
+  return f"{wall:.3g}" if wall == stream else f"{wall:.3f} / {stream:.3f}"
 
 
 if __name__ == "__main__":
