@@ -2,26 +2,36 @@
 # Round 9, on whatever kind the device tool lends (an H200 this round, where rounds 2-8 had an H100): the official
 # kernels timed on the same device (benchmarks/bench_official.py, from a git-ignored checkout in third_party/mamba,
 # carried with the call), then this project's table against them (bench_scans.py --official-json).
-#   STEP=scans  (default) official build + timings in the background while the compiled kernel tests run, then
-#               bench_scans.py for both ops with the 256K check.
-#   STEP=more   the selective-scan segment-count variants round 8 left untried, and the calibration rows.
+#   STEP=scans  official build + timings in the background while the compiled kernel tests run, then
+#               bench_scans.py for the SSD with the 256K check.
+#   STEP=ss     bench_scans.py for the selective scan against benchmarks/results/official_h200.json (XLA
+#               forward+backward timed up to 32K), then the segment-count variants round 8 left untried.
+#   STEP=cal    the calibration rows at 8K (mamba2-1.3b, mamba-1.4b).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-if [ "${STEP:-scans}" = scans ]; then
+case "${STEP:-scans}" in
+scans)
   (timeout 420 python benchmarks/bench_official.py --src third_party/mamba --out $OUT/official.json \
     > $OUT/official.log 2>&1; echo "official exit $?" >> $OUT/official.log) &
   timeout 200 python -m pytest -q -p no:cacheprovider -x tests/test_pallas_selective_scan.py tests/test_pallas_ssd.py \
     tests/test_causal_conv.py tests/test_gated_norm.py 2>&1 | tail -4 | tee $OUT/tests.txt
   wait
   grep -v Warning $OUT/official.log | tail -25
-  GIT_COMMIT=$commit timeout 330 python benchmarks/bench_scans.py --official-json $OUT/official.json \
+  GIT_COMMIT=$commit timeout 330 python benchmarks/bench_scans.py --ops ssd --official-json $OUT/official.json \
     --out $OUT/scans.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans.log | grep -v '^{'
-else
-  python benchmarks/profile_selective_scan.py --check --lens 8192,32768,65536 --fwd '{}' '{"target_programs": 528}' \
-    '{"target_programs": 2112}' --bwd '{}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/variants.txt
-  for m in mamba2-1.3b mamba-1.4b; do
-    python benchmarks/bench_calibrate.py --models $m --lengths 8192 --iters 3 --json $OUT/calibrate.jsonl 2>&1 \
-      | grep -v "Warning\|warn"
+  ;;
+ss)
+  GIT_COMMIT=$commit timeout 360 python benchmarks/bench_scans.py --ops selective_scan --no-xla-bwd-above 32768 \
+    --official-json benchmarks/results/official_h200.json --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning \
+    | tee $OUT/scans_ss.log | grep -v '^{'
+  timeout 200 python benchmarks/profile_selective_scan.py --check --lens 8192,32768,65536 --fwd '{}' \
+    '{"target_programs": 528}' '{"target_programs": 2112}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/variants.txt
+  ;;
+cal)
+  for m in mamba-1.4b mamba2-1.3b; do
+    timeout 280 python benchmarks/bench_calibrate.py --models $m --lengths 8192 --iters 3 --json $OUT/calibrate.jsonl \
+      2>&1 | grep -v "Warning\|warn"
   done
-fi
+  ;;
+esac
