@@ -6,7 +6,8 @@
 #               bench_scans.py for the SSD with the 256K check.
 #   STEP=ss     bench_scans.py for the selective scan against benchmarks/results/official_h200.json (XLA
 #               forward+backward timed up to 32K), then the segment-count variants round 8 left untried.
-#   STEP=cal    the calibration rows at 8K (mamba2-1.3b, mamba-1.4b).
+#   STEP=last   the selective scan's 64K row (no XLA forward+backward) and its 256K check, then mamba-1.4b's
+#               calibration rows at 8K (the selective scan changed in rounds 7-8; the Mamba2 path did not).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -28,10 +29,11 @@ ss)
   timeout 200 python benchmarks/profile_selective_scan.py --check --lens 8192,32768,65536 --fwd '{}' \
     '{"target_programs": 528}' '{"target_programs": 2112}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/variants.txt
   ;;
-cal)
-  for m in mamba-1.4b mamba2-1.3b; do
-    timeout 280 python benchmarks/bench_calibrate.py --models $m --lengths 8192 --iters 3 --json $OUT/calibrate.jsonl \
-      2>&1 | grep -v "Warning\|warn"
-  done
+last)
+  GIT_COMMIT=$commit timeout 150 python benchmarks/bench_scans.py --ops selective_scan --lens 65536 \
+    --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json --out $OUT/scans_ss64k.md 2>&1 \
+    | grep --line-buffered -v Warning | tee $OUT/scans_ss64k.log | grep -v '^{'
+  timeout 250 python benchmarks/bench_calibrate.py --models mamba-1.4b --lengths 8192 --iters 3 \
+    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee $OUT/calibrate.log
   ;;
 esac
