@@ -121,6 +121,11 @@ def make_ss(impl_fn):
 
 
 def fwd_bwd(f):
+  """Gradients of a scalar loss of f's output w.r.t. all 8 inputs. The loss's own forward (a reduction over y) and
+  backward (its cotangent materialised as a broadcast) are timed with it: at 64K tokens ~0.3 ms of an XLA
+  broadcast alone (benchmarks/results/scans.md, round 8's trace). `with_cotangent` times what the official
+  figures time."""
+
   def loss(*args):
     y = f(*args)
     return jnp.sum(y.astype(jnp.float32) * jnp.cos(jnp.arange(y.shape[-1], dtype=jnp.float32)))
@@ -128,36 +133,56 @@ def fwd_bwd(f):
   return jax.grad(loss, argnums=tuple(range(8)))
 
 
+def with_cotangent(f):
+  """(g, *args) -> the gradients of f at args for the output cotangent g: forward + backward and nothing else, as
+  `torch.autograd.grad(y, inputs, g)` in benchmarks/bench_official.py."""
+
+  def h(g, *args):
+    y, pullback = jax.vjp(f, *args)
+    return pullback(g.astype(y.dtype))
+
+  return h
+
+
+def _cotangent(f, args, key):
+  """A random cotangent of f's output (its shape and dtype), drawn once, outside the timed calls."""
+  y = jax.eval_shape(f, *args)
+  return jax.random.normal(key, y.shape, jnp.float32).astype(y.dtype)
+
+
 def _upcast(args):
   return tuple(a.astype(jnp.float32) for a in args)
 
 
-def run_op(op, lens, pallas_fn, xla_fn, make, inputs, floor_bytes, log, skip_xla_bwd_above):
+def run_op(op, lens, pallas_fn, xla_fn, make, inputs, floor_bytes, log, skip_xla_bwd_above, loss_bwd=False):
   rows = []
   pf, xf = make(pallas_fn), make(xla_fn)
   pf_j, xf_j = jax.jit(pf), jax.jit(xf)
-  pg_j, xg_j = jax.jit(fwd_bwd(pf)), jax.jit(fwd_bwd(xf))
+  pg_j, xg_j = jax.jit(with_cotangent(pf)), jax.jit(with_cotangent(xf))
   for i, l in enumerate(lens):
     args = inputs(l, jax.random.PRNGKey(100 + l))
+    g = _cotangent(pf, args, jax.random.PRNGKey(l))
     y = pf_j(*args)
     y_ref = jax.jit(xf)(*_upcast(args))
     err = _rel(y, y_ref)
     grad_err = None
     if i == 0:
-      gp = pg_j(*args)
-      gr = jax.jit(fwd_bwd(xf))(*_upcast(args))
+      gp = pg_j(g, *args)
+      gr = jax.jit(with_cotangent(xf))(g.astype(jnp.float32), *_upcast(args))
       grad_err = max(_rel(a, b) for a, b in zip(gp, gr, strict=True))
       log(f"{op} l={l} grad rel errs: " + ", ".join(f"{_rel(a, b):.2e}" for a, b in zip(gp, gr, strict=True)))
     del y, y_ref
     t_pf = _time(pf_j, *args)
-    t_pg = _time(pg_j, *args, iters=20)
+    t_pg = _time(pg_j, g, *args, iters=20)
     t_xf = _safe(lambda args=args: _time(xf_j, *args, iters=10), log)
-    t_xg = _safe(lambda args=args: _time(xg_j, *args, iters=5), log) if l <= skip_xla_bwd_above else float("nan")
+    t_xg = float("nan")
+    if l <= skip_xla_bwd_above:
+      t_xg = _safe(lambda args=args, g=g: _time(xg_j, g, *args, iters=5), log)
     s_pf = _time_stream(pf_j, *args)
-    s_pg = _time_stream(pg_j, *args, calls=10)
+    s_pg = _time_stream(pg_j, g, *args, calls=10)
     s_xg = float("nan")
     if l <= skip_xla_bwd_above:
-      s_xg = _safe(lambda args=args: _time_stream(xg_j, *args, calls=3, reps=3), log)
+      s_xg = _safe(lambda args=args, g=g: _time_stream(xg_j, g, *args, calls=3, reps=3), log)
     row = dict(
       op=op,
       l=l,
@@ -172,6 +197,8 @@ def run_op(op, lens, pallas_fn, xla_fn, make, inputs, floor_bytes, log, skip_xla
       stream_xla_fwdbwd=s_xg,
       floor=floor_bytes(l) / 3.0e12 * 1e3,
     )
+    if loss_bwd:  # rounds 2-8 timed this: the gradient of a loss, its reduction and broadcast included
+      row["stream_fwdbwd_loss"] = _time_stream(jax.jit(fwd_bwd(pf)), *args, calls=10)
     rows.append(row)
     log(json.dumps(row))
   return rows
@@ -287,6 +314,7 @@ def main():
   ap.add_argument("--tune", type=int, default=0, help="sweep block sizes at this length first and use the best")
   ap.add_argument("--no-xla-bwd-above", type=int, default=65536, help="skip timing XLA fwd+bwd above this length")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test of this script)")
+  ap.add_argument("--loss-bwd", action="store_true", help="also time rounds 2-8's loss-gradient forward+backward")
   ap.add_argument(
     "--official-json",
     help="official kernels timed on this device (benchmarks/bench_official.py); default: the issue's H100 figures",
@@ -315,7 +343,7 @@ def main():
       ssd_pallas = functools.partial(ssd_pallas, config=ssd_cfg)
 
     floor = lambda l: l * H * P * 2 * 2 + l * G * N * 2 * 2 + l * H * 4
-    rows += run_op("ssd", lens, ssd_pallas, ssd_xla, make_ssd, ssd_inputs, floor, log, a.no_xla_bwd_above)
+    rows += run_op("ssd", lens, ssd_pallas, ssd_xla, make_ssd, ssd_inputs, floor, log, a.no_xla_bwd_above, a.loss_bwd)
     if a.check_len:
       checks["ssd"] = check_256k("ssd", ssd_pallas, ssd_xla, make_ssd, ssd_inputs, a.check_len, 8, log)
   if "selective_scan" in ops:
@@ -337,6 +365,7 @@ def main():
       floor,
       log,
       a.no_xla_bwd_above,
+      a.loss_bwd,
     )
     if a.check_len:
       checks["selective_scan"] = check_256k(
@@ -379,7 +408,9 @@ def write_md(path, dev, rows, checks, lines, official, official_note):
     f"kernels: {official_note}. `floor` = x, B, C, dt",
     "read once and y written once at 3 TB/s (SSD); u, delta, z, B, C read and y written (selective scan).",
     "`err` = ||pallas - xla_f32|| / ||xla_f32|| on the same bf16 inputs (XLA run in float32);",
-    "`grad err` = max over inputs of the same for the gradients (first length only).",
+    "`grad err` = max over inputs of the same for the gradients (first length only). fwd+bwd = the forward and",
+    "the gradients w.r.t. all 8 inputs for a given random output cotangent (`jax.vjp`), as bench_official.py times",
+    "the official kernels (`torch.autograd.grad(y, inputs, g)`).",
     "",
     "| op | tokens | err | grad err | Pallas fwd ms | official fwd | ratio | XLA fwd | XLA/Pallas | floor ms "
     "| Pallas/floor | Pallas fwd+bwd ms | official fwd+bwd | ratio | XLA fwd+bwd | XLA/Pallas "
@@ -401,6 +432,12 @@ def write_md(path, dev, rows, checks, lines, official, official_note):
       f"| {r['stream_fwdbwd'] / sob:.2f} | {r['stream_xla_fwdbwd'] / r['stream_fwdbwd']:.1f} |"
     )
   out.append("")
+  for r in rows:
+    if "stream_fwdbwd_loss" in r:
+      out.append(
+        f"- {r['op']} at {r['l']} tokens, stream fwd+bwd of a loss's gradient (rounds 2-8's timing, the loss's "
+        f"reduction and broadcast included): {r['stream_fwdbwd_loss']:.3f} ms"
+      )
   for op, err in checks.items():
     out.append(
       f"- {op} at 262144 tokens: relative error vs float32 XLA (run in 8 pieces with carried state) = {err:.2e}"

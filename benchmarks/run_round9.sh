@@ -8,6 +8,8 @@
 #               forward+backward timed up to 32K), then the segment-count variants round 8 left untried.
 #   STEP=last   the selective scan's 64K row (no XLA forward+backward) and its 256K check, then mamba-1.4b's
 #               calibration rows at 8K (the selective scan changed in rounds 7-8; the Mamba2 path did not).
+#   STEP=bwd    forward+backward of both ops timed as the official figures are (a given output cotangent, jax.vjp)
+#               and, in the same lease, as rounds 2-8 timed it (the gradient of a loss), at 8K and 64K.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -35,5 +37,10 @@ last)
     | grep --line-buffered -v Warning | tee $OUT/scans_ss64k.log | grep -v '^{'
   timeout 250 python benchmarks/bench_calibrate.py --models mamba-1.4b --lengths 8192 --iters 3 \
     --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee $OUT/calibrate.log
+  ;;
+bwd)
+  GIT_COMMIT=$commit timeout 170 python benchmarks/bench_scans.py --lens 8192,65536 --check-len 0 \
+    --no-xla-bwd-above 0 --loss-bwd --official-json benchmarks/results/official_h200.json --out $OUT/scans_bwd.md \
+    2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_bwd.log | grep -v '^{'
   ;;
 esac
