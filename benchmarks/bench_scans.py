@@ -121,10 +121,9 @@ def make_ss(impl_fn):
 
 
 def fwd_bwd(f):
-  """Gradients of a scalar loss of f's output w.r.t. all 8 inputs. The loss's own forward (a reduction over y) and
-  backward (its cotangent materialised as a broadcast) are timed with it: at 64K tokens ~0.3 ms of an XLA
-  broadcast alone (benchmarks/results/scans.md, round 8's trace). `with_cotangent` times what the official
-  figures time."""
+  """Gradients of a scalar loss of f's output w.r.t. all 8 inputs (rounds 2-8's forward+backward timing; the
+  loss's reduction and its broadcast cotangent run with it). `with_cotangent` times what the official figures time;
+  on an H200 the two differed by at most 1.3% for the SSD (benchmarks/results/scans.md, round 9)."""
 
   def loss(*args):
     y = f(*args)
