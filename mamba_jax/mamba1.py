@@ -50,8 +50,8 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
   @jax.named_scope("mamba1_mixer")
   def __call__(self, u: jax.Array, *, return_cache: bool = False):
     """u (b, l, d) -> (b, l, d); with `return_cache`, also the MixerCache after the last step."""
-    xz = self.in_proj(u)
-    x, z = jnp.split(xz, 2, axis=-1)  # (b, l, e) each
+    xz = self.in_proj(u)  # (b, l, 2e): x, then the gate z
+    e = xz.shape[-1] // 2
     xc = self.conv1d(xz, start=0, silu=True, impl=self.scan_impl)  # reads x in place from the in_proj output
     dt, B, C = self._project(xc)
     dt_scale = self._scale("dt_scale", decode=False)
@@ -66,7 +66,8 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
       B,
       C,
       D=self.D[...],
-      z=z,
+      z=xz,
+      z_start=e,  # the Pallas scan reads the gate in place from the in_proj output
       delta_bias=delta_bias,
       delta_softplus=delta_softplus,
       return_last_state=True,
@@ -74,7 +75,7 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
     )
     out = self.out_proj(y)
     if return_cache:
-      return out, MixerCache(CausalConv1d.state_from_inputs(x, self.cfg.d_conv), h)
+      return out, MixerCache(CausalConv1d.state_from_inputs(xz[..., :e], self.cfg.d_conv), h)
     return out
 
   def init_cache(self, batch: int, dtype=F32) -> MixerCache:

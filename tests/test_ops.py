@@ -170,6 +170,19 @@ def test_selective_scan_gradients_match_reference():
     assert rel_err(a, b) < 1e-4, name
 
 
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_selective_scan_gate_from_wider_z(impl):
+  """z_start takes the gate from columns of a wider array (the in_proj output): the same y as the sliced gate."""
+  inp = _scan_inputs(jax.random.PRNGKey(5), l=20)
+  e = inp["u"].shape[-1]
+  wide = jax.random.normal(jax.random.PRNGKey(6), (2, 20, 3 * e)).at[..., e : 2 * e].set(inp["z"])
+  y = ops.selective_scan(impl=impl, delta_softplus=True, **inp)
+  y_w = ops.selective_scan(impl=impl, delta_softplus=True, **{**inp, "z": wide}, z_start=e)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_w))
+  with pytest.raises(ValueError, match="gate columns"):
+    ops.selective_scan(impl=impl, **{**inp, "z": wide}, z_start=2 * e + 1)
+
+
 def test_impl_names_are_checked():
   inp = _scan_inputs(jax.random.PRNGKey(0), l=4)
   with pytest.raises(ValueError, match="impl="):

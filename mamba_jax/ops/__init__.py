@@ -11,7 +11,7 @@ import jax
 
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
-from mamba_jax.ops.selective_scan.reference import selective_scan_reference
+from mamba_jax.ops.selective_scan.reference import gate_columns, selective_scan_reference
 from mamba_jax.ops.selective_scan.xla import selective_scan_xla
 from mamba_jax.ops.ssd.reference import ssd_reference
 from mamba_jax.ops.ssd.xla import ssd_xla
@@ -107,6 +107,7 @@ def selective_scan(
   initial_state=None,
   return_last_state: bool = False,
   *,
+  z_start: int | None = None,
   impl: str = "auto",
 ):
   """Mamba1 selective scan (the semantics of mamba_ssm's `selective_scan_fn`), **channels-last**.
@@ -123,17 +124,25 @@ def selective_scan(
     D, delta_bias: `(d_inner,)`.
     initial_state: `(batch, d_inner, dstate)`.
     return_last_state: also return the last state, float32 `(batch, d_inner, dstate)`.
+    z_start: when given, z is a wider `(batch, seqlen, width)` array (e.g. the in_proj output) whose columns
+      [z_start, z_start + d_inner) are the gate; the Pallas kernels read them in place instead of from a sliced
+      copy (the gradient w.r.t. z then has z's width, zero outside the gate columns).
     impl: "auto" | "pallas" | "xla" | "reference".
 
   Returns:
     y `(batch, seqlen, d_inner)` in u's dtype, and the last state when `return_last_state`.
   """
-  args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
   impl = resolve_impl(impl, "selective_scan")
+  if impl == "pallas":
+    mod = _pallas_module("selective_scan")
+    return mod.selective_scan_pallas(
+      u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, z_start=z_start
+    )
+  if z_start is not None:
+    z = gate_columns(z, z_start, u.shape, "selective_scan")
+  args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
   if impl == "reference":
     return selective_scan_reference(*args)
-  if impl == "pallas":
-    return _pallas_module("selective_scan").selective_scan_pallas(*args)
   return selective_scan_xla(*args)
 
 

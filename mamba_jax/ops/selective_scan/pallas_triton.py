@@ -44,6 +44,10 @@ Design:
     the block is one channel per thread, each warp combines its 2n values with 31 `shfl.sync.bfly` lane
     exchanges (no shared memory, no barriers) and writes one row per step; XLA sums the warps' rows. Measured on
     an H100 at 32K tokens, forward+backward went from 23.5 ms with the (e, n) kernel to 10.8 ms (scans.md).
+  * With `z_start` the gate is read in place from a wider array (the Mamba1 mixer passes its in_proj output,
+    whose second half is z): the z blocks start at block index z_start / e-block, so XLA need not copy z out
+    (the round-6 profile of mamba-1.4b put that copy at 2.2 ms of an 8K-token forward on an H100; the saving has
+    not been measured). The backward returns dz padded with zeros to z's width.
   * 64-bit safety: blocks start at per-dimension block indices and the Pallas Triton lowering uses int64
     offsets for arrays above 4 GiB; in-kernel row indices stay below the segment length.
 """
@@ -58,6 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
+from mamba_jax.ops.selective_scan.reference import gate_columns
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 _LOG2E = math.log2(math.e)
@@ -132,6 +137,7 @@ class _Meta:
   bwd_rows: bool
   prefetch: bool
   pack_bc: bool  # the forward's main kernel reads B and C as bf16 pairs in uint32 words (`_pack_bc`)
+  z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
 
   @property
@@ -549,6 +555,7 @@ def _specs(meta, eb, b, lp, e, n):
   Ls, K = meta.seg_len, meta.unroll_bwd
   return dict(
     seq_e=lambda: pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei)),
+    seq_z=lambda: pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei + meta.z_start // eb)),
     seq_n=lambda: pl.BlockSpec((_SQ, Ls, n), lambda ei, si, bi: (bi, si, 0)),
     part_n=lambda: pl.BlockSpec((_SQ, _SQ, Ls, n), lambda ei, si, bi: (bi, ei, si, 0)),
     part_lanes=lambda: pl.BlockSpec((_SQ, _SQ, Ls, _lane_rows(n)[1] * eb), lambda ei, si, bi: (bi, ei, si, 0)),
@@ -614,7 +621,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   else:
     ins = common + [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
   ins += [("D", "vec_e", D)] if meta.has_d else []
-  ins += [("z", "seq_e", z)] if meta.has_z else []
+  ins += [("z", "seq_z", z)] if meta.has_z else []
   ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
   outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)), ("h_out", "seg_ne", seg_ne)]
   if save:
@@ -654,7 +661,7 @@ def _core_bwd(meta, res, cts):
     ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "en", A.astype(f32) * _LOG2E)]
     ins += [("B", "seq_n", B), ("C", "seq_n", C)]
   ins += [("D", "vec_e", D)] if meta.has_d else []
-  ins += [("z", "seq_e", z)] if meta.has_z else []
+  ins += [("z", "seq_z", z)] if meta.has_z else []
   ins += [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   ins += [("dy", "seq_e", dy)]
   seg_sd = jax.ShapeDtypeStruct((b, meta.S, *((n, e) if meta.bwd_rows else (e, n))), f32)
@@ -680,7 +687,7 @@ def _core_bwd(meta, res, cts):
     ("du", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)),
     ("ddelta", "seq_e", jax.ShapeDtypeStruct(delta.shape, delta.dtype)),
   ]
-  outs += [("dz", "seq_e", jax.ShapeDtypeStruct(z.shape, z.dtype))] if meta.has_z else []
+  outs += [("dz", "seq_e", jax.ShapeDtypeStruct(u.shape, z.dtype))] if meta.has_z else []
   if meta.lane_sums:  # per warp: value `_warp_sums_positions` of lane l of row r at r * e_blk + warp * 32 + l
     P, R = _lane_rows(n)
     outs += [("dBC", "part_lanes", jax.ShapeDtypeStruct((b, nf, lp, R * eb), f32))]
@@ -700,6 +707,9 @@ def _core_bwd(meta, res, cts):
       strict=True,
     )
   )
+  dz = res["dz"] if meta.has_z else None
+  if meta.has_z and z.shape[-1] != e:  # the gradient w.r.t. the wider z: zero outside the gate columns
+    dz = jnp.pad(dz, ((0, 0), (0, 0), (meta.z_start, z.shape[-1] - meta.z_start - e)))
   if meta.lane_sums:
     dbc = res["dBC"].reshape(b, nf, lp, R, eb // 32, 32).sum((1, 4)).reshape(b, lp, R * 32)
     dbc = dbc[..., jnp.asarray(_warp_sums_positions(P, 2 * n))]
@@ -713,7 +723,7 @@ def _core_bwd(meta, res, cts):
     dB.astype(B.dtype),
     dC.astype(C.dtype),
     res["dD"].sum((0, 1)).astype(D.dtype) if meta.has_d else None,
-    res["dz"] if meta.has_z else None,
+    dz,
     res["dbias"].sum((0, 1)).astype(delta_bias.dtype) if meta.has_bias else None,
     lay(res["c_out"][:, 0]),
   )
@@ -759,18 +769,21 @@ def selective_scan_pallas(
   B: jax.Array,  # (b, l, n)
   C: jax.Array,  # (b, l, n)
   D: jax.Array | None = None,  # (e,)
-  z: jax.Array | None = None,  # (b, l, e)
+  z: jax.Array | None = None,  # (b, l, e), or (b, l, width) with z_start
   delta_bias: jax.Array | None = None,  # (e,)
   delta_softplus: bool = False,
   initial_state: jax.Array | None = None,  # (b, e, n)
   return_last_state: bool = False,
   *,
+  z_start: int | None = None,
   interpret: bool = False,
   config: SelectiveScanConfig | None = None,
 ):
   """Same contract as `mamba_jax.ops.selective_scan`; differentiable in every array argument.
 
   Args:
+    z_start: the gate is `z[..., z_start : z_start + e]` of a wider z (the in_proj output), read in place when
+      z_start is a multiple of both channel blocks and the length needs no padding, else sliced first.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
     config: block sizes; `DEFAULT_CONFIG` when None.
   """
@@ -783,13 +796,20 @@ def selective_scan_pallas(
   if cfg.unroll % cfg.unroll_bwd:
     raise ValueError(f"unroll={cfg.unroll} must be a multiple of unroll_bwd={cfg.unroll_bwd}")
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
+  pad = seg * S - l
+  if z_start is not None:
+    gate = gate_columns(z, int(z_start), u.shape, "selective_scan")
+    if pad or z_start % eb or z_start % eb_bwd:  # the blocks cannot address the gate columns in place
+      z, z_start = gate, None
+  elif z is not None and z.shape != u.shape:
+    raise ValueError(f"selective_scan: z {z.shape} must have u's shape {u.shape} (or give z_start)")
+  z_start = int(z_start or 0)
   bf16_bc = B.dtype == C.dtype == jnp.bfloat16
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, interpret,
+    cfg.pack_bc and bf16_bc, z_start, interpret,
   )  # fmt: skip
-  pad = seg * S - l
 
   def pad_l(a):
     return jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if pad and a is not None else a

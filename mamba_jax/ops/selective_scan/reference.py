@@ -49,3 +49,15 @@ def selective_scan_reference(
     y = y * jax.nn.silu(z.astype(acc))
   y = y.astype(u.dtype)
   return (y, h) if return_last_state else y
+
+
+def gate_columns(z: jax.Array, z_start: int, u_shape: tuple[int, ...], op: str) -> jax.Array:
+  """z[..., z_start : z_start + e] of a wider (b, l, width) gate array, after checking that it fits u (b, l, e)."""
+  e = u_shape[-1]
+  if z is None or z.shape[:-1] != tuple(u_shape[:-1]) or not 0 <= z_start <= z.shape[-1] - e:
+    shape = None if z is None else z.shape
+    raise ValueError(
+      f"{op}: z {shape} with z_start={z_start} does not hold {e} gate columns for u {tuple(u_shape)}; pass "
+      f"z of shape (batch, seqlen, width) with z_start + {e} <= width"
+    )
+  return z[..., z_start : z_start + e]
