@@ -20,6 +20,8 @@ Design:
     states of the segments before its own (decay exp(A * sum delta), a few steps of (n, e-block) work), then
     recomputes its segment from the true incoming state and writes y with D and the z gate fused. Two launches
     and no XLA scan between them (an XLA while loop over the segments cost ~25 us per segment, ~0.8 ms).
+    `SelectiveScanConfig.chain_kernel` (off until measured) chains the incoming states once, in a third small
+    kernel between the two, so that no main-kernel program repeats the chain of the segments before its own.
     delta_bias and softplus are applied inside the kernels.
   * Triton does not contract a multiply and an add into an FMA (Nsight Compute on an H100: 16 fused against 117
     separate float32 instructions per warp and step), so the forward spells its FMAs out (`_fma`, inline PTX):
@@ -79,6 +81,7 @@ class SelectiveScanConfig:
     target_programs: aim for at least this many programs (b * e / block_e * segments).
     num_warps: warps per forward program.
     num_stages: Triton software-pipelining depth.
+    block_e_chain: channels per `_chain_kernel` program (one warp of 32 threads at 32).
     block_e_bwd: channels per backward program; with `bwd_rows`, 32 * num_warps_bwd gives one channel per
       thread.
     unroll_bwd: K, the steps whose states the backward holds in registers; the forward under `jax.vjp`
@@ -92,6 +95,10 @@ class SelectiveScanConfig:
       `jax.vjp` (where it also stores states) each step's rows where that step uses them: on an H100, block-start
       loads under `jax.vjp` slowed forward+backward (8K 3.006 vs 2.777 ms); outside it they were not measured
       against per-step loads (benchmarks/results/scans.md, round 7).
+    chain_kernel: the incoming state of every segment is chained once, by a small kernel between the two passes
+      (`_chain_kernel`: one thread per channel, the segments unrolled), instead of by every main-kernel program
+      over the segments before its own (on average S / 2 chain steps per program: at 8K tokens ~32 against its
+      128 own steps). Off by default until measured on a GPU (benchmarks/run_round9.sh NEXT).
     pack_bc: when B and C are bfloat16, the forward's main kernel reads them as pairs packed in 32-bit words
       (`_pack_bc`): one scalar load per two values instead of one per value, and a shift or mask to unpack each
       (exact). On an H100 the forward's stream time fell 4-6% at 8K-64K; the segment-state kernel and the
@@ -113,6 +120,8 @@ class SelectiveScanConfig:
   bwd_rows: bool = True
   prefetch: bool = False
   pack_bc: bool = True
+  chain_kernel: bool = False
+  block_e_chain: int = 32
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -138,6 +147,8 @@ class _Meta:
   prefetch: bool
   pack_bc: bool  # the forward's main kernel reads B and C as bf16 pairs in uint32 words (`_pack_bc`)
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
+  chain_kernel: bool  # segments' incoming states from `_chain_kernel` (else chained in the main kernel)
+  block_e_chain: int
   interpret: bool
 
   @property
@@ -299,8 +310,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
 
   fma = functools.partial(_fma, interpret=meta.interpret)
   if write_y:
-    h = tuple(r.h0[k, :] for k in range(n))
-    if meta.S > 1:
+    h = tuple(r.h0[k, :] for k in range(n))  # with `chain_kernel`, this segment's incoming state
+    if meta.S > 1 and not meta.chain_kernel:
 
       def chain(i, h):
         ds = r.dsum[i, :]
@@ -363,6 +374,43 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
     r.h_out[k, :] = h[k]
   if not write_y:
     r.dsum[...] = ds
+
+
+def _chain_kernel(h0_ref, h_loc_ref, dsum_ref, A2_ref, h_in_ref, *, S: int, interpret: bool):
+  """One (channel block, batch): every segment's incoming state, chained over the segments in order.
+
+  h_in[0] = h0, h_in[s] = exp(A dsum[s-1]) h_in[s-1] + h_loc[s-1], as the main kernel chains them without
+  `chain_kernel` (the same operations in the same order, so the results are bit-identical).
+  Refs: h0 (n, e) the scan's initial state, h_loc (S, n, e) the segments' end states from zero, dsum (S, e) their
+    sums of delta, A2 (n, e) = A^T log2(e); out h_in (S, n, e).
+  """
+  n = A2_ref.shape[0]
+  A2 = [A2_ref[k, :] for k in range(n)]
+  h = [h0_ref[k, :] for k in range(n)]
+  for k in range(n):
+    h_in_ref[0, k, :] = h[k]
+  for i in range(S - 1):  # unrolled: every step's loads are independent of the chain
+    ds = dsum_ref[i, :]
+    h = [_fma(_exp2(ds * A2[k], interpret), h[k], h_loc_ref[i, k, :], interpret) for k in range(n)]
+    for k in range(n):
+      h_in_ref[i + 1, k, :] = h[k]
+
+
+def _chain(meta, cfg_block, h0, h_loc, dsum, A2):
+  """(b, S, n, e) float32: each segment's incoming state (`_chain_kernel`)."""
+  b, S, n, e = h_loc.shape
+  eb = math.gcd(e, cfg_block)  # a power of two (block_e_chain is one) that divides e
+  blk = lambda *lead: pl.BlockSpec((_SQ, *lead, eb), lambda ei, bi: (bi, *(0 for _ in lead), ei))
+  return pl.pallas_call(
+    functools.partial(_chain_kernel, S=S, interpret=meta.interpret),
+    out_shape=jax.ShapeDtypeStruct(h_loc.shape, jnp.float32),
+    grid=(e // eb, b),
+    in_specs=[blk(n), blk(S, n), blk(S), pl.BlockSpec((n, eb), lambda ei, bi: (0, ei))],
+    out_specs=blk(S, n),
+    compiler_params=plgpu.CompilerParams(num_warps=max(1, eb // 32), num_stages=1),
+    interpret=meta.interpret,
+    name="selective_scan_chain",
+  )(h0, h_loc, dsum, A2)
 
 
 def _bwd_kernel(*refs, names, meta: _Meta, full: bool):
@@ -616,13 +664,17 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
       "selective_scan_segment_states", write_y=False, save=False,
     )  # fmt: skip
     chain_in = [("h_loc", "all_ne", h_loc), ("dsum", "all_e", dsum)]
+  h0 = jnp.swapaxes(h0, 1, 2)  # (b, n, e)
+  h0_in = [("h0", "b_ne", h0)]
+  if meta.S > 1 and meta.chain_kernel:
+    h0_in, chain_in = [("h0", "seg_ne", _chain(meta, meta.block_e_chain, h0, h_loc, dsum, A2))], []
   if meta.pack_bc:
     ins = common + [("BC", "seq_n", _pack_bc(B, C))]
   else:
     ins = common + [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
   ins += [("D", "vec_e", D)] if meta.has_d else []
   ins += [("z", "seq_z", z)] if meta.has_z else []
-  ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
+  ins += bias_in + h0_in + chain_in
   outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)), ("h_out", "seg_ne", seg_ne)]
   if save:
     sub = (n, e) if meta.bwd_rows else (e, n)
@@ -808,7 +860,7 @@ def selective_scan_pallas(
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, z_start, interpret,
+    cfg.pack_bc and bf16_bc, z_start, cfg.chain_kernel, cfg.block_e_chain, interpret,
   )  # fmt: skip
 
   def pad_l(a):
