@@ -68,6 +68,18 @@ def _f64(tree):
   return jax.tree.map(lambda a: None if a is None else np.asarray(a, np.float64), tree)
 
 
+def _outputs_and_grads(cfg, inp, kw, ct, **call):
+  """(y, h) and the gradients of sum(y * ct) + sum(h) w.r.t. every array of `inp`, in its order."""
+  names = list(inp)
+
+  def f(*arrays):
+    y, h = _pallas(cfg, **dict(zip(names, arrays, strict=True)), **kw, **call)
+    return jnp.sum(y * ct) + jnp.sum(h), (y, h)
+
+  (_, out), grads = jax.value_and_grad(f, argnums=tuple(range(len(names))), has_aux=True)(*inp.values())
+  return out, grads
+
+
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_matches_reference(name, prefetch):
@@ -97,20 +109,10 @@ def test_packed_bc_equals_unpacked():
   and gradients equal those of the unpacked kernels bit for bit, and the reference to float32 rounding."""
   inp, kw = _case("all", seed=2)
   inp["B"], inp["C"] = inp["B"].astype(jnp.bfloat16), inp["C"].astype(jnp.bfloat16)
-  names = list(inp)
   ct = jax.random.normal(jax.random.PRNGKey(5), inp["u"].shape)
-
-  def run(cfg):
-    def f(*arrays):
-      y, h = _pallas(cfg, **dict(zip(names, arrays, strict=True)), **kw)
-      return jnp.sum(y * ct) + jnp.sum(h), (y, h)
-
-    (_, out), grads = jax.value_and_grad(f, argnums=tuple(range(len(names))), has_aux=True)(*inp.values())
-    return out, grads
-
   base = dataclasses.replace(CFG, **BWD["rows"])
-  out, grads = run(dataclasses.replace(base, pack_bc=False))
-  out_p, grads_p = run(dataclasses.replace(base, pack_bc=True))
+  out, grads = _outputs_and_grads(dataclasses.replace(base, pack_bc=False), inp, kw, ct)
+  out_p, grads_p = _outputs_and_grads(dataclasses.replace(base, pack_bc=True), inp, kw, ct)
   for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_p, grads_p)), strict=True):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   with float64():
@@ -237,25 +239,14 @@ def test_gate_read_from_wider_z(l):
   inp = _inputs(jax.random.PRNGKey(4), l=l)
   e = inp["u"].shape[-1]
   kw = dict(delta_softplus=True, return_last_state=True)
-  names = list(inp)
   cfg = dataclasses.replace(CFG, **BWD["rows"])
   wide = _wide_gate(inp["z"], 2 * e, 4 * e)
   ct = jax.random.normal(jax.random.PRNGKey(5), inp["u"].shape)
-
-  def run(z, z_start):
-    def f(*arrays):
-      a = dict(zip(names, arrays, strict=True))
-      y, h = _pallas(cfg, **a, **kw, z_start=z_start)
-      return jnp.sum(y * ct) + jnp.sum(h), (y, h)
-
-    args = [z if k == "z" else inp[k] for k in names]
-    return jax.value_and_grad(f, argnums=tuple(range(len(names))), has_aux=True)(*args)
-
-  (_, out), grads = run(inp["z"], None)
-  (_, out_w), grads_w = run(wide, 2 * e)
+  out, grads = _outputs_and_grads(cfg, inp, kw, ct)
+  out_w, grads_w = _outputs_and_grads(cfg, {**inp, "z": wide}, kw, ct, z_start=2 * e)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_w), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  iz = names.index("z")
+  iz = list(inp).index("z")
   for i, (g, g_w) in enumerate(zip(grads, grads_w, strict=True)):
     if i != iz:
       np.testing.assert_array_equal(np.asarray(g), np.asarray(g_w))
@@ -309,20 +300,11 @@ def test_chain_kernel_equals_inline_chaining(name):
   of the main kernel's own chaining bit for bit (same operations in the same order), and the reference's."""
   inp, kw = _case(name, seed=3)
   inp = {k: v for k, v in inp.items() if v is not None}
-  names = list(inp)
   ct = jax.random.normal(jax.random.PRNGKey(6), inp["u"].shape)
-
-  def run(cfg):
-    def f(*arrays):
-      y, h = _pallas(cfg, **dict(zip(names, arrays, strict=True)), **kw)
-      return jnp.sum(y * ct) + jnp.sum(h), (y, h)
-
-    return jax.value_and_grad(f, argnums=tuple(range(len(names))), has_aux=True)(*inp.values())
-
   base = dataclasses.replace(CFG, unroll=2, target_programs=32, block_e_chain=8)  # 4 chain programs, 32 channels
   assert pt._segments(inp["u"].shape[1], 2, 32, base)[1] > 2  # several segments to chain
-  (_, out), grads = run(base)
-  (_, out_k), grads_k = run(dataclasses.replace(base, chain_kernel=True))
+  out, grads = _outputs_and_grads(base, inp, kw, ct)
+  out_k, grads_k = _outputs_and_grads(dataclasses.replace(base, chain_kernel=True), inp, kw, ct)
   for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_k, grads_k)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with float64():
