@@ -98,7 +98,7 @@ class SelectiveScanConfig:
     chain_kernel: the incoming state of every segment is chained once, by a small kernel between the two passes
       (`_chain_kernel`: one thread per channel, the segments unrolled), instead of by every main-kernel program
       over the segments before its own (on average S / 2 chain steps per program: at 8K tokens ~32 against its
-      128 own steps). Off by default until measured on a GPU (benchmarks/run_round9.sh NEXT).
+      128 own steps). Off by default until measured on a GPU (`STEP=next bash benchmarks/run_round9.sh`).
     pack_bc: when B and C are bfloat16, the forward's main kernel reads them as pairs packed in 32-bit words
       (`_pack_bc`): one scalar load per two values instead of one per value, and a shift or mask to unpack each
       (exact). On an H100 the forward's stream time fell 4-6% at 8K-64K; the segment-state kernel and the
@@ -291,7 +291,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
   Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
     n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
+    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state (with `chain_kernel`: this
+    segment's incoming state, and no h_loc or dsum) and,
     with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
     delta (pass 1's outputs), chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
@@ -396,10 +397,10 @@ def _chain_kernel(h0_ref, h_loc_ref, dsum_ref, A2_ref, h_in_ref, *, S: int, inte
       h_in_ref[i + 1, k, :] = h[k]
 
 
-def _chain(meta, cfg_block, h0, h_loc, dsum, A2):
+def _chain(meta, h0, h_loc, dsum, A2):
   """(b, S, n, e) float32: each segment's incoming state (`_chain_kernel`)."""
   b, S, n, e = h_loc.shape
-  eb = math.gcd(e, cfg_block)  # a power of two (block_e_chain is one) that divides e
+  eb = math.gcd(e, meta.block_e_chain)  # a power of two (block_e_chain is one) that divides e
   blk = lambda *lead: pl.BlockSpec((_SQ, *lead, eb), lambda ei, bi: (bi, *(0 for _ in lead), ei))
   return pl.pallas_call(
     functools.partial(_chain_kernel, S=S, interpret=meta.interpret),
@@ -667,7 +668,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   h0 = jnp.swapaxes(h0, 1, 2)  # (b, n, e)
   h0_in = [("h0", "b_ne", h0)]
   if meta.S > 1 and meta.chain_kernel:
-    h0_in, chain_in = [("h0", "seg_ne", _chain(meta, meta.block_e_chain, h0, h_loc, dsum, A2))], []
+    h0_in, chain_in = [("h0", "seg_ne", _chain(meta, h0, h_loc, dsum, A2))], []
   if meta.pack_bc:
     ins = common + [("BC", "seq_n", _pack_bc(B, C))]
   else:
