@@ -2,6 +2,8 @@
 # Round 9, on whatever kind the device tool lends (an H200 this round, where rounds 2-8 had an H100): the official
 # kernels timed on the same device (benchmarks/bench_official.py, from a git-ignored checkout in third_party/mamba,
 # carried with the call), then this project's table against them (bench_scans.py --official-json).
+# third_party/mamba (git-ignored, never committed): a clone of state-spaces/mamba (round 9: e9594ce) trimmed to its
+# csrc/selective_scan and mamba_ssm folders (1.4 MB); name it in the device call's `carry`.
 #   STEP=scans  official build + timings in the background while the compiled kernel tests run, then
 #               bench_scans.py for the SSD with the 256K check.
 #   STEP=ss     bench_scans.py for the selective scan against benchmarks/results/official_h200.json (XLA
