@@ -15,8 +15,7 @@ runs them from a checkout of state-spaces/mamba that git ignores (never committe
   in) and fails loudly when a flag is false, which cuts the compile from ~160 instantiations per file to ~5.
   The official CUDA kernel needs delta in the input dtype, so delta is bf16 here (float32 in bench_scans.py).
 
-Timings as in bench_scans.py: wall = median of synchronised calls; stream = back-to-back calls with one
-synchronisation, the mean per call, median over 5 runs. The output JSON is read by
+Timings: benchmarks/timing.py's, which bench_scans.py uses too. The output JSON is read by
 `bench_scans.py --official-json`.
 """
 
@@ -24,13 +23,14 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import types
 
 import torch
+
+from benchmarks.timing import stream_ms, wall_ms
 
 H, P, N, G, CHUNK = 64, 64, 128, 1, 256  # as bench_scans.py
 E, NS = 4096, 16
@@ -47,31 +47,8 @@ _ALL_TRUE_SWITCH = """#pragma once
 """
 
 
-def _time(fn, iters=30, warmup=3):
-  for _ in range(warmup):
-    fn()
+def _sync(_):
   torch.cuda.synchronize()
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
-
-
-def _time_stream(fn, calls=20, reps=5):
-  for _ in range(2):
-    fn()
-  torch.cuda.synchronize()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      fn()
-    torch.cuda.synchronize()
-    ts.append((time.perf_counter() - t0) * 1e3 / calls)
-  return statistics.median(ts)
 
 
 def import_ssd(src):
@@ -162,8 +139,8 @@ def _time_case(call, args, g):
   def fwd_bwd():
     torch.autograd.grad(call(*args), args, g)
 
-  row = dict(fwd=_time(fwd), fwd_bwd=_time(fwd_bwd, iters=20))
-  row.update(stream_fwd=_time_stream(fwd), stream_fwd_bwd=_time_stream(fwd_bwd, calls=10))
+  row = dict(fwd=wall_ms(fwd, _sync), fwd_bwd=wall_ms(fwd_bwd, _sync, iters=20))
+  row.update(stream_fwd=stream_ms(fwd, _sync), stream_fwd_bwd=stream_ms(fwd_bwd, _sync, calls=10))
   return row
 
 

@@ -16,13 +16,12 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.timing import stream_ms, wall_ms
 from mamba_jax.ops import ssd_xla
 from mamba_jax.ops.selective_scan.xla import selective_scan_xla
 
@@ -38,31 +37,13 @@ E, NS = 4096, 16
 
 
 def _time(fn, *args, iters=30, warmup=3):
-  """Median wall time (ms) of synchronised calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
+  """Median wall time (ms) of synchronised calls (benchmarks/timing.py)."""
+  return wall_ms(lambda: fn(*args), jax.block_until_ready, iters, warmup)
 
 
 def _time_stream(fn, *args, calls=20, reps=5):
-  """Median over `reps` of the mean time (ms) of `calls` back-to-back calls with one synchronisation at the end:
-  the host's dispatch overlaps the device's work, as in event-based GPU timing (triton's do_bench)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t0) * 1e3 / calls)
-    del out
-  return statistics.median(ts)
+  """Device time (ms) per call of back-to-back calls (benchmarks/timing.py)."""
+  return stream_ms(lambda: fn(*args), jax.block_until_ready, calls, reps)
 
 
 def _safe(thunk, log):
@@ -158,6 +139,7 @@ def run_op(op, lens, pallas_fn, xla_fn, make, inputs, floor_bytes, log, skip_xla
   pf, xf = make(pallas_fn), make(xla_fn)
   pf_j, xf_j = jax.jit(pf), jax.jit(xf)
   pg_j, xg_j = jax.jit(with_cotangent(pf)), jax.jit(with_cotangent(xf))
+  pl_j = jax.jit(fwd_bwd(pf))  # rounds 2-8's timing, with `loss_bwd`
   for i, l in enumerate(lens):
     args = inputs(l, jax.random.PRNGKey(100 + l))
     g = _cotangent(pf, args, jax.random.PRNGKey(l))
@@ -167,7 +149,7 @@ def run_op(op, lens, pallas_fn, xla_fn, make, inputs, floor_bytes, log, skip_xla
     grad_err = None
     if i == 0:
       gp = pg_j(g, *args)
-      gr = jax.jit(with_cotangent(xf))(g.astype(jnp.float32), *_upcast(args))
+      gr = xg_j(g.astype(jnp.float32), *_upcast(args))
       grad_err = max(_rel(a, b) for a, b in zip(gp, gr, strict=True))
       log(f"{op} l={l} grad rel errs: " + ", ".join(f"{_rel(a, b):.2e}" for a, b in zip(gp, gr, strict=True)))
     del y, y_ref
@@ -197,7 +179,7 @@ def run_op(op, lens, pallas_fn, xla_fn, make, inputs, floor_bytes, log, skip_xla
       floor=floor_bytes(l) / 3.0e12 * 1e3,
     )
     if loss_bwd:  # rounds 2-8 timed this: the gradient of a loss, its reduction and broadcast included
-      row["stream_fwdbwd_loss"] = _time_stream(jax.jit(fwd_bwd(pf)), *args, calls=10)
+      row["stream_fwdbwd_loss"] = _time_stream(pl_j, *args, calls=10)
     rows.append(row)
     log(json.dumps(row))
   return rows
