@@ -64,7 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
-from mamba_jax.ops.selective_scan.reference import gate_columns
+from mamba_jax.ops.selective_scan.reference import check_gate_columns
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 _LOG2E = math.log2(math.e)
@@ -851,9 +851,9 @@ def selective_scan_pallas(
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
   pad = seg * S - l
   if z_start is not None:
-    gate = gate_columns(z, int(z_start), u.shape, "selective_scan")
+    check_gate_columns(z, int(z_start), u.shape, "selective_scan")
     if pad or z_start % eb or z_start % eb_bwd:  # the blocks cannot address the gate columns in place
-      z, z_start = gate, None
+      z, z_start = z[..., z_start : z_start + e], None
   elif z is not None and z.shape != u.shape:
     raise ValueError(f"selective_scan: z {z.shape} must have u's shape {u.shape} (or give z_start)")
   z_start = int(z_start or 0)

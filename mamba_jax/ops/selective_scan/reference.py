@@ -51,8 +51,8 @@ def selective_scan_reference(
   return (y, h) if return_last_state else y
 
 
-def gate_columns(z: jax.Array, z_start: int, u_shape: tuple[int, ...], op: str) -> jax.Array:
-  """z[..., z_start : z_start + e] of a wider (b, l, width) gate array, after checking that it fits u (b, l, e)."""
+def check_gate_columns(z, z_start: int, u_shape: tuple[int, ...], op: str) -> None:
+  """Raises unless a (b, l, width) z holds the e gate columns [z_start, z_start + e) for u (b, l, e)."""
   e = u_shape[-1]
   if z is None or z.shape[:-1] != tuple(u_shape[:-1]) or not 0 <= z_start <= z.shape[-1] - e:
     shape = None if z is None else z.shape
@@ -60,4 +60,9 @@ def gate_columns(z: jax.Array, z_start: int, u_shape: tuple[int, ...], op: str) 
       f"{op}: z {shape} with z_start={z_start} does not hold {e} gate columns for u {tuple(u_shape)}; pass "
       f"z of shape (batch, seqlen, width) with z_start + {e} <= width"
     )
-  return z[..., z_start : z_start + e]
+
+
+def gate_columns(z: jax.Array, z_start: int, u_shape: tuple[int, ...], op: str) -> jax.Array:
+  """z[..., z_start : z_start + e] of a wider (b, l, width) gate array, after `check_gate_columns`."""
+  check_gate_columns(z, z_start, u_shape, op)
+  return z[..., z_start : z_start + u_shape[-1]]
