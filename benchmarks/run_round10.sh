@@ -1,0 +1,27 @@
+#!/bin/bash
+# Round 10 (an H200): the selective-scan forward variants built in round 9 and not yet measured.
+#   STEP=sweep  forward: the default, `chain_kernel` (with 32 and 64 channels per chain program) and, with the chain
+#               kernel, three launch variants the round-3 H100 sweep chose for an older kernel (128 channels x 4
+#               warps, unroll 8, one pipeline stage); forward+backward: default against `chain_kernel`. Per-kernel
+#               GPU times (--trace), checked against float32 XLA first.
+#   STEP=table  bench_scans.py for the selective scan (cotangent and loss-gradient forward+backward) and
+#               mamba-1.4b's calibration rows at 8K (gate read in place, `z_start`).
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
+commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+case "${STEP:-sweep}" in
+sweep)
+  timeout ${SWEEP_S:-500} python benchmarks/profile_selective_scan.py --check --trace --lens ${LENS:-8192,32768,65536} \
+    --fwd '{}' '{"chain_kernel": true}' '{"chain_kernel": true, "block_e_chain": 64}' \
+    '{"chain_kernel": true, "block_e": 128, "num_warps": 4}' '{"chain_kernel": true, "unroll": 8}' \
+    '{"chain_kernel": true, "num_stages": 1}' --bwd '{}' '{"chain_kernel": true}' 2>&1 \
+    | grep --line-buffered -v Warning | tee $OUT/sweep.txt
+  ;;
+table)
+  GIT_COMMIT=$commit timeout 300 python benchmarks/bench_scans.py --ops selective_scan --lens 8192,32768,65536 \
+    --check-len 0 --no-xla-bwd-above 0 --loss-bwd --official-json benchmarks/results/official_h200.json \
+    --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning | grep -v '^{'
+  timeout 250 python benchmarks/bench_calibrate.py --models mamba-1.4b --lengths 8192 --iters 3 \
+    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn"
+  ;;
+esac
