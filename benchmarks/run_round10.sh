@@ -17,6 +17,15 @@ sweep)
     '{"chain_kernel": true, "num_stages": 1}' --bwd '{}' '{"chain_kernel": true}' 2>&1 \
     | grep --line-buffered -v Warning | tee $OUT/sweep.txt
   ;;
+sweep2)
+  # the launch variants without the chain kernel (whose compile took 6 min 21 s in the first call), then
+  # mamba-1.4b's calibration rows at 8K (gate read in place)
+  timeout 230 python benchmarks/profile_selective_scan.py --lens 8192,32768,65536 --fwd '{}' \
+    '{"block_e": 128, "num_warps": 4}' '{"unroll": 8}' '{"num_stages": 1}' 2>&1 \
+    | grep --line-buffered -v Warning | tee $OUT/sweep2.txt
+  timeout 250 python benchmarks/bench_calibrate.py --models mamba-1.4b --lengths 8192 --iters 3 \
+    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn"
+  ;;
 table)
   GIT_COMMIT=$commit timeout 300 python benchmarks/bench_scans.py --ops selective_scan --lens 8192,32768,65536 \
     --check-len 0 --no-xla-bwd-above 0 --loss-bwd --official-json benchmarks/results/official_h200.json \
