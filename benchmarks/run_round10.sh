@@ -26,6 +26,15 @@ sweep2)
   timeout 250 python benchmarks/bench_calibrate.py --models mamba-1.4b --lengths 8192 --iters 3 \
     --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn"
   ;;
+split)
+  # the state split over 2 or 4 threads per channel (block_e < 32 * num_warps: Triton's layout spreads n over the
+  # threads of a channel), segments kept at 64; one process per variant so that a failed lowering stops only it
+  for v in '{}' '{"block_e": 128, "num_warps": 8, "target_programs": 2112}' \
+    '{"block_e": 64, "num_warps": 8, "target_programs": 4224}' '{"block_e": 128, "num_warps": 4, "target_programs": 2112}'; do
+    timeout 110 python benchmarks/profile_selective_scan.py --check --lens 8192,32768,65536 --fwd "$v" 2>&1 \
+      | grep --line-buffered -v "Warning\|^device" | tee -a $OUT/split.txt
+  done
+  ;;
 table)
   GIT_COMMIT=$commit timeout 300 python benchmarks/bench_scans.py --ops selective_scan --lens 8192,32768,65536 \
     --check-len 0 --no-xla-bwd-above 0 --loss-bwd --official-json benchmarks/results/official_h200.json \
