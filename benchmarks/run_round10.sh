@@ -1,6 +1,6 @@
 #!/bin/bash
 # Round 10 (an H200): the selective-scan forward variants built in round 9 and not yet measured.
-#   STEP=sweep  forward: the default, `chain_kernel` (with 32 and 64 channels per chain program) and, with the chain
+#   STEP=sweep  (ran at 2387f1e; the chain kernel was removed after it, so it no longer runs) forward: the default, `chain_kernel` (with 32 and 64 channels per chain program) and, with the chain
 #               kernel, three launch variants the round-3 H100 sweep chose for an older kernel (128 channels x 4
 #               warps, unroll 8, one pipeline stage); forward+backward: default against `chain_kernel`. Per-kernel
 #               GPU times (--trace), checked against float32 XLA first.

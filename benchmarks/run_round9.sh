@@ -10,10 +10,7 @@
 #               forward+backward timed up to 32K), then the segment-count variants round 8 left untried.
 #   STEP=last   the selective scan's 64K row (no XLA forward+backward) and its 256K check, then mamba-1.4b's
 #               calibration rows at 8K (the selective scan changed in rounds 7-8; the Mamba2 path did not).
-#   STEP=next   for the next session with a device (built in round 9 after the device time ran out): the
-#               selective-scan forward with `chain_kernel` against the default (forward and forward+backward,
-#               per-kernel times), the cotangent-form table of the selective scan, and mamba-1.4b's calibration rows
-#               with the gate read in place (`z_start`; round 9's rows above have the sliced copy).
+#   STEP=next   (removed: run in round 10 as benchmarks/run_round10.sh; the chain kernel it timed was removed)
 #   STEP=bwd    forward+backward of both ops timed as the official figures are (a given output cotangent, jax.vjp)
 #               and, in the same lease, as rounds 2-8 timed it (the gradient of a loss), at 8K and 64K.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -48,15 +45,5 @@ bwd)
   GIT_COMMIT=$commit timeout 170 python benchmarks/bench_scans.py --lens 8192,65536 --check-len 0 \
     --no-xla-bwd-above 0 --loss-bwd --official-json benchmarks/results/official_h200.json --out $OUT/scans_bwd.md \
     2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_bwd.log | grep -v '^{'
-  ;;
-next)
-  timeout 240 python benchmarks/profile_selective_scan.py --check --trace --lens 8192,32768,65536 --fwd '{}' \
-    '{"chain_kernel": true}' '{"chain_kernel": true, "block_e_chain": 64}' --bwd '{}' '{"chain_kernel": true}' 2>&1 \
-    | grep --line-buffered -v Warning | tee $OUT/chain.txt
-  GIT_COMMIT=$commit timeout 200 python benchmarks/bench_scans.py --ops selective_scan --lens 8192,32768,65536 \
-    --check-len 0 --no-xla-bwd-above 0 --loss-bwd --official-json benchmarks/results/official_h200.json \
-    --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning | grep -v '^{'
-  timeout 250 python benchmarks/bench_calibrate.py --models mamba-1.4b --lengths 8192 --iters 3 \
-    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn"
   ;;
 esac

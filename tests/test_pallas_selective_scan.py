@@ -218,12 +218,6 @@ def test_lowers_to_triton_for_cuda():
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7)))
     text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 4, cfg  # forward (2, saving states), backward (2)
-  chained = dataclasses.replace(pt.DEFAULT_CONFIG, chain_kernel=True)
-  text = jax.jit(functools.partial(f, config=chained)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 3  # segment states, the chain, scan with y
-  loss = lambda *a: jnp.sum(f(*a, config=chained).astype(jnp.float32))
-  text = jax.jit(jax.grad(loss, argnums=tuple(range(8)))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 5
 
 
 def _wide_gate(z, start, width, seed=9):
@@ -292,21 +286,3 @@ def test_gate_in_place_lowering_has_no_copy():
   assert "stablehlo.slice" not in in_place
   sliced = lowered((b, l, 2 * e), 8)  # not a whole number of channel blocks: sliced first
   assert "stablehlo.slice" in sliced
-
-
-@pytest.mark.parametrize("name", ["all", "segments"])
-def test_chain_kernel_equals_inline_chaining(name):
-  """`chain_kernel`: the segments' incoming states chained once by `_chain_kernel` give the outputs and gradients
-  of the main kernel's own chaining bit for bit (same operations in the same order), and the reference's."""
-  inp, kw = _case(name, seed=3)
-  inp = {k: v for k, v in inp.items() if v is not None}
-  ct = jax.random.normal(jax.random.PRNGKey(6), inp["u"].shape)
-  base = dataclasses.replace(CFG, unroll=2, target_programs=32, block_e_chain=8)  # 4 chain programs, 32 channels
-  assert pt._segments(inp["u"].shape[1], 2, 32, base)[1] > 2  # several segments to chain
-  out, grads = _outputs_and_grads(base, inp, kw, ct)
-  out_k, grads_k = _outputs_and_grads(dataclasses.replace(base, chain_kernel=True), inp, kw, ct)
-  for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_k, grads_k)), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with float64():
-    y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
-  assert rel_err(out_k[0], y_ref) < 1e-5 and rel_err(out_k[1], h_ref) < 1e-5

@@ -20,9 +20,10 @@ Design:
     states of the segments before its own (decay exp(A * sum delta), a few steps of (n, e-block) work), then
     recomputes its segment from the true incoming state and writes y with D and the z gate fused. Two launches
     and no XLA scan between them (an XLA while loop over the segments cost ~25 us per segment, ~0.8 ms).
-    `SelectiveScanConfig.chain_kernel` (off until measured) chains the incoming states once, in a third small
-    kernel between the two, so that no main-kernel program repeats the chain of the segments before its own.
-    delta_bias and softplus are applied inside the kernels.
+    delta_bias and softplus are applied inside the kernels. Tried and removed (H200, round 10, scans.md): a third
+    small kernel that chained every segment's incoming state once, so that no main-kernel program repeats the
+    chain of the segments before its own; at 8K it took the main kernel from 0.366 to 0.309 ms but cost 0.050
+    ms itself (stream 0.633 -> 0.619 ms) and 6 min 21 s to compile (its 64 unrolled segments).
   * Triton does not contract a multiply and an add into an FMA (Nsight Compute on an H100: 16 fused against 117
     separate float32 instructions per warp and step), so the forward spells its FMAs out (`_fma`, inline PTX):
     15-17% off the forward at 8K-64K (benchmarks/results/scans.md, round 7). The same change made the backward
@@ -81,7 +82,6 @@ class SelectiveScanConfig:
     target_programs: aim for at least this many programs (b * e / block_e * segments).
     num_warps: warps per forward program.
     num_stages: Triton software-pipelining depth.
-    block_e_chain: channels per `_chain_kernel` program (one warp of 32 threads at 32).
     block_e_bwd: channels per backward program; with `bwd_rows`, 32 * num_warps_bwd gives one channel per
       thread.
     unroll_bwd: K, the steps whose states the backward holds in registers; the forward under `jax.vjp`
@@ -95,24 +95,24 @@ class SelectiveScanConfig:
       `jax.vjp` (where it also stores states) each step's rows where that step uses them: on an H100, block-start
       loads under `jax.vjp` slowed forward+backward (8K 3.006 vs 2.777 ms); outside it they were not measured
       against per-step loads (benchmarks/results/scans.md, round 7).
-    chain_kernel: the incoming state of every segment is chained once, by a small kernel between the two passes
-      (`_chain_kernel`: one thread per channel, the segments unrolled), instead of by every main-kernel program
-      over the segments before its own (on average S / 2 chain steps per program: at 8K tokens ~32 against its
-      128 own steps). Off by default until measured on a GPU (`STEP=next bash benchmarks/run_round9.sh`).
     pack_bc: when B and C are bfloat16, the forward's main kernel reads them as pairs packed in 32-bit words
       (`_pack_bc`): one scalar load per two values instead of one per value, and a shift or mask to unpack each
       (exact). On an H100 the forward's stream time fell 4-6% at 8K-64K; the segment-state kernel and the
       backward read float32 B and C, because packed they were slower (benchmarks/results/scans.md, round 8).
 
-  Defaults: the fastest of small sweeps on an H100 at 32K tokens (benchmarks/bench_scans.py --tune;
-  benchmarks/results/scans.md, round 3): 256 channels x 8 warps forward; rows backward with 128 channels x 4 warps
-  (32 x 1 and 64 x 2 were within 2%). The (e, n) kernel's own sweep had picked 32 channels, K = 8, 2 warps.
+  Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
+  the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
+  4.200 ms against 0.622 / 2.187 / 4.266 at 8K / 32K / 64K tokens, and forward+backward at 8K 2.560 against
+  2.563 ms; 128 x 4 with 1056 (half the segments) lost (0.638 / 2.412 / 4.726), as did splitting each channel's
+  state over 2 or 4 threads (128 x 8: 1.154 ms at 8K; 64 x 8: 2.177 ms), unroll 8 (0.664) and one stage (equal).
+  Backward: rows with 128 channels x 4 warps, the fastest of a sweep on an H100 at 32K tokens (round 3; 32 x 1
+  and 64 x 2 were within 2%). The (e, n) kernel's own sweep had picked 32 channels, K = 8, 2 warps.
   """
 
-  block_e: int = 256
+  block_e: int = 128
   unroll: int = 16
-  target_programs: int = 1056
-  num_warps: int = 8
+  target_programs: int = 2112
+  num_warps: int = 4
   num_stages: int = 2
   block_e_bwd: int = 128
   unroll_bwd: int = 8
@@ -120,8 +120,6 @@ class SelectiveScanConfig:
   bwd_rows: bool = True
   prefetch: bool = False
   pack_bc: bool = True
-  chain_kernel: bool = False
-  block_e_chain: int = 32
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -147,8 +145,6 @@ class _Meta:
   prefetch: bool
   pack_bc: bool  # the forward's main kernel reads B and C as bf16 pairs in uint32 words (`_pack_bc`)
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
-  chain_kernel: bool  # segments' incoming states from `_chain_kernel` (else chained in the main kernel)
-  block_e_chain: int
   interpret: bool
 
   @property
@@ -291,9 +287,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
   Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
     n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state (with `chain_kernel`: this
-    segment's incoming state, and no h_loc or dsum) and,
-    with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
+    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and, with several
+    segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
     delta (pass 1's outputs), chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
     state (from zero when not `write_y`); [h_sub (L_s / K, n, e) float32 the state before every K-th step,
@@ -311,8 +306,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
 
   fma = functools.partial(_fma, interpret=meta.interpret)
   if write_y:
-    h = tuple(r.h0[k, :] for k in range(n))  # with `chain_kernel`, this segment's incoming state
-    if meta.S > 1 and not meta.chain_kernel:
+    h = tuple(r.h0[k, :] for k in range(n))
+    if meta.S > 1:
 
       def chain(i, h):
         ds = r.dsum[i, :]
@@ -375,43 +370,6 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
     r.h_out[k, :] = h[k]
   if not write_y:
     r.dsum[...] = ds
-
-
-def _chain_kernel(h0_ref, h_loc_ref, dsum_ref, A2_ref, h_in_ref, *, S: int, interpret: bool):
-  """One (channel block, batch): every segment's incoming state, chained over the segments in order.
-
-  h_in[0] = h0, h_in[s] = exp(A dsum[s-1]) h_in[s-1] + h_loc[s-1], as the main kernel chains them without
-  `chain_kernel` (the same operations in the same order, so the results are bit-identical).
-  Refs: h0 (n, e) the scan's initial state, h_loc (S, n, e) the segments' end states from zero, dsum (S, e) their
-    sums of delta, A2 (n, e) = A^T log2(e); out h_in (S, n, e).
-  """
-  n = A2_ref.shape[0]
-  A2 = [A2_ref[k, :] for k in range(n)]
-  h = [h0_ref[k, :] for k in range(n)]
-  for k in range(n):
-    h_in_ref[0, k, :] = h[k]
-  for i in range(S - 1):  # unrolled: every step's loads are independent of the chain
-    ds = dsum_ref[i, :]
-    h = [_fma(_exp2(ds * A2[k], interpret), h[k], h_loc_ref[i, k, :], interpret) for k in range(n)]
-    for k in range(n):
-      h_in_ref[i + 1, k, :] = h[k]
-
-
-def _chain(meta, h0, h_loc, dsum, A2):
-  """(b, S, n, e) float32: each segment's incoming state (`_chain_kernel`)."""
-  b, S, n, e = h_loc.shape
-  eb = math.gcd(e, meta.block_e_chain)  # a power of two (block_e_chain is one) that divides e
-  blk = lambda *lead: pl.BlockSpec((_SQ, *lead, eb), lambda ei, bi: (bi, *(0 for _ in lead), ei))
-  return pl.pallas_call(
-    functools.partial(_chain_kernel, S=S, interpret=meta.interpret),
-    out_shape=jax.ShapeDtypeStruct(h_loc.shape, jnp.float32),
-    grid=(e // eb, b),
-    in_specs=[blk(n), blk(S, n), blk(S), pl.BlockSpec((n, eb), lambda ei, bi: (0, ei))],
-    out_specs=blk(S, n),
-    compiler_params=plgpu.CompilerParams(num_warps=max(1, eb // 32), num_stages=1),
-    interpret=meta.interpret,
-    name="selective_scan_chain",
-  )(h0, h_loc, dsum, A2)
 
 
 def _bwd_kernel(*refs, names, meta: _Meta, full: bool):
@@ -667,8 +625,6 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
     chain_in = [("h_loc", "all_ne", h_loc), ("dsum", "all_e", dsum)]
   h0 = jnp.swapaxes(h0, 1, 2)  # (b, n, e)
   h0_in = [("h0", "b_ne", h0)]
-  if meta.S > 1 and meta.chain_kernel:
-    h0_in, chain_in = [("h0", "seg_ne", _chain(meta, h0, h_loc, dsum, A2))], []
   if meta.pack_bc:
     ins = common + [("BC", "seq_n", _pack_bc(B, C))]
   else:
@@ -861,7 +817,7 @@ def selective_scan_pallas(
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, z_start, cfg.chain_kernel, cfg.block_e_chain, interpret,
+    cfg.pack_bc and bf16_bc, z_start, interpret,
   )  # fmt: skip
 
   def pad_l(a):
