@@ -25,8 +25,9 @@ from flax import nnx
 from calibrate import data as data_lib
 from calibrate import scales as scales_lib
 from calibrate.checkpointing import Checkpointer, ResumeError
-from calibrate.evaluate import plot_ppl, ppl_per_length, stream_to_documents
+from calibrate.evaluate import ppl_per_length, stream_to_documents
 from calibrate.gradient import Gradient
+from calibrate.plots import plot_calibration, plot_ppl
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax.config import MambaConfig, UnsupportedModelError
 from mamba_jax.loading import CheckpointError, from_pretrained
@@ -35,7 +36,7 @@ from mamba_jax.scales import CalibrationScale, attach_scales, scale_shape
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 # Settings that may change between a killed run and its restart without changing what the steps compute.
-_NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet", "layers"}
+_NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet", "layers", "no_plot"}
 
 
 def scan_layers(layers: str, method: str, arch: str = "mamba2") -> bool:
@@ -128,6 +129,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
   p.add_argument("--scan-impl", default="auto")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.add_argument("--no-plot", action="store_true", help="do not write calibration.png (curve and scales per layer)")
   return p
 
 
@@ -319,7 +321,7 @@ def run_calibration(args) -> dict:
   summary = {
     "model": str(args.model),
     "method": args.method,
-    "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "quiet")},
+    "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("model", "data", "out", "quiet", "no_plot")},
     "data": {
       "source": samples.source,
       "fingerprint_sha256": samples.fingerprint(),
@@ -340,11 +342,23 @@ def run_calibration(args) -> dict:
     },
   }
   scales_lib.save_scales(model, out, summary)
+  plotted = ""
+  if not args.no_plot:
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    png = plot_calibration(
+      records,
+      scales_lib.stacked(model),
+      out / "calibration.png",
+      best_step=best_step if keep_best else None,
+      objective=args.objective,
+      title=f"{args.model}: {args.method} on {args.target} ({args.mode}, {args.granularity}), {args.length} tokens",
+    )
+    plotted = f", plot {png.name}"
   where = "held-out" if summary["data"]["held_out_samples"] else "calibration (no held-out split)"
   print(
     f"perplexity at {args.length} tokens on the {where} samples ({held_ids.shape[0]}): "
     f"before {math.exp(nll_before):.4f}, after {math.exp(nll_after):.4f} ({summary['result']['kept']}); "
-    f"scales in {out}",
+    f"scales in {out}{plotted}",
     file=sys.stderr,
   )
   if status != "done":

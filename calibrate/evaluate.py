@@ -70,28 +70,3 @@ def ppl_per_length(
     if progress is not None:
       progress(results[-1])
   return results
-
-
-def plot_ppl(curves: dict[str, list[dict]], out_png: str, title: str = "") -> None:
-  """Perplexity against context length (log-log), one line per label in `curves`."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, rows in curves.items():
-    pts = [(r["length"], r["ppl"]) for r in rows if r["ppl"] is not None]
-    if pts:
-      ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-  ax.set_xscale("log", base=2)
-  ax.set_yscale("log")
-  ax.set_xlabel("context length (tokens)")
-  ax.set_ylabel("perplexity")
-  if title:
-    ax.set_title(title)
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)

@@ -89,6 +89,10 @@ def test_calibrate_then_ppl(world, capsys, tmp_path):
   saved = scales_lib.read_scales(out)[1]["A"]
   np.testing.assert_array_equal(scales_lib.stacked(model)["A"], saved)
   assert cal["result"]["held_ppl_after"] <= cal["result"]["held_ppl_before"] + 1e-6  # keep-best includes step 0
+  png_run = out / "calibration.png"
+  assert png_run.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_run.stat().st_size > 5000
+  assert "plot calibration.png" in err
+  assert not [p for p in out.iterdir() if p.name.startswith(".calibration.png")]  # no temporary file left
 
   png, js = tmp_path / "ppl.png", tmp_path / "ppl.json"
   code, _ = run(
@@ -115,9 +119,10 @@ RESUME_CASES = {
 def test_resume_equals_uninterrupted(world, capsys, tmp_path, monkeypatch, case):
   model, *extra = RESUME_CASES[case]
   args = [world / model, "--data", world / "folder", *extra, "--checkpoint-every", 2]
-  args += ["--length", 32, "--samples", 4, "--calib-split", 0.5, "--steps", 6, "--quiet"]
+  args += ["--length", 32, "--samples", 4, "--calib-split", 0.5, "--steps", 6, "--quiet", "--no-plot"]
   code, err = run([*args, "--out", tmp_path / "whole"], capsys)
   assert code == 0, err
+  assert not (tmp_path / "whole" / "calibration.png").exists() and "plot" not in err
   held = [json.loads(x)["held_nll"] for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
   assert len(set(held)) > 1  # the scales moved during the run, so the equality below is not trivial
 
@@ -160,6 +165,7 @@ def test_nonfinite_loss_stops_with_last_good_scales(world, capsys, tmp_path):
   assert np.all(np.isfinite(scales_lib.read_scales(out)[1]["dt"]))
   log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
   assert log[-1]["step"] == 2 and log[-1]["error"] == "non-finite loss"
+  assert (out / "calibration.png").stat().st_size > 5000  # the curve up to the last good step
 
 
 @pytest.mark.parametrize("arch,mode,granularity", [("mamba1", "power", "entry"), ("mamba2", "linear", "head")])
