@@ -4,8 +4,10 @@
 #               kernel, three launch variants the round-3 H100 sweep chose for an older kernel (128 channels x 4
 #               warps, unroll 8, one pipeline stage); forward+backward: default against `chain_kernel`. Per-kernel
 #               GPU times (--trace), checked against float32 XLA first.
-#   STEP=table  bench_scans.py for the selective scan (cotangent and loss-gradient forward+backward) and
-#               mamba-1.4b's calibration rows at 8K (gate read in place, `z_start`).
+#   STEP=table  (for the next session with a device: not yet run) bench_scans.py for the selective scan with
+#               round 10's forward defaults (128 x 4, 2112 target programs; cotangent and loss-gradient
+#               forward+backward, the 64K forward+backward that round 10 did not reach) and mamba-1.4b's
+#               calibration rows at 8K with them.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
