@@ -111,6 +111,7 @@ def plot_calibration(
   if best_step is not None:
     ax.axvline(best_step, color="grey", ls="--", lw=0.8, label=f"kept: step {best_step}")
   ax.set_xlabel("step")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_ylabel("held-out perplexity")
   ax.grid(True, alpha=0.3)
   handles, labels = ax.get_legend_handles_labels()
@@ -133,7 +134,6 @@ def plot_calibration(
       bx.plot(layers, s["median"], marker="o", color=color, label=f"{target} scale (median)")
       bx.fill_between(layers, s["min"], s["max"], color=color, alpha=0.2, label=f"{target} scale (min-max)")
   bx.axhline(1.0, color="grey", ls=":", lw=0.8)
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   n_layers = max((v.shape[0] for v in scales.values()), default=1)
   bx.set_xlim(-0.5, n_layers - 0.5)
   if n_layers <= 16:
