@@ -66,7 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
-from mamba_jax.ops.selective_scan.reference import check_gate_columns
+from mamba_jax.ops.selective_scan.reference import check_gate_columns, gate_columns
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 _LOG2E = math.log2(math.e)
@@ -288,8 +288,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
   Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
     n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and, with several
-    segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
+    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
+    with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
     delta (pass 1's outputs), chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
     state (from zero when not `write_y`); [h_sub (L_s / K, n, e) float32 the state before every K-th step,
@@ -624,15 +624,13 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
       "selective_scan_segment_states", write_y=False, save=False,
     )  # fmt: skip
     chain_in = [("h_loc", "all_ne", h_loc), ("dsum", "all_e", dsum)]
-  h0 = jnp.swapaxes(h0, 1, 2)  # (b, n, e)
-  h0_in = [("h0", "b_ne", h0)]
   if meta.pack_bc:
     ins = common + [("BC", "seq_n", _pack_bc(B, C))]
   else:
     ins = common + [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
   ins += [("D", "vec_e", D)] if meta.has_d else []
   ins += [("z", "seq_z", z)] if meta.has_z else []
-  ins += bias_in + h0_in + chain_in
+  ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
   outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)), ("h_out", "seg_ne", seg_ne)]
   if save:
     sub = (n, e) if meta.bwd_rows else (e, n)
@@ -808,9 +806,10 @@ def selective_scan_pallas(
   seg, S = _segments(l, b, e, dataclasses.replace(cfg, block_e=eb))
   pad = seg * S - l
   if z_start is not None:
-    check_gate_columns(z, int(z_start), u.shape, "selective_scan")
     if pad or z_start % eb or z_start % eb_bwd:  # the blocks cannot address the gate columns in place
-      z, z_start = z[..., z_start : z_start + e], None
+      z, z_start = gate_columns(z, int(z_start), u.shape, "selective_scan"), None
+    else:
+      check_gate_columns(z, int(z_start), u.shape, "selective_scan")
   elif z is not None and z.shape != u.shape:
     raise ValueError(f"selective_scan: z {z.shape} must have u's shape {u.shape} (or give z_start)")
   z_start = int(z_start or 0)
