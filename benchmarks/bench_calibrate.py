@@ -25,7 +25,7 @@ from flax import nnx
 
 from calibrate.cli import scan_layers
 from calibrate.gradient import Gradient
-from calibrate.objective import scale_loss
+from calibrate.objective import frozen_layers, scale_loss
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM
 from mamba_jax.scales import CalibrationScale, attach_scales
@@ -70,19 +70,21 @@ def bench_one(model, method: str, length: int, args, after=None) -> dict:
   model.remat = method == "grad"
   model.scan_layers = scan_layers(args.layers, method, model.cfg.arch)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  # The frozen block weights stacked once, as python -m calibrate does (--stack-per-step: inside every step).
+  stacked = None if args.stack_per_step else frozen_layers(model)
   ids = jax.random.randint(jax.random.key(0), (1, length), 0, model.cfg.vocab_size)
   step = jnp.asarray(0, jnp.int32)
   sgd = make_optimizer("sgd", make_schedule("cosine", 1e-3))
   if method == "forward":
     fn = jax.jit(scale_loss(graphdef, 1, args.chunk))
-    call_args = (scales, rest, ids)
+    call_args = (scales, rest, ids, stacked)
   elif method == "spsa":
     cal = SPSA(graphdef, sgd, SPSAConfig(pair=args.pair), batch_size=1, chunk=args.chunk)
-    fn, call_args = cal.step, (scales, cal.init(scales), step, rest, ids)
+    fn, call_args = cal.step, (scales, cal.init(scales), step, rest, ids, stacked)
   elif method == "grad":
     tx = make_optimizer("adamw", make_schedule("constant", 1e-2), clip=1.0)
     cal = Gradient(graphdef, tx, batch_size=1, accum=1, chunk=args.chunk)
-    fn, call_args = cal.step, (scales, cal.init(scales), step, rest, ids)
+    fn, call_args = cal.step, (scales, cal.init(scales), step, rest, ids, stacked)
   else:
     raise ValueError(f"unknown method {method!r}")
   t0 = time.perf_counter()
@@ -113,6 +115,11 @@ def main(argv=None) -> int:
   p.add_argument("--pair", choices=("vmap", "sequential"), default="vmap")
   p.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
   p.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto", help="as python -m calibrate's")
+  p.add_argument(
+    "--stack-per-step",
+    action="store_true",
+    help="stack the block weights for the layer scan inside every step (rounds 2-10) instead of once outside it",
+  )
   args = p.parse_args(argv)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
@@ -130,7 +137,15 @@ def main(argv=None) -> int:
           r = bench_one(model, method, length, args)
         except Exception as e:  # e.g. out of memory at 64K: report it and go on with the next shape
           r = {"error": f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"}
-        row = {"model": name, "length": length, "method": method, "dtype": dtype.name, "layers": args.layers, **r}
+        row = {
+          "model": name,
+          "length": length,
+          "method": method,
+          "dtype": dtype.name,
+          "layers": args.layers,
+          "stack_per_step": args.stack_per_step,
+          **r,
+        }
         if "error" in r:
           print(f"{name:<12} {length:>7} {method:<8} error: {r['error']}", flush=True)
         else:

@@ -27,6 +27,7 @@ from calibrate import scales as scales_lib
 from calibrate.checkpointing import Checkpointer, ResumeError
 from calibrate.evaluate import ppl_per_length, stream_to_documents
 from calibrate.gradient import Gradient
+from calibrate.objective import frozen_layers
 from calibrate.plots import plot_calibration, plot_ppl
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax.config import MambaConfig, UnsupportedModelError
@@ -229,6 +230,7 @@ def run_calibration(args) -> dict:
   attach_scales(model, args.target, args.mode, args.granularity, apply_in_decode=not args.prefill_only, init=args.init)
   _set_initial(model, args)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  stacked = frozen_layers(model)  # the frozen block weights stacked once for the layer scan (None: inlined)
   identity = jax.tree.map(jnp.ones_like, scales)  # the uncalibrated model, for "perplexity before"
   calibrator = _build_calibrator(args, graphdef)
   opt_state = calibrator.init(scales)
@@ -243,7 +245,7 @@ def run_calibration(args) -> dict:
   ckpt = Checkpointer(out / "checkpoints", args.checkpoint_every, signature)
 
   def held_nll(s) -> float:
-    return float(calibrator.evaluate(s, rest, held_dev))
+    return float(calibrator.evaluate(s, rest, held_dev, stacked))
 
   nll_before = held_nll(identity)
   nll_init = held_nll(scales)
@@ -282,7 +284,7 @@ def run_calibration(args) -> dict:
   with open(log_path, "a") as log:
     for k in range(start, args.steps):
       t0 = time.perf_counter()
-      new_scales, new_opt, metrics = calibrator.step(scales, opt_state, k, rest, calib_dev)
+      new_scales, new_opt, metrics = calibrator.step(scales, opt_state, k, rest, calib_dev, stacked)
       metrics = {m: float(v) for m, v in metrics.items()}
       record = {"step": k + 1, **metrics, "seconds": time.perf_counter() - t0}
       if not metrics["finite"]:

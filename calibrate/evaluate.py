@@ -11,25 +11,26 @@ import math
 import numpy as np
 from flax import nnx
 
-from calibrate.objective import token_nll
+from calibrate.objective import frozen_layers, token_nll
 
 
 def _nll_fn(chunk: int):
-  return nnx.jit(lambda model, ids: token_nll(model, ids, chunk))
+  return nnx.jit(lambda model, ids, stacked: token_nll(model, ids, chunk, stacked))
 
 
-def per_sample_nll(model, ids: np.ndarray, batch_size: int = 1, chunk: int = 2048, fn=None) -> np.ndarray:
-  """(s,) mean NLL of each sample of ids (s, l), `batch_size` samples per forward."""
+def per_sample_nll(model, ids: np.ndarray, batch_size: int = 1, chunk: int = 2048, fn=None, stacked=None) -> np.ndarray:
+  """(s,) mean NLL of each sample of ids (s, l), `batch_size` samples per forward; `stacked`: `frozen_layers`."""
   fn = fn or _nll_fn(chunk)
   out = []
   for i in range(0, ids.shape[0], batch_size):
-    out.append(np.asarray(fn(model, ids[i : i + batch_size])))
+    out.append(np.asarray(fn(model, ids[i : i + batch_size], stacked)))
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def perplexity(model, ids: np.ndarray, batch_size: int = 1, chunk: int = 2048) -> float:
   """exp(mean over samples of the per-sample mean NLL)."""
-  return float(math.exp(float(np.mean(per_sample_nll(model, ids, batch_size, chunk)))))
+  nll = per_sample_nll(model, ids, batch_size, chunk, stacked=frozen_layers(model))
+  return float(math.exp(float(np.mean(nll))))
 
 
 def samples_at_length(docs: list[np.ndarray], length: int, samples: int, bos: int | None) -> np.ndarray:
@@ -58,13 +59,14 @@ def ppl_per_length(
 ) -> list[dict]:
   """[{length, ppl, nll, docs}] for each length; ppl is None where no document is long enough."""
   fn = _nll_fn(chunk)
+  stacked = frozen_layers(model)  # the block weights stacked once for every length and sample
   results = []
   for length in lengths:
     ids = samples_at_length(docs, length, samples, bos)
     if ids.shape[0] == 0:
       results.append({"length": length, "ppl": None, "nll": None, "docs": 0})
     else:
-      nll = per_sample_nll(model, ids, batch_size, chunk, fn)
+      nll = per_sample_nll(model, ids, batch_size, chunk, fn, stacked)
       mean = float(np.mean(nll))
       results.append({"length": length, "ppl": math.exp(mean), "nll": mean, "docs": int(ids.shape[0])})
     if progress is not None:

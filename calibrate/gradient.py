@@ -21,8 +21,9 @@ class Gradient:
   """Gradient calibrator over the scale state of a split model.
 
   Usage as for `SPSA`: `opt_state = g.init(scales)`; `scales, opt_state, metrics = g.step(scales, opt_state, k,
-  rest, ids)` with ids (s, l) all calibration samples; step k reads samples k*m .. k*m+m-1 of the shuffled stream.
-  For long samples build the model with `remat=True` before splitting, so each block recomputes its activations.
+  rest, ids, stacked)` with ids (s, l) all calibration samples (`stacked` as for `SPSA`); step k reads samples
+  k*m .. k*m+m-1 of the shuffled stream. For long samples build the model with `remat=True` before splitting, so
+  each block recomputes its activations.
   """
 
   def __init__(
@@ -60,16 +61,16 @@ class Gradient:
     perm_at = lambda e, p: jax.random.permutation(jax.random.fold_in(base, e), n)[p]
     return jax.vmap(perm_at)(epoch, pos).reshape(self.accum, self.batch_size)
 
-  def _loss(self, scales, rest, ids):
-    return objective_value(self._nll(scales, rest, ids), self.objective)
+  def _loss(self, scales, rest, ids, stacked_layers=None):
+    return objective_value(self._nll(scales, rest, ids, stacked_layers), self.objective)
 
-  def _step(self, scales, opt_state, step, rest, ids):
+  def _step(self, scales, opt_state, step, rest, ids, stacked_layers=None):
     idx = self.sample_indices(step, ids.shape[0])
     grad_fn = jax.value_and_grad(self._loss)  # argnums=0: the scales only
 
     def body(carry, batch_idx):
       loss_sum, grad_sum = carry
-      loss, grad = grad_fn(scales, rest, ids[batch_idx])
+      loss, grad = grad_fn(scales, rest, ids[batch_idx], stacked_layers)
       return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grad)), None
 
     zeros = jax.tree.map(jnp.zeros_like, scales)

@@ -12,7 +12,7 @@ F32 = jnp.float32
 OBJECTIVES = ("nll", "ppl")
 
 
-def token_nll(model, ids: jax.Array, chunk: int = 2048) -> jax.Array:
+def token_nll(model, ids: jax.Array, chunk: int = 2048, stacked_layers=None) -> jax.Array:
   """Per-sample mean next-token NLL.
 
   Position t predicts ids[:, t+1]; all l-1 targets are scored (a BOS at position 0, if the data has one, makes
@@ -22,12 +22,13 @@ def token_nll(model, ids: jax.Array, chunk: int = 2048) -> jax.Array:
     model: a MambaLM.
     ids: (b, l) int token ids.
     chunk: positions per LM-head slice; the backward pass recomputes each slice's logits instead of storing them.
+    stacked_layers: the model's `stack_layers()`, computed once outside the step (layer scan only), or None.
 
   Returns:
     (b,) float32 mean NLL of each sample.
   """
   b, l = ids.shape
-  h = model.hidden_states(ids)[:, :-1]  # (b, l-1, d): the last position predicts nothing
+  h = model.hidden_states(ids, stacked_layers)[:, :-1]  # (b, l-1, d): the last position predicts nothing
   targets = ids[:, 1:]  # (b, l-1)
   n = l - 1
   c = max(1, min(chunk, n))
@@ -55,7 +56,7 @@ def token_nll(model, ids: jax.Array, chunk: int = 2048) -> jax.Array:
   return total / n
 
 
-def mean_nll(model, ids: jax.Array, batch_size: int = 1, chunk: int = 2048) -> jax.Array:
+def mean_nll(model, ids: jax.Array, batch_size: int = 1, chunk: int = 2048, stacked_layers=None) -> jax.Array:
   """Mean over samples of each sample's mean NLL; ids (s, l) run `batch_size` samples per forward.
 
   The mean of per-document means, then exp, is the perplexity of the reference protocol.
@@ -68,7 +69,7 @@ def mean_nll(model, ids: jax.Array, batch_size: int = 1, chunk: int = 2048) -> j
   graphdef, state = nnx.split(model)
 
   def body(total, batch):
-    return total + jnp.sum(token_nll(nnx.merge(graphdef, state), batch, chunk)), None
+    return total + jnp.sum(token_nll(nnx.merge(graphdef, state), batch, chunk, stacked_layers)), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), F32), batches)
   return total / s
@@ -84,13 +85,23 @@ def objective_value(nll: jax.Array, objective: str) -> jax.Array:
 
 
 def scale_loss(graphdef, batch_size: int = 1, chunk: int = 2048):
-  """fn(scales, rest, ids (s, l)) -> mean NLL of the model `nnx.merge(graphdef, scales, rest)`.
+  """fn(scales, rest, ids (s, l), stacked_layers=None) -> mean NLL of the model `nnx.merge(graphdef, scales, rest)`.
 
   `graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)`: only `scales` is ever differentiated or
-  perturbed; `rest` carries the frozen weights through unchanged.
+  perturbed; `rest` carries the frozen weights through unchanged. `stacked_layers` (`frozen_layers`) is the
+  blocks' weights stacked once for the layer scan, so that no step stacks them again.
   """
 
-  def loss(scales, rest, ids):
-    return mean_nll(nnx.merge(graphdef, scales, rest), ids, batch_size, chunk)
+  def loss(scales, rest, ids, stacked_layers=None):
+    return mean_nll(nnx.merge(graphdef, scales, rest), ids, batch_size, chunk, stacked_layers)
 
   return loss
+
+
+def frozen_layers(model):
+  """`model.stack_layers()` when the model runs the layer scan (the calibrators' `stacked_layers`), else None.
+
+  The frozen weights do not change between steps, so stacking them once saves a copy of every block weight per
+  step; the stacked copy stays on the device next to the model's own arrays.
+  """
+  return model.stack_layers() if model.scan_layers else None

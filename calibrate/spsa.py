@@ -93,8 +93,10 @@ class SPSA:
   """SPSA calibrator over the `CalibrationScale` state of a split model.
 
   Usage: `graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)`, `opt_state = spsa.init(scales)`,
-  then `scales, opt_state, metrics = spsa.step(scales, opt_state, k, rest, ids)` with ids (s, l) the calibration
-  samples. The step is a pure function of (scales, opt_state, k, seed), so a resumed run repeats exactly.
+  then `scales, opt_state, metrics = spsa.step(scales, opt_state, k, rest, ids, stacked)` with ids (s, l) the
+  calibration samples and `stacked = frozen_layers(model)` (the blocks' weights stacked once for the layer scan;
+  None runs the same step, stacking them inside it). The step is a pure function of (scales, opt_state, k, seed),
+  so a resumed run repeats exactly.
   """
 
   def __init__(
@@ -118,21 +120,21 @@ class SPSA:
   def init(self, scales):
     return self.tx.init(scales)
 
-  def _pair_nll(self, s_plus, s_minus, rest, ids):
+  def _pair_nll(self, s_plus, s_minus, rest, ids, stacked_layers):
     if self.cfg.pair == "sequential":
-      return self._nll(s_plus, rest, ids), self._nll(s_minus, rest, ids)
+      return self._nll(s_plus, rest, ids, stacked_layers), self._nll(s_minus, rest, ids, stacked_layers)
     both = jax.tree.map(lambda a, b: jnp.stack([a, b]), s_plus, s_minus)
-    nll = jax.vmap(self._nll, in_axes=(0, None, None))(both, rest, ids)  # (2,)
+    nll = jax.vmap(self._nll, in_axes=(0, None, None, None))(both, rest, ids, stacked_layers)  # (2,)
     return nll[0], nll[1]
 
-  def _step(self, scales, opt_state, step, rest, ids):
+  def _step(self, scales, opt_state, step, rest, ids, stacked_layers=None):
     cfg = self.cfg
     key = jax.random.fold_in(jax.random.key(self.seed), step)
     delta = _direction(key, scales, cfg.perturbation)
     c_k = cfg.c / (1.0 + step) ** cfg.gamma
     s_plus = self._project(jax.tree.map(lambda s, d: s + c_k * d, scales, delta))
     s_minus = self._project(jax.tree.map(lambda s, d: s - c_k * d, scales, delta))
-    nll_plus, nll_minus = self._pair_nll(s_plus, s_minus, rest, ids)
+    nll_plus, nll_minus = self._pair_nll(s_plus, s_minus, rest, ids, stacked_layers)
     l_plus, l_minus = objective_value(nll_plus, cfg.objective), objective_value(nll_minus, cfg.objective)
     # Rademacher: 1/delta = delta. Gaussian: multiply by delta (the smoothed-gradient estimator, E[delta delta^T]
     # = I); dividing by a Gaussian delta, as one released script does, gives an estimate with infinite variance.

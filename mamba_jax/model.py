@@ -89,20 +89,41 @@ class MambaLM(nnx.Module):
   def _head(self, residual: jax.Array) -> jax.Array:
     return self.logits_from_hidden(self.backbone.norm_f(residual, self.dtype))
 
-  def hidden_states(self, input_ids: jax.Array) -> jax.Array:
-    """(b, l) int -> final-normed hidden states (b, l, d), before the LM head."""
+  def stack_layers(self) -> nnx.State:
+    """The blocks' weights (`nnx.Param`) stacked over layers, leading axis L: what the layer scan reads.
+
+    `hidden_states` stacks them on every call, a copy of every block weight (about 9 ms of an 8K-token mamba2-1.3b
+    forward on an H100, benchmarks/results/calibrate.md round 6). A caller that runs many steps on frozen weights
+    (the calibrators) stacks them once with this and passes the result as `stacked_layers`.
+    """
+    layers = list(self.backbone.layers)
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer, nnx.Param) for layer in layers])
+
+  def hidden_states(self, input_ids: jax.Array, stacked_layers: nnx.State | None = None) -> jax.Array:
+    """(b, l) int -> final-normed hidden states (b, l, d), before the LM head.
+
+    stacked_layers: `stack_layers()` of this model's weights, computed once by the caller (layer scan only). The
+      blocks' other variables (calibration scales) are still read from the blocks on every call.
+    """
     residual = self._embed(input_ids)
     layers = list(self.backbone.layers)
     graphdef = nnx.graphdef(layers[0])
     if self.scan_layers and all(nnx.graphdef(layer) == graphdef for layer in layers[1:]):
       # One compiled block applied n_layer times (lax.scan over the stacked layer states) instead of n_layer
-      # inlined copies: compile time independent of depth. Stacking copies the weights once per call.
-      stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer) for layer in layers])
+      # inlined copies: compile time independent of depth. Stacking copies the weights, once per call unless the
+      # caller stacked them.
+      stack = lambda states: jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+      if stacked_layers is None:
+        stacked = (stack([nnx.state(layer) for layer in layers]),)
+      else:
+        stacked = (stacked_layers, stack([nnx.state(layer, nnx.Not(nnx.Param)) for layer in layers]))
       residual, _ = jax.lax.scan(self._block_fn(graphdef), residual, stacked)
     else:
+      if stacked_layers is not None:
+        raise ValueError("stacked_layers is for the layer scan: set scan_layers=True, or pass stacked_layers=None")
       for layer in layers:
         graphdef, state = nnx.split(layer)
-        residual, _ = self._block_fn(graphdef)(residual, state)
+        residual, _ = self._block_fn(graphdef)(residual, (state,))
     return self.backbone.norm_f(residual, self.dtype)
 
   def _block_fn(self, graphdef):
@@ -112,8 +133,8 @@ class MambaLM(nnx.Module):
     lax.scan or vmap over a model closed over from outside.
     """
 
-    def block(residual, state):
-      return nnx.merge(graphdef, state)(residual, self.dtype)[0], None
+    def block(residual, states):  # states: a tuple of States that together hold the block's variables
+      return nnx.merge(graphdef, *states)(residual, self.dtype)[0], None
 
     return jax.checkpoint(block) if self.remat else block
 
@@ -124,8 +145,8 @@ class MambaLM(nnx.Module):
     return self.lm_head(h)
 
   @jax.named_scope("mamba_lm")
-  def __call__(self, input_ids: jax.Array) -> jax.Array:
-    return self.logits_from_hidden(self.hidden_states(input_ids))
+  def __call__(self, input_ids: jax.Array, stacked_layers: nnx.State | None = None) -> jax.Array:
+    return self.logits_from_hidden(self.hidden_states(input_ids, stacked_layers))
 
   def prefill(self, input_ids: jax.Array) -> tuple[jax.Array, tuple[MixerCache, ...]]:
     """Processes the prompt in parallel. Returns logits (b, l, v) and the cache after its last token."""

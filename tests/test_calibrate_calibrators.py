@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from calibrate.gradient import Gradient
-from calibrate.objective import mean_nll, scale_loss, token_nll
+from calibrate.objective import frozen_layers, mean_nll, scale_loss, token_nll
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM, generate
 from mamba_jax.scales import CalibrationScale, attach_scales
@@ -159,3 +159,44 @@ def test_remat_gives_the_same_loss_and_gradient():
   np.testing.assert_allclose(float(out[1][0]), float(out[0][0]), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch,target,granularity", [("mamba1", "A", "channel"), ("mamba2", "dt", "head")])
+def test_weights_stacked_once_give_the_inlined_loss_gradient_and_spsa_step(arch, target, granularity):
+  """The calibrators' frozen block weights stacked once outside the step (`frozen_layers`) against the same layer
+  scan stacking them inside the step, and against the inlined blocks (no stacking at all): the scales must still
+  be read live on every call, per layer, under vmap and grad."""
+  model = tiny(arch, n_layer=2)
+  attach_scales(model, target, "linear", granularity)
+  rng = np.random.default_rng(5)
+  for layer in model.backbone.layers:  # a different scale per layer, so that a stale or shuffled one shows
+    scale = layer.mixer.a_scale if target == "A" else layer.mixer.dt_scale
+    scale.set_value(jnp.asarray(rng.uniform(0.3, 1.5, scale.shape), jnp.float32))
+  x = jax.random.randint(jax.random.key(2), (2, 24), 0, 100)
+  results = {}
+  for name in ("inlined", "stacked per step", "stacked once"):
+    model.scan_layers = name != "inlined"
+    graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+    stacked = frozen_layers(model) if name == "stacked once" else None
+    loss = scale_loss(graphdef, batch_size=2, chunk=8)
+    value, grad = jax.jit(jax.value_and_grad(loss))(scales, rest, x, stacked)
+    spsa = SPSA(graphdef, make_optimizer("sgd", make_schedule("constant", 0.05)), SPSAConfig(c=0.2), seed=1)
+    new, _, metrics = spsa.step(scales, spsa.init(scales), 0, rest, x, stacked)
+    results[name] = [value, metrics["loss_plus"], metrics["loss_minus"], new, grad]
+  assert float(results["inlined"][1]) != pytest.approx(float(results["inlined"][2]), rel=1e-4)  # scales matter
+  once, per_step, inlined = (jax.tree.leaves(results[k]) for k in ("stacked once", "stacked per step", "inlined"))
+  for a, b in zip(once, per_step, strict=True):  # the same computation: equal up to XLA's fusion choices
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+  for a, b in zip(once, inlined, strict=True):  # another op order: float32 rounding, relative to each leaf's size
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-4 * np.abs(b).max())
+
+
+def test_stacked_layers_need_the_layer_scan():
+  model = tiny("mamba2", n_layer=2)
+  model.scan_layers = True
+  stacked = model.stack_layers()
+  assert jax.tree.leaves(stacked)[0].shape[0] == 2
+  model.scan_layers = False
+  with pytest.raises(ValueError, match="scan_layers=True"):
+    model.hidden_states(jnp.zeros((1, 4), jnp.int32), stacked)
