@@ -7,6 +7,8 @@
 #               --layers auto chose in rounds 6-10).
 #   STEP=table  bench_scans.py for the selective scan with round 10's forward defaults (128 x 4, 2112 target
 #               programs): forward and forward+backward at 8K-64K and the 256K check.
+#   STEP=bwd    backward launch variants (last swept on an H100 in round 3, for an older forward), forward+backward
+#               at 8K and 64K, the default first.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -24,5 +26,10 @@ table)
   GIT_COMMIT=$commit timeout 420 python benchmarks/bench_scans.py --ops selective_scan --lens 8192,32768,65536 \
     --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json --out $OUT/scans_ss.md 2>&1 \
     | grep --line-buffered -v Warning | tee $OUT/scans_ss.log | grep -v '^{'
+  ;;
+bwd)
+  timeout 330 python benchmarks/profile_selective_scan.py --lens 8192,65536 --fwd --bwd '{}' '{"unroll_bwd": 4}' \
+    '{"unroll_bwd": 16}' '{"block_e_bwd": 64, "num_warps_bwd": 2}' '{"block_e_bwd": 256, "num_warps_bwd": 8}' \
+    '{"block_e_bwd": 32, "num_warps_bwd": 1}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
   ;;
 esac

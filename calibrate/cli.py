@@ -41,11 +41,12 @@ _NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet", "la
 
 
 def scan_layers(layers: str, method: str, arch: str = "mamba2") -> bool:
-  """--layers as `MambaLM.scan_layers`. The layer scan stacks the blocks' weights on every call and slices them
-  per block; inlined blocks avoid that and compile longer. Measured on an H100 at 8K tokens
-  (benchmarks/results/calibrate.md, round 6): mamba2-1.3b SPSA iteration 122.5 -> 104.9 ms for 13 -> 30 s of
-  compile; mamba-1.4b 170.1 -> 158.5 ms for 46 -> 142 s. auto: inline for Mamba2 SPSA only (forward-only steps,
-  usually many); the layer scan for gradient steps and for Mamba1, whose inlined scan kernels compile slowly."""
+  """--layers as `MambaLM.scan_layers`. The layer scan reads the blocks' weights stacked over layers (stacked once
+  per run, `frozen_layers`) and slices them per block; inlined blocks avoid the slices and compile longer. Measured
+  on an H200 at 8K tokens (benchmarks/results/calibrate.md, round 11): mamba2-1.3b SPSA iteration 102.7 (scan) ->
+  100.1 ms (inlined) for 13 -> 29 s of compile; on an H100 (round 6, the weights then stacked in every step)
+  mamba-1.4b 170.1 -> 158.5 ms for 46 -> 142 s. auto: inline for Mamba2 SPSA only (forward-only steps, usually
+  many); the layer scan for gradient steps and for Mamba1, whose inlined scan kernels compile slowly."""
   if layers == "auto":
     return not (method == "spsa" and arch == "mamba2")
   return layers == "scan"

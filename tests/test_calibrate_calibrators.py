@@ -161,11 +161,14 @@ def test_remat_gives_the_same_loss_and_gradient():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("arch,target,granularity", [("mamba1", "A", "channel"), ("mamba2", "dt", "head")])
+@pytest.mark.parametrize(
+  "arch,target,granularity",
+  [("mamba1", "A", "channel"), pytest.param("mamba2", "dt", "head", marks=pytest.mark.slow)],
+)
 def test_weights_stacked_once_give_the_inlined_loss_gradient_and_spsa_step(arch, target, granularity):
-  """The calibrators' frozen block weights stacked once outside the step (`frozen_layers`) against the same layer
-  scan stacking them inside the step, and against the inlined blocks (no stacking at all): the scales must still
-  be read live on every call, per layer, under vmap and grad."""
+  """The calibrators' frozen block weights stacked once outside the step (`frozen_layers`) against the inlined
+  blocks (no stacking at all): the scales must still be read live on every call, per layer, under vmap and grad.
+  (Mamba2, the same code path with another mixer, runs with the slow tests.)"""
   model = tiny(arch, n_layer=2)
   attach_scales(model, target, "linear", granularity)
   rng = np.random.default_rng(5)
@@ -174,7 +177,7 @@ def test_weights_stacked_once_give_the_inlined_loss_gradient_and_spsa_step(arch,
     scale.set_value(jnp.asarray(rng.uniform(0.3, 1.5, scale.shape), jnp.float32))
   x = jax.random.randint(jax.random.key(2), (2, 24), 0, 100)
   results = {}
-  for name in ("inlined", "stacked per step", "stacked once"):
+  for name in ("inlined", "stacked once"):
     model.scan_layers = name != "inlined"
     graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
     stacked = frozen_layers(model) if name == "stacked once" else None
@@ -184,9 +187,7 @@ def test_weights_stacked_once_give_the_inlined_loss_gradient_and_spsa_step(arch,
     new, _, metrics = spsa.step(scales, spsa.init(scales), 0, rest, x, stacked)
     results[name] = [value, metrics["loss_plus"], metrics["loss_minus"], new, grad]
   assert float(results["inlined"][1]) != pytest.approx(float(results["inlined"][2]), rel=1e-4)  # scales matter
-  once, per_step, inlined = (jax.tree.leaves(results[k]) for k in ("stacked once", "stacked per step", "inlined"))
-  for a, b in zip(once, per_step, strict=True):  # the same computation: equal up to XLA's fusion choices
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+  once, inlined = (jax.tree.leaves(results[k]) for k in ("stacked once", "inlined"))
   for a, b in zip(once, inlined, strict=True):  # another op order: float32 rounding, relative to each leaf's size
     b = np.asarray(b)
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-4 * np.abs(b).max())
