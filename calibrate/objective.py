@@ -99,9 +99,10 @@ def scale_loss(graphdef, batch_size: int = 1, chunk: int = 2048):
 
 
 def frozen_layers(model):
-  """`model.stack_layers()` when the model runs the layer scan (the calibrators' `stacked_layers`), else None.
+  """`model.stack_layers()` when the model runs the layer scan (`uses_layer_scan`; the calibrators'
+  `stacked_layers`), else None.
 
   The frozen weights do not change between steps, so stacking them once saves a copy of every block weight per
   step; the stacked copy stays on the device next to the model's own arrays.
   """
-  return model.stack_layers() if model.scan_layers else None
+  return model.stack_layers() if model.uses_layer_scan else None

@@ -89,12 +89,21 @@ class MambaLM(nnx.Module):
   def _head(self, residual: jax.Array) -> jax.Array:
     return self.logits_from_hidden(self.backbone.norm_f(residual, self.dtype))
 
+  @property
+  def uses_layer_scan(self) -> bool:
+    """Whether the parallel forward runs its blocks as one `lax.scan`: `scan_layers` and blocks of one structure."""
+    layers = list(self.backbone.layers)
+    graphdef = nnx.graphdef(layers[0])
+    return self.scan_layers and all(nnx.graphdef(layer) == graphdef for layer in layers[1:])
+
   def stack_layers(self) -> nnx.State:
     """The blocks' weights (`nnx.Param`) stacked over layers, leading axis L: what the layer scan reads.
 
-    `hidden_states` stacks them on every call, a copy of every block weight (about 9 ms of an 8K-token mamba2-1.3b
-    forward on an H100, benchmarks/results/calibrate.md round 6). A caller that runs many steps on frozen weights
-    (the calibrators) stacks them once with this and passes the result as `stacked_layers`.
+    Without it `hidden_states` stacks them on every call, a copy of every block weight: on an H200 an 8K-token
+    mamba-1.4b forward took 77.3 ms that way and 71.0 ms with the weights stacked once (benchmarks/results/
+    calibrate.md, round 11). A caller that runs many steps on frozen weights (the calibrators, the perplexity
+    evaluation) stacks them once with this and passes the result as `stacked_layers`; the stacked copy is not
+    updated if the weights change afterwards.
     """
     layers = list(self.backbone.layers)
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer, nnx.Param) for layer in layers])
@@ -107,8 +116,8 @@ class MambaLM(nnx.Module):
     """
     residual = self._embed(input_ids)
     layers = list(self.backbone.layers)
-    graphdef = nnx.graphdef(layers[0])
-    if self.scan_layers and all(nnx.graphdef(layer) == graphdef for layer in layers[1:]):
+    if self.uses_layer_scan:
+      graphdef = nnx.graphdef(layers[0])
       # One compiled block applied n_layer times (lax.scan over the stacked layer states) instead of n_layer
       # inlined copies: compile time independent of depth. Stacking copies the weights, once per call unless the
       # caller stacked them.
@@ -120,7 +129,10 @@ class MambaLM(nnx.Module):
       residual, _ = jax.lax.scan(self._block_fn(graphdef), residual, stacked)
     else:
       if stacked_layers is not None:
-        raise ValueError("stacked_layers is for the layer scan: set scan_layers=True, or pass stacked_layers=None")
+        raise ValueError(
+          "stacked_layers is for the layer scan, which this model does not run (scan_layers=False, or blocks of "
+          "different structure): pass stacked_layers=None"
+        )
       for layer in layers:
         graphdef, state = nnx.split(layer)
         residual, _ = self._block_fn(graphdef)(residual, (state,))

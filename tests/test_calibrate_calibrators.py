@@ -199,5 +199,6 @@ def test_stacked_layers_need_the_layer_scan():
   stacked = model.stack_layers()
   assert jax.tree.leaves(stacked)[0].shape[0] == 2
   model.scan_layers = False
-  with pytest.raises(ValueError, match="scan_layers=True"):
+  assert frozen_layers(model) is None
+  with pytest.raises(ValueError, match="does not run"):
     model.hidden_states(jnp.zeros((1, 4), jnp.int32), stacked)
