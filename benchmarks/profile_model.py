@@ -136,6 +136,7 @@ def main(argv=None) -> int:
   p.add_argument("--json", default=None)
   p.add_argument("--hlo", action="store_true", help="name the source ops fused into each top kernel")
   p.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto", help="as python -m calibrate's")
+  p.add_argument("--stack-per-step", action="store_true", help="as bench_calibrate.py's (rounds 2-10's layer scan)")
   args = p.parse_args(argv)
   args.iters, args.pair = 3, "vmap"
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

@@ -226,7 +226,8 @@ def _wide_gate(z, start, width, seed=9):
   return wide.at[..., start : start + z.shape[-1]].set(z)
 
 
-@pytest.mark.parametrize("l", [64, 45])  # 64: read in place; 45: padded, so the gate is sliced first
+# 64: read in place; 45: padded, so the gate is sliced first (then the kernels of an ordinary z: slow tests only)
+@pytest.mark.parametrize("l", [64, pytest.param(45, marks=pytest.mark.slow)])
 def test_gate_read_from_wider_z(l):
   """z_start: the gate taken from columns of a wider array (the in_proj output) gives the outputs and gradients of
   the sliced gate bit for bit, and the gradient w.r.t. the wide array is zero outside the gate columns."""
