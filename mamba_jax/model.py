@@ -14,6 +14,11 @@ from mamba_jax.mamba1 import Mamba1Mixer
 from mamba_jax.mamba2 import Mamba2Mixer
 
 
+def _stack(states):
+  """Per-layer States of one structure -> one State, each leaf stacked over layers (leading axis L)."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
 class Block(nnx.Module):
   """x + Mixer(RMSNorm(x)), the residual stream kept in float32 when `residual_in_fp32`."""
 
@@ -105,8 +110,7 @@ class MambaLM(nnx.Module):
     evaluation) stacks them once with this and passes the result as `stacked_layers`; the stacked copy is not
     updated if the weights change afterwards.
     """
-    layers = list(self.backbone.layers)
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(layer, nnx.Param) for layer in layers])
+    return _stack([nnx.state(layer, nnx.Param) for layer in self.backbone.layers])
 
   def hidden_states(self, input_ids: jax.Array, stacked_layers: nnx.State | None = None) -> jax.Array:
     """(b, l) int -> final-normed hidden states (b, l, d), before the LM head.
@@ -121,11 +125,10 @@ class MambaLM(nnx.Module):
       # One compiled block applied n_layer times (lax.scan over the stacked layer states) instead of n_layer
       # inlined copies: compile time independent of depth. Stacking copies the weights, once per call unless the
       # caller stacked them.
-      stack = lambda states: jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
       if stacked_layers is None:
-        stacked = (stack([nnx.state(layer) for layer in layers]),)
+        stacked = (_stack([nnx.state(layer) for layer in layers]),)
       else:
-        stacked = (stacked_layers, stack([nnx.state(layer, nnx.Not(nnx.Param)) for layer in layers]))
+        stacked = (stacked_layers, _stack([nnx.state(layer, nnx.Not(nnx.Param)) for layer in layers]))
       residual, _ = jax.lax.scan(self._block_fn(graphdef), residual, stacked)
     else:
       if stacked_layers is not None:
