@@ -4,14 +4,9 @@
 #               kernel, three launch variants the round-3 H100 sweep chose for an older kernel (128 channels x 4
 #               warps, unroll 8, one pipeline stage); forward+backward: default against `chain_kernel`. Per-kernel
 #               GPU times (--trace), checked against float32 XLA first.
-#   STEP=table  (for the next session with a device: not yet run) bench_scans.py for the selective scan with
-#               round 10's forward defaults (128 x 4, 2112 target programs): forward and forward+backward (the
-#               cotangent form) at 8K-64K, the 64K forward+backward round 10 did not reach, and the 256K check.
-#   STEP=cal    (not yet run) both models' calibration rows at 8K with round 10's defaults, one process each
-#               (mamba2-1.3b was last timed on an H100, in round 6).
+#   The table and cal steps prepared here for the next session ran there as run_round11.sh's table and cal steps.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
-commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 case "${STEP:-sweep}" in
 sweep)
   timeout ${SWEEP_S:-500} python benchmarks/profile_selective_scan.py --check --trace --lens ${LENS:-8192,32768,65536} \
@@ -36,17 +31,6 @@ split)
     '{"block_e": 64, "num_warps": 8, "target_programs": 4224}' '{"block_e": 128, "num_warps": 4, "target_programs": 2112}'; do
     timeout 110 python benchmarks/profile_selective_scan.py --check --lens 8192,32768,65536 --fwd "$v" 2>&1 \
       | grep --line-buffered -v "Warning\|^device" | tee -a $OUT/split.txt
-  done
-  ;;
-table)
-  GIT_COMMIT=$commit timeout 420 python benchmarks/bench_scans.py --ops selective_scan --lens 8192,32768,65536 \
-    --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json --out $OUT/scans_ss.md 2>&1 \
-    | grep --line-buffered -v Warning | tee $OUT/scans_ss.log | grep -v '^{'
-  ;;
-cal)
-  for m in mamba-1.4b mamba2-1.3b; do
-    timeout 270 python benchmarks/bench_calibrate.py --models $m --lengths 8192 --iters 3 \
-      --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn"
   done
   ;;
 esac
