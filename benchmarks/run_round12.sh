@@ -1,0 +1,41 @@
+#!/bin/bash
+# Round 12 (an H200): the selective scan's decays partly on the FMA units (`SelectiveScanConfig.poly_exp*`).
+#   STEP=poly   the compiled GPU tests of the option, then forward variants at 8K / 32K / 64K (each checked against
+#               float32 XLA first) and forward+backward variants at 8K, the default first in each.
+#   STEP=table  bench_scans.py for the selective scan (forward and forward+backward at 8K-64K, the 256K check).
+#   STEP=cal    mamba-1.4b calibration steps at 8K (bench_calibrate.py), as in round 11's first row.
+#   STEP=rows   both models' rows at 4K, 16K and 64K (round 11's prepared step; ROWS_MODELS picks the models).
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
+commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "commit $commit" | tee -a $OUT/device.txt
+case "${STEP:-poly}" in
+poly)
+  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "exp2_fma or poly_exp" \
+    2>&1 | tail -5 | tee $OUT/tests.txt
+  timeout ${FWD_S:-250} python benchmarks/profile_selective_scan.py --lens ${FWD_LENS:-8192,65536} --check --fwd '{}' \
+    '{"poly_exp": 2, "poly_exp_state": 3}' '{"poly_exp": 3, "poly_exp_state": 4}' \
+    '{"poly_exp": 4, "poly_exp_state": 6}' '{"poly_exp": 0, "poly_exp_state": 4}' '{"poly_exp": 3}' \
+    2>&1 | grep --line-buffered -v Warning | tee $OUT/fwd.txt
+  timeout ${BWD_S:-150} python benchmarks/profile_selective_scan.py --lens 8192 --fwd --bwd '{}' \
+    '{"poly_exp": 3, "poly_exp_state": 4}' '{"poly_exp": 3, "poly_exp_state": 4, "poly_exp_bwd": 2}' \
+    '{"poly_exp": 3, "poly_exp_state": 4, "poly_exp_bwd": 4}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
+  ;;
+table)
+  GIT_COMMIT=$commit timeout ${TABLE_S:-420} python benchmarks/bench_scans.py --ops selective_scan \
+    --lens 8192,32768,65536 --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json \
+    --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ss.log | grep -v '^{'
+  ;;
+cal)
+  timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models mamba-1.4b \
+    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  ;;
+rows)
+  for m in ${ROWS_MODELS:-mamba-1.4b mamba2-1.3b}; do
+    for l in ${ROWS_LENS:-4096 16384 65536}; do
+      timeout ${ROW_S:-280} python benchmarks/bench_calibrate.py --models $m --lengths $l --iters 3 \
+        --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+    done
+  done
+  ;;
+esac
