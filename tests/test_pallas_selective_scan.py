@@ -289,17 +289,17 @@ def test_gate_in_place_lowering_has_no_copy():
   assert "stablehlo.slice" in sliced
 
 
-def _exp2_fma_values(x):
-  """`_exp2_fma` of a float32 vector: its inline PTX in a Pallas kernel on GPU, its interpreter path on CPU."""
+def _rowwise(fn, x):
+  """fn(row, interpret) of a float32 vector: compiled in a Pallas kernel on GPU, its interpreter path on CPU."""
   if INTERPRET:
-    return jax.jit(lambda v: pt._exp2_fma(v, True))(x)
+    return jax.jit(lambda v: fn(v, True))(x)
   from jax.experimental import pallas as pl
 
   blk = 1024
   xp = jnp.pad(jnp.asarray(x), (0, -len(x) % blk))
 
   def kernel(x_ref, y_ref):
-    y_ref[...] = pt._exp2_fma(x_ref[...], False)
+    y_ref[...] = fn(x_ref[...], False)
 
   y = pl.pallas_call(
     kernel,
@@ -316,7 +316,7 @@ def test_exp2_fma_accuracy():
   2^x: relative error near float32 rounding over the decays' range, and the clamp to 2^-126 below -126."""
   x = np.concatenate([-np.logspace(-7, np.log10(200.0), 100001), [0.0, -0.5, -1.5, -2.5, -125.5, -126.0]])
   x = x.astype(np.float32)
-  y = np.asarray(_exp2_fma_values(x), np.float64)
+  y = np.asarray(_rowwise(pt._exp2_fma, x), np.float64)
   want = np.exp2(np.maximum(x.astype(np.float64), -126.0))
   assert np.max(np.abs(y / want - 1.0)) < 5e-7
   assert y[-1] == want[-1] and np.all(y[x < -126] == 2.0**-126)
@@ -345,3 +345,23 @@ def test_poly_exp_matches_reference():
     assert rel_err(g, np.asarray(r)) < 5e-5, (k, rel_err(g, np.asarray(r)))
   assert not np.array_equal(np.asarray(out[0]), np.asarray(out0[0]))
   assert not np.array_equal(np.asarray(grads[names.index("delta")]), np.asarray(grads0[names.index("delta")]))
+
+
+def test_fast_softplus_accuracy():
+  """`_softplus_fast` (compiled on GPU, as interpreted on CPU) against float64 softplus with the official
+  threshold: relative error within 1e-5 from deep in the exponential tail to past the threshold."""
+  x = np.concatenate([np.linspace(-30.0, 30.0, 200001), [-3.0, 20.0, 20.5]]).astype(np.float32)
+  y = np.asarray(_rowwise(pt._softplus_fast, x), np.float64)
+  xd = x.astype(np.float64)
+  want = np.where(xd > 20.0, xd, np.log1p(np.exp(np.minimum(xd, 20.0))))
+  assert np.max(np.abs(y / want - 1.0)) < 1e-5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_softplus_paths_match_reference(fast):
+  """Both softplus paths of the kernels (`fast_softplus`): forward against the float64 reference."""
+  inp, kw = _case("all", seed=3)
+  y, h = _pallas(dataclasses.replace(CFG, fast_softplus=fast), **inp, **kw)
+  with float64():
+    y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
+  assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5

@@ -107,6 +107,9 @@ class SelectiveScanConfig:
       unit does 16 exponentials per clock and SM against 128 float32 FMAs, and a step spends one exponential
       per state against 3-4 other float32 instructions, so it is the busier unit; each emulated exponential
       costs ~11 issued instructions instead of one.
+    fast_softplus: the softplus of delta (with `delta_softplus`; once per channel and step in every kernel) from
+      `ex2.approx` and `lg2.approx` (`_softplus_fast`, relative error within ~4e-6) instead of libdevice's
+      log1pf of an exponential.
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -131,6 +134,7 @@ class SelectiveScanConfig:
   poly_exp: int = 0
   poly_exp_state: int = 0
   poly_exp_bwd: int = 0
+  fast_softplus: bool = True
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -160,6 +164,7 @@ class _Meta:
   poly_exp: int = 0  # `SelectiveScanConfig.poly_exp`
   poly_exp_state: int = 0
   poly_exp_bwd: int = 0
+  fast_softplus: bool = True
 
   @property
   def ragged(self):
@@ -271,6 +276,22 @@ def _softplus(x):
   return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
+_SERIES_BELOW = -3.0  # `_softplus_fast`: ln(1 + t) from its series where t = e^x < e^-3
+
+
+def _softplus_fast(x, interpret):
+  """Softplus (float32 (e,) rows) from `ex2.approx` and `lg2.approx`: ~12 instructions where libdevice's log1pf
+  alone is ~30 (a polynomial with its special cases as selects). ln(1 + t), t = e^x, is lg2(1 + t) ln 2 where
+  softplus is at least ~0.05 (lg2.approx's absolute error, ~2^-22, is then under 4e-6 of it) and the series
+  t - t^2/2 + ... - t^6/6 below (truncation under 1e-7 of t): relative error within ~4e-6 at any x."""
+  xc = jnp.minimum(x, SOFTPLUS_THRESHOLD)
+  t = _exp2(xc * _LOG2E, interpret)  # e^x
+  one_t = 1.0 + t
+  lg = jnp.log2(one_t) if interpret else _ptx("lg2.approx.ftz.f32 $0, $1;", one_t)
+  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t / 6)))))
+  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(xc < _SERIES_BELOW, series, lg * _LN2))
+
+
 def _lane_xor(x, m, interpret):
   """x (e,), one element per thread, as held by lane `lane ^ m` of the same warp (`shfl.sync.bfly`)."""
   if interpret:
@@ -337,7 +358,10 @@ def _step_delta(r, t, seg0, meta, bias, raw=None):
   x = (r.delta[t, :] if raw is None else raw).astype(jnp.float32)
   if bias is not None:
     x = x + bias
-  d = _softplus(x) if meta.softplus else x
+  if meta.softplus:
+    d = _softplus_fast(x, meta.interpret) if meta.fast_softplus else _softplus(x)
+  else:
+    d = x
   if meta.ragged:
     d = jnp.where(seg0 + t < meta.l, d, 0.0)
   return d, x
@@ -882,6 +906,7 @@ def selective_scan_pallas(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.poly_exp, cfg.poly_exp_state, cfg.poly_exp_bwd,
+    cfg.fast_softplus,
   )  # fmt: skip
 
   def pad_l(a):
