@@ -24,11 +24,11 @@ poly)
     '{"poly_exp": 3, "poly_exp_state": 4, "poly_exp_bwd": 4}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
   ;;
 sp)
-  timeout 100 python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "softplus or exp2" \
+  timeout ${TEST_S:-100} python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "softplus or exp2" \
     2>&1 | tail -3 | tee $OUT/tests.txt
-  timeout 160 python benchmarks/profile_selective_scan.py --lens 8192,32768,65536 --check --fwd '{}' \
+  timeout ${FWD_S:-160} python benchmarks/profile_selective_scan.py --lens ${FWD_LENS:-8192,32768,65536} --check --fwd '{}' \
     '{"fast_softplus": false}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/fwd.txt
-  timeout 120 python benchmarks/profile_selective_scan.py --lens 8192 --fwd --bwd '{}' '{"fast_softplus": false}' \
+  timeout ${BWD_S:-120} python benchmarks/profile_selective_scan.py --lens 8192 --fwd --bwd '{}' '{"fast_softplus": false}' \
     2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
   ;;
 table)
