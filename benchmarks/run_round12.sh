@@ -2,7 +2,7 @@
 # Round 12 (an H200): the selective scan's decays partly on the FMA units (`SelectiveScanConfig.poly_exp*`).
 #   STEP=poly   the compiled GPU tests of the option, then forward variants at 8K / 32K / 64K (each checked against
 #               float32 XLA first) and forward+backward variants at 8K, the default first in each.
-#   STEP=sp     the softplus of delta from ex2/lg2 (`fast_softplus`, the new default) against libdevice's log1pf:
+#   STEP=sp     softplus of delta from ex2/lg2 and the backward's sigmoids from rcp.approx (`fast_math`, the new default):
 #               its compiled GPU tests, the forward at 8K / 32K / 64K (checked first) and forward+backward at 8K.
 #   STEP=table  bench_scans.py for the selective scan (forward and forward+backward at 8K-64K, the 256K check).
 #   STEP=cal    mamba-1.4b calibration steps at 8K (bench_calibrate.py), as in round 11's first row.
@@ -24,11 +24,11 @@ poly)
     '{"poly_exp": 3, "poly_exp_state": 4, "poly_exp_bwd": 4}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
   ;;
 sp)
-  timeout ${TEST_S:-100} python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "softplus or exp2" \
+  timeout ${TEST_S:-100} python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "softplus or exp2 or fast_math" \
     2>&1 | tail -3 | tee $OUT/tests.txt
   timeout ${FWD_S:-160} python benchmarks/profile_selective_scan.py --lens ${FWD_LENS:-8192,32768,65536} --check --fwd '{}' \
-    '{"fast_softplus": false}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/fwd.txt
-  timeout ${BWD_S:-120} python benchmarks/profile_selective_scan.py --lens 8192 --fwd --bwd '{}' '{"fast_softplus": false}' \
+    '{"fast_math": false}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/fwd.txt
+  timeout ${BWD_S:-120} python benchmarks/profile_selective_scan.py --lens 8192 --fwd --bwd '{}' '{"fast_math": false}' \
     2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
   ;;
 table)

@@ -358,10 +358,22 @@ def test_fast_softplus_accuracy():
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_softplus_paths_match_reference(fast):
-  """Both softplus paths of the kernels (`fast_softplus`): forward against the float64 reference."""
+def test_fast_math_paths_match_reference(fast):
+  """Both special-function paths of the kernels (`fast_math`): outputs and gradients (rows backward) against the
+  float64 reference."""
   inp, kw = _case("all", seed=3)
-  y, h = _pallas(dataclasses.replace(CFG, fast_softplus=fast), **inp, **kw)
+  ct = jax.random.normal(jax.random.PRNGKey(6), inp["u"].shape)
+  cfg = dataclasses.replace(CFG, **BWD["rows"], fast_math=fast)
+  (y, h), grads = _outputs_and_grads(cfg, inp, kw, ct)
+  names = list(inp)
+
+  def ref_loss(*arrays):
+    y, h = selective_scan_reference(**dict(zip(names, arrays, strict=True)), **kw)
+    return jnp.sum(y * ct) + jnp.sum(h)
+
   with float64():
     y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
+    refs = jax.grad(ref_loss, argnums=tuple(range(len(names))))(*_f64(list(inp.values())))
   assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+  for k, g, r in zip(names, grads, refs, strict=True):
+    assert rel_err(g, np.asarray(r)) < 5e-5, (k, rel_err(g, np.asarray(r)))

@@ -107,9 +107,11 @@ class SelectiveScanConfig:
       unit does 16 exponentials per clock and SM against 128 float32 FMAs, and a step spends one exponential
       per state against 3-4 other float32 instructions, so it is the busier unit; each emulated exponential
       costs ~11 issued instructions instead of one.
-    fast_softplus: the softplus of delta (with `delta_softplus`; once per channel and step in every kernel) from
-      `ex2.approx` and `lg2.approx` (`_softplus_fast`, relative error within ~4e-6) instead of libdevice's
-      log1pf of an exponential.
+    fast_math: the softplus of delta (with `delta_softplus`; once per channel and step in every kernel, twice in
+      the backward's main kernel) from `ex2.approx` and `lg2.approx` (`_softplus_fast`, relative error within
+      ~4e-6) instead of libdevice's log1pf of an exponential, and the backward's two sigmoids per step (of z and
+      of delta's pre-activation) with `rcp.approx` instead of a float32 division (the forward's gate always
+      uses `rcp.approx`).
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -134,7 +136,7 @@ class SelectiveScanConfig:
   poly_exp: int = 0
   poly_exp_state: int = 0
   poly_exp_bwd: int = 0
-  fast_softplus: bool = True
+  fast_math: bool = True
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -164,7 +166,7 @@ class _Meta:
   poly_exp: int = 0  # `SelectiveScanConfig.poly_exp`
   poly_exp_state: int = 0
   poly_exp_bwd: int = 0
-  fast_softplus: bool = True
+  fast_math: bool = True
 
   @property
   def ragged(self):
@@ -359,7 +361,7 @@ def _step_delta(r, t, seg0, meta, bias, raw=None):
   if bias is not None:
     x = x + bias
   if meta.softplus:
-    d = _softplus_fast(x, meta.interpret) if meta.fast_softplus else _softplus(x)
+    d = _softplus_fast(x, meta.interpret) if meta.fast_math else _softplus(x)
   else:
     d = x
   if meta.ragged:
@@ -566,6 +568,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
   seg0 = pl.program_id(1) * meta.seg_len
   K = meta.unroll_bwd
   zeros = jnp.zeros((e_blk,), jnp.float32)
+  recip = functools.partial(_rcp, interpret=meta.interpret) if meta.fast_math else (lambda v: 1.0 / v)
 
   def body(i, carry):
     c, dA, dD, dbias = carry
@@ -590,7 +593,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
       dy0 = dy
       if meta.has_z:
         zt = r.z[t, :].astype(jnp.float32)
-        sz = 1.0 / (1.0 + _exp2(-_LOG2E * zt, meta.interpret))
+        sz = recip(1.0 + _exp2(-_LOG2E * zt, meta.interpret))
         dy0 = dy * zt * sz
       Ct = [r.C[t, k] for k in range(n)]
       g = [c[k] + dy0 * Ct[k] for k in range(n)]
@@ -626,7 +629,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
           y0 = y0 + Dv * u
         r.dz[t, :] = (dy * y0 * sz * (1.0 + zt * (1.0 - sz))).astype(r.dz.dtype)
       if meta.softplus:
-        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, 1.0 / (1.0 + _exp2(-_LOG2E * x, meta.interpret)))
+        dd = dd * jnp.where(x > SOFTPLUS_THRESHOLD, 1.0, recip(1.0 + _exp2(-_LOG2E * x, meta.interpret)))
       if meta.ragged:
         dd = jnp.where(seg0 + t < meta.l, dd, 0.0)
       r.ddelta[t, :] = dd.astype(r.ddelta.dtype)
@@ -906,7 +909,7 @@ def selective_scan_pallas(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.poly_exp, cfg.poly_exp_state, cfg.poly_exp_bwd,
-    cfg.fast_softplus,
+    cfg.fast_math,
   )  # fmt: skip
 
   def pad_l(a):
