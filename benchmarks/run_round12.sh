@@ -1,28 +1,17 @@
 #!/bin/bash
-# Round 12 (an H200): the selective scan's decays partly on the FMA units (`SelectiveScanConfig.poly_exp*`).
-#   STEP=poly   the compiled GPU tests of the option, then forward variants at 8K / 32K / 64K (each checked against
-#               float32 XLA first) and forward+backward variants at 8K, the default first in each.
+# Round 12 (an H200): the selective scan's special functions. Its first step (poly: some decays on the FMA units,
+# `poly_exp*`) ran at 601aa30 and was removed with the option (scans.md round 12).
 #   STEP=sp     softplus of delta from ex2/lg2 and the backward's sigmoids from rcp.approx (`fast_math`, the new default):
 #               its compiled GPU tests, the forward at 8K / 32K / 64K (checked first) and forward+backward at 8K.
 #   STEP=table  bench_scans.py for the selective scan (forward and forward+backward at 8K-64K, the 256K check).
 #   STEP=cal    mamba-1.4b calibration steps at 8K (bench_calibrate.py), as in round 11's first row.
-#   STEP=rows   both models' rows at 4K, 16K and 64K (round 11's prepared step; ROWS_MODELS picks the models).
+#   STEP=rows   both models' rows at 4K, 16K and 64K (ran in round 12; ROWS_MODELS picks the models).
+# STEP=sp's forward+backward rows and STEP=table, STEP=cal did not run in round 12 (device time).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 echo "commit $commit" | tee -a $OUT/device.txt
-case "${STEP:-poly}" in
-poly)
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "exp2_fma or poly_exp" \
-    2>&1 | tail -5 | tee $OUT/tests.txt
-  timeout ${FWD_S:-250} python benchmarks/profile_selective_scan.py --lens ${FWD_LENS:-8192,65536} --check --fwd '{}' \
-    '{"poly_exp": 2, "poly_exp_state": 3}' '{"poly_exp": 3, "poly_exp_state": 4}' \
-    '{"poly_exp": 4, "poly_exp_state": 6}' '{"poly_exp": 0, "poly_exp_state": 4}' '{"poly_exp": 3}' \
-    2>&1 | grep --line-buffered -v Warning | tee $OUT/fwd.txt
-  timeout ${BWD_S:-150} python benchmarks/profile_selective_scan.py --lens 8192 --fwd --bwd '{}' \
-    '{"poly_exp": 3, "poly_exp_state": 4}' '{"poly_exp": 3, "poly_exp_state": 4, "poly_exp_bwd": 2}' \
-    '{"poly_exp": 3, "poly_exp_state": 4, "poly_exp_bwd": 4}' 2>&1 | grep --line-buffered -v Warning | tee $OUT/bwd.txt
-  ;;
+case "${STEP:-sp}" in
 sp)
   timeout ${TEST_S:-100} python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py -k "softplus or exp2 or fast_math" \
     2>&1 | tail -3 | tee $OUT/tests.txt

@@ -311,42 +311,6 @@ def _rowwise(fn, x):
   return y[: len(x)]
 
 
-def test_exp2_fma_accuracy():
-  """The FMA-unit exponential (`_exp2_fma`; compiled on GPU, as the interpreter runs it on CPU) against float64
-  2^x: relative error near float32 rounding over the decays' range, and the clamp to 2^-126 below -126."""
-  x = np.concatenate([-np.logspace(-7, np.log10(200.0), 100001), [0.0, -0.5, -1.5, -2.5, -125.5, -126.0]])
-  x = x.astype(np.float32)
-  y = np.asarray(_rowwise(pt._exp2_fma, x), np.float64)
-  want = np.exp2(np.maximum(x.astype(np.float64), -126.0))
-  assert np.max(np.abs(y / want - 1.0)) < 5e-7
-  assert y[-1] == want[-1] and np.all(y[x < -126] == 2.0**-126)
-
-
-def test_poly_exp_matches_reference():
-  """Decays on the FMA units for some states in each kernel (`poly_exp*`): outputs and gradients still equal
-  the float64 reference, and they differ in rounding from the special-function path (the option takes effect)."""
-  inp, kw = _case("all", seed=1)
-  ct = jax.random.normal(jax.random.PRNGKey(5), inp["u"].shape)
-  base = dataclasses.replace(CFG, **BWD["rows"])
-  poly = dataclasses.replace(base, poly_exp=3, poly_exp_state=8, poly_exp_bwd=5)
-  out, grads = _outputs_and_grads(poly, inp, kw, ct)
-  out0, grads0 = _outputs_and_grads(base, inp, kw, ct)
-  names = list(inp)
-
-  def ref_loss(*arrays):
-    y, h = selective_scan_reference(**dict(zip(names, arrays, strict=True)), **kw)
-    return jnp.sum(y * ct) + jnp.sum(h)
-
-  with float64():
-    y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
-    refs = jax.grad(ref_loss, argnums=tuple(range(len(names))))(*_f64(list(inp.values())))
-  assert rel_err(out[0], y_ref) < 1e-5 and rel_err(out[1], h_ref) < 1e-5
-  for k, g, r in zip(names, grads, refs, strict=True):
-    assert rel_err(g, np.asarray(r)) < 5e-5, (k, rel_err(g, np.asarray(r)))
-  assert not np.array_equal(np.asarray(out[0]), np.asarray(out0[0]))
-  assert not np.array_equal(np.asarray(grads[names.index("delta")]), np.asarray(grads0[names.index("delta")]))
-
-
 def test_fast_softplus_accuracy():
   """`_softplus_fast` (compiled on GPU, as interpreted on CPU) against float64 softplus with the official
   threshold: relative error within 1e-5 from deep in the exponential tail to past the threshold."""

@@ -35,6 +35,11 @@ Design:
   * exp(delta A) is the hot special function (l * e * n of them per pass): on GPU it is one `ex2.approx` with
     A pre-scaled by log2(e) (inline PTX; libdevice's `__nv_expf` costs several instructions more). The
     interpreter uses `jnp.exp2`.
+  * Softplus of delta (`fast_math`) is lg2(1 + e^x) ln 2 from `ex2.approx` and `lg2.approx`, with a series below
+    x = -3: ~12 instructions where libdevice's log1pf is ~30, 3.8% off the forward at 8K (H200, round 12). Tried and
+    removed (round 12): computing some states' decays as a polynomial on the FMA units, to unload the special-
+    function unit (16 exponentials per clock and SM against 128 FMAs): slower in proportion to the instructions
+    it added (8K 0.614 -> 0.634-0.701 ms), so the forward is bound by issue and latency, not by that unit.
   * Backward (`jax.custom_vjp`), same segment structure run in reverse. The forward under `jax.vjp` also
     stores the state every K = `unroll_bwd` steps, (b, l / K, n, e) float32 ((b, l / K, e, n) for the (e, n)
     kernel). Backward pass 1 walks each segment backwards from a zero adjoint and gives the segment's adjoint
@@ -59,7 +64,6 @@ Design:
 import dataclasses
 import functools
 import math
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -101,17 +105,12 @@ class SelectiveScanConfig:
       (`_pack_bc`): one scalar load per two values instead of one per value, and a shift or mask to unpack each
       (exact). On an H100 the forward's stream time fell 4-6% at 8K-64K; the segment-state kernel and the
       backward read float32 B and C, because packed they were slower (benchmarks/results/scans.md, round 8).
-    poly_exp, poly_exp_state, poly_exp_bwd: of the n decays exp(delta A_k) a step computes per channel, how many
-      (the last ones) run on the FMA units as a polynomial (`_exp2_fma`) instead of the special-function unit,
-      in the forward's main kernel, its segment-state kernel and the backward kernels. The special-function
-      unit does 16 exponentials per clock and SM against 128 float32 FMAs, and a step spends one exponential
-      per state against 3-4 other float32 instructions, so it is the busier unit; each emulated exponential
-      costs ~11 issued instructions instead of one.
     fast_math: the softplus of delta (with `delta_softplus`; once per channel and step in every kernel, twice in
       the backward's main kernel) from `ex2.approx` and `lg2.approx` (`_softplus_fast`, relative error within
       ~4e-6) instead of libdevice's log1pf of an exponential, and the backward's two sigmoids per step (of z and
       of delta's pre-activation) with `rcp.approx` instead of a float32 division (the forward's gate always
-      uses `rcp.approx`).
+      uses `rcp.approx`). On an H200 (round 12, one lease) the forward at 8K took 0.588 against 0.611 ms
+      (stream); the backward with it was not timed.
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -133,9 +132,6 @@ class SelectiveScanConfig:
   bwd_rows: bool = True
   prefetch: bool = False
   pack_bc: bool = True
-  poly_exp: int = 0
-  poly_exp_state: int = 0
-  poly_exp_bwd: int = 0
   fast_math: bool = True
 
 
@@ -163,10 +159,7 @@ class _Meta:
   pack_bc: bool  # the forward's main kernel reads B and C as bf16 pairs in uint32 words (`_pack_bc`)
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
-  poly_exp: int = 0  # `SelectiveScanConfig.poly_exp`
-  poly_exp_state: int = 0
-  poly_exp_bwd: int = 0
-  fast_math: bool = True
+  fast_math: bool  # `SelectiveScanConfig.fast_math`
 
   @property
   def ragged(self):
@@ -192,54 +185,6 @@ def _ptx(asm, *args):
 
 def _exp2(x, interpret):
   return jnp.exp2(x) if interpret else _ptx("ex2.approx.ftz.f32 $0, $1;", x)
-
-
-# 2^f = 1 + f q(f) on [-1/2, 1/2]: q a degree-4 least-squares fit of (2^f - 1) / f at Chebyshev nodes, in float32
-# (relative error of 1 + f q(f) at most 2.9e-7 in float32 arithmetic; ex2.approx's is ~2^-22).
-_EXP2_Q = (0.0013390877284109592, 0.009666378609836102, 0.055503569543361664, 0.2402234822511673, 0.6931471824645996)
-_MAGIC = 12582912.0  # 1.5 * 2^23: x + _MAGIC rounds x to an integer held in the low mantissa bits
-
-
-def _f32_hex(v):
-  """A float32 PTX immediate (0fXXXXXXXX)."""
-  return "0f" + struct.pack(">f", v).hex().upper()
-
-
-def _exp2_fma(x, interpret):
-  """2^x for x <= 0 (float32 (e,) rows) on the FMA and integer units, without the special-function unit.
-
-  x is clamped to -126 (2^-126, the smallest normal, for anything below; the decays use it for exp(delta A)),
-  rounded to an integer j by the 1.5 * 2^23 trick, 2^(x - j) evaluated as 1 + f q(f), and j added to the
-  exponent bits: 11 instructions, none of them on the special-function unit.
-  """
-  if interpret:
-    xc = jnp.maximum(x, -126.0)
-    j = jnp.round(xc)  # what the GPU's 1.5 * 2^23 trick gives (round to nearest even); XLA folds the trick away
-    f = xc - j
-    q = jnp.zeros_like(f)
-    for c in _EXP2_Q:
-      q = q * f + c
-    p = 1.0 + f * q
-    bits = jax.lax.bitcast_convert_type(p, jnp.int32) + jax.lax.shift_left(j.astype(jnp.int32), 23)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-  c = [_f32_hex(v) for v in _EXP2_Q]
-  asm = (
-    "{ .reg .f32 e2x, e2t, e2j, e2f, e2q; .reg .b32 e2i, e2p; "
-    f"max.ftz.f32 e2x, $1, {_f32_hex(-126.0)}; "
-    f"add.rn.f32 e2t, e2x, {_f32_hex(_MAGIC)}; "
-    f"sub.rn.f32 e2j, e2t, {_f32_hex(_MAGIC)}; "
-    "sub.rn.f32 e2f, e2x, e2j; "
-    f"fma.rn.f32 e2q, e2f, {c[0]}, {c[1]}; "
-    + "".join(f"fma.rn.f32 e2q, e2q, e2f, {ci}; " for ci in c[2:])
-    + f"fma.rn.f32 e2q, e2q, e2f, {_f32_hex(1.0)}; "
-    "mov.b32 e2p, e2q; mov.b32 e2i, e2t; shl.b32 e2i, e2i, 23; add.s32 $0, e2p, e2i; }"
-  )
-  return _ptx(asm, x)
-
-
-def _decay_exp2(k, n, x, poly, interpret):
-  """2^x for state k of n's decay: `_exp2_fma` for the last `poly` states, else `_exp2` (ex2.approx)."""
-  return _exp2_fma(x, interpret) if k >= n - poly else _exp2(x, interpret)
 
 
 def _fma(a, b, c, interpret):
@@ -440,8 +385,7 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
       else:
         Bt = [r.B[t, k] for k in range(n)]
         Ct = [r.C[t, k] for k in range(n)] if write_y else []
-      poly = meta.poly_exp if write_y else meta.poly_exp_state
-      h = tuple(fma(_decay_exp2(k, n, d * A2[k], poly, meta.interpret), h[k], Bt[k] * du) for k in range(n))
+      h = tuple(fma(_exp2(d * A2[k], meta.interpret), h[k], Bt[k] * du) for k in range(n))
       if write_y:
         y = Dv * u if meta.has_d else zeros
         for k in range(n):
@@ -581,14 +525,12 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         t = kb * K + j
         d, _ = _step_delta(r, t, seg0, meta, bias)
         du = d * r.u[t, :].astype(jnp.float32)
-        h = tuple(
-          _decay_exp2(k, n, d * A2[k], meta.poly_exp_bwd, meta.interpret) * h[k] + r.B[t, k] * du for k in range(n)
-        )
+        h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
         hs.append(h)
     for j in reversed(range(K)):
       t = kb * K + j
       d, x = _step_delta(r, t, seg0, meta, bias)
-      a = [_decay_exp2(k, n, d * A2[k], meta.poly_exp_bwd, meta.interpret) for k in range(n)]
+      a = [_exp2(d * A2[k], meta.interpret) for k in range(n)]
       dy = r.dy[t, :].astype(jnp.float32)
       dy0 = dy
       if meta.has_z:
@@ -908,8 +850,7 @@ def selective_scan_pallas(
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.poly_exp, cfg.poly_exp_state, cfg.poly_exp_bwd,
-    cfg.fast_math,
+    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math,
   )  # fmt: skip
 
   def pad_l(a):
