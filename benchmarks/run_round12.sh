@@ -4,9 +4,11 @@
 #   STEP=sp     softplus of delta from ex2/lg2 and the backward's sigmoids from rcp.approx (`fast_math`, the new default):
 #               its compiled GPU tests, the forward at 8K / 32K / 64K (checked first) and forward+backward at 8K.
 #   STEP=table  bench_scans.py for the selective scan (forward and forward+backward at 8K-64K, the 256K check).
-#   STEP=cal    mamba-1.4b calibration steps at 8K (bench_calibrate.py), as in round 11's first row.
+#   STEP=cal    both models' calibration steps at 8K (bench_calibrate.py), as in round 11's rows: the first timing of
+#               the gradient step with the kernels' `optimize_remat` (its forward pass no longer stores scan states)
+#               and of every step with the selective scan's `fast_math`.
 #   STEP=rows   both models' rows at 4K, 16K and 64K (ran in round 12; ROWS_MODELS picks the models).
-# STEP=sp's forward+backward rows and STEP=table, STEP=cal did not run in round 12 (device time).
+# STEP=sp's forward+backward rows, STEP=table and STEP=cal did not run in round 12 (device time).
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -26,8 +28,10 @@ table)
     --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ss.log | grep -v '^{'
   ;;
 cal)
-  timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models mamba-1.4b \
-    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  for m in mamba-1.4b mamba2-1.3b; do
+    timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models $m \
+      --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  done
   ;;
 rows)
   for m in ${ROWS_MODELS:-mamba-1.4b mamba2-1.3b}; do

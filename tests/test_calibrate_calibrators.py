@@ -202,3 +202,27 @@ def test_stacked_layers_need_the_layer_scan():
   assert frozen_layers(model) is None
   with pytest.raises(ValueError, match="does not run"):
     model.hidden_states(jnp.zeros((1, 4), jnp.int32), stacked)
+
+
+def test_remat_gradient_step_stores_scan_states_once():
+  """The gradient calibrator's step with rematerialised blocks in the layer scan, on the Pallas kernels (lowered
+  for CUDA: CI has no GPU): the forward pass runs the selective scan's plain forward, and only the backward's
+  recomputation stores its states (the kernels' `optimize_remat`), so one state-storing launch, not two."""
+  from mamba_jax.ops.selective_scan.pallas_triton import DEFAULT_CONFIG  # noqa: PLC0415
+
+  model = MambaLM(MambaConfig.tiny("mamba1", n_layer=2, d_model=64), scan_impl="pallas", remat=True, rngs=nnx.Rngs(0))
+  attach_scales(model, "A", "linear", "layer")
+  assert model.uses_layer_scan
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  x = jnp.zeros((1, 256), jnp.int32)
+  step = jax.jit(jax.value_and_grad(scale_loss(graphdef, 1, 128)))
+  try:
+    text = step.trace(scales, rest, x).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as err:  # jaxlib without the Triton dialect: nothing to check here.
+    if "triton" in str(err).lower() and "not" in str(err).lower():
+      pytest.skip(f"no Triton lowering in this jaxlib: {err}")
+    raise
+  results = [ln.rsplit("-> ", 1)[-1] for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+  cfg = model.cfg
+  stored = f"tensor<1x{256 // DEFAULT_CONFIG.unroll_bwd}x{cfg.d_state}x{cfg.d_inner}xf32>"  # (b, l / K, n, e)
+  assert sum(r.split(",")[-1].strip(" )") == stored for r in results) == 1, results

@@ -341,3 +341,49 @@ def test_fast_math_paths_match_reference(fast):
   assert rel_err(y, y_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
   for k, g, r in zip(names, grads, refs, strict=True):
     assert rel_err(g, np.asarray(r)) < 5e-5, (k, rel_err(g, np.asarray(r)))
+
+
+def test_remat_stores_states_once():
+  """Under `jax.checkpoint` the forward pass runs the plain forward and only the backward's recomputation stores
+  the state every K steps (`optimize_remat`): one state-storing forward in the lowered gradient, not two."""
+  b, l, e, n = 1, 4096, 4096, 16
+  S = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  args = (S((b, l, e), bf), S((b, l, e), jnp.float32), S((e, n), jnp.float32), S((b, l, n), bf), S((b, l, n), bf))
+  args += (S((e,), jnp.float32), S((b, l, e), bf), S((e,), jnp.float32))
+
+  def f(*a):
+    return pt.selective_scan_pallas(*a, True)
+
+  stored = f"tensor<{b}x{l // pt.DEFAULT_CONFIG.unroll_bwd}x{n}x{e}xf32>"  # (b, l / K, n, e)
+  for remat in (False, True):
+    g_ = jax.checkpoint(f) if remat else f
+    loss = lambda *a, g_=g_: jnp.sum(jnp.sin(g_(*a).astype(jnp.float32)))
+    try:
+      text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as err:  # jaxlib without the Triton dialect: nothing to check here.
+      if "triton" in str(err).lower() and "not" in str(err).lower():
+        pytest.skip(f"no Triton lowering in this jaxlib: {err}")
+      raise
+    results = [ln.rsplit("-> ", 1)[-1] for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+    assert sum(stored in r.split(",")[-1] for r in results) == 1, (remat, results)  # the storing forward's last output
+    assert len(results) == (6 if remat else 4)  # remat: the primal pass's 2 launches, then the 4 of fwd + bwd
+
+
+def test_remat_gradients_equal_plain_gradients():
+  """Gradients under `jax.checkpoint` (the primal pass through the plain forward) equal those without."""
+  inp, kw = _case("all", seed=4)
+  ct = jax.random.normal(jax.random.PRNGKey(7), inp["u"].shape)
+  names = list(inp)
+
+  def loss(remat):
+    def f(*arrays):
+      y, h = _pallas(CFG, **dict(zip(names, arrays, strict=True)), **kw)
+      return jnp.sum(y * ct) + jnp.sum(h)
+
+    return jax.checkpoint(f) if remat else f
+
+  plain = jax.grad(loss(False), argnums=tuple(range(len(names))))(*inp.values())
+  remat = jax.grad(loss(True), argnums=tuple(range(len(names))))(*inp.values())
+  for k, a, r in zip(names, plain, remat, strict=True):
+    assert rel_err(r, a) < 1e-6, (k, rel_err(r, a))

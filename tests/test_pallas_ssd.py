@@ -182,3 +182,55 @@ def test_lowers_to_triton_for_cuda():
     raise
   # fwd segment states, fwd, bwd segment states, bwd chunk adjoints, bwd chunk gradients
   assert text.count("__gpu$xla.gpu.triton") == 5
+
+
+def _triton_results(fn, args):
+  """The result types of every Triton call in fn's CUDA lowering (None: no Triton lowering in this jaxlib)."""
+  try:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as e:
+    if "triton" in str(e).lower() and "not" in str(e).lower():
+      pytest.skip(f"no Triton lowering in this jaxlib: {e}")
+    raise
+  return [ln.rsplit("-> ", 1)[-1] for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+
+
+def test_remat_stores_chunk_states_once():
+  """Under `jax.checkpoint` the forward pass runs the plain forward and only the backward's recomputation stores
+  the chunk-entry states (`optimize_remat`): one state-storing forward in the lowered gradient, not two."""
+  b, l, h, p, g, n = 1, 4096, 8, 64, 1, 128
+  S = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  args = (S((b, l, h, p), bf), S((b, l, h), jnp.float32), S((h,), jnp.float32), S((b, l, g, n), bf))
+  args += (S((b, l, g, n), bf), S((h,), jnp.float32), S((b, l, h, p), bf))
+
+  def f(*a):
+    return pt.ssd_pallas(*a[:5], 256, *a[5:], None, True)
+
+  for remat, storing in ((False, 1), (True, 1)):
+    g_ = jax.checkpoint(f) if remat else f
+    loss = lambda *a, g_=g_: jnp.sum(jnp.sin(g_(*a).astype(jnp.float32)))
+    results = _triton_results(jax.grad(loss, argnums=(0, 1)), args)
+    states = f"tensor<{b}x{h}x{l // 64}x{p}x{n}xbf16>"  # (b, h, c, p, n) chunk-entry states
+    assert sum(r.startswith("(") and states in r.split(",")[1] for r in results) == storing, (remat, results)
+  assert len(results) == 7  # the primal pass's 2 launches, then the 5 of the recomputed forward and backward
+
+
+def test_remat_gradients_equal_plain_gradients():
+  """Gradients under `jax.checkpoint` (the primal pass through the plain forward) equal those without."""
+  inp, kw = _case("all", seed=4)
+  names = [k for k, v in inp.items() if v is not None]
+  ct = jax.random.normal(jax.random.PRNGKey(7), inp["x"].shape)
+
+  def loss(remat):
+    def f(*arrays):
+      y, S = _pallas(**dict(zip(names, arrays, strict=True)), **kw)
+      return jnp.sum(y * ct) + jnp.sum(S)
+
+    return jax.checkpoint(f) if remat else f
+
+  args = [inp[k] for k in names]
+  plain = jax.grad(loss(False), argnums=tuple(range(len(args))))(*args)
+  remat = jax.grad(loss(True), argnums=tuple(range(len(args))))(*args)
+  for k, a, r in zip(names, plain, remat, strict=True):
+    assert rel_err(r, a) < 1e-6, (k, rel_err(r, a))

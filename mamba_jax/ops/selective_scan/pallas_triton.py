@@ -47,6 +47,8 @@ Design:
     backwards from its true adjoint, K steps at a time: it reloads the stored state at the K-block's start,
     recomputes the K states forward in registers (unrolled), then walks them backwards and writes du, d(delta),
     dz, dB and dC partial rows, and per-program partial sums of dA, dD and d(delta_bias) (XLA sums the partials).
+  * Under `jax.checkpoint` (`optimize_remat`) the forward pass runs the plain forward and only the backward's
+    recomputation stores states; without it both passes store them (a Pallas call cannot drop an output).
   * The default backward (`bwd_rows`) holds state, adjoint and decay as n (e-block,) rows like the forward, one
     channel per thread, so the reductions over n are in-thread sums. Only dB_t and dC_t sum over channels: when
     the block is one channel per thread, each warp combines its 2n values with 31 `shfl.sync.bfly` lane
@@ -770,7 +772,12 @@ def _core_bwd(meta, res, cts):
   )
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+# optimize_remat: under `jax.checkpoint` (the model's `remat`, the gradient calibrator) the forward pass, whose
+# residuals are dropped, runs the plain forward (`_core`) and only the recomputation in the backward pass runs
+# `_core_fwd`, which stores the state every K steps. Without it both passes store them (the Pallas call cannot
+# drop an output): at 8K tokens 268 MB written per layer for nothing (test_pallas_selective_scan.py checks the
+# lowered calls).
+_core.defvjp(_core_fwd, _core_bwd, optimize_remat=True)
 
 
 def _aimed_segments(l, b, e, cfg):

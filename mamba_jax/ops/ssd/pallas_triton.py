@@ -636,7 +636,10 @@ def _core_bwd(meta, res, cts):
   return dx, ddt, dda, dB, dC, dD, dz, G0
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+# optimize_remat: under `jax.checkpoint` the forward pass, whose residuals are dropped, runs the plain forward and
+# only the backward pass's recomputation stores the chunk-entry states and the pre-gate output (see the same
+# line in the selective scan).
+_core.defvjp(_core_fwd, _core_bwd, optimize_remat=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
