@@ -20,6 +20,24 @@ def rel_err(actual, expected) -> float:
   return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
+def triton_call_results(fn, *args) -> list[str]:
+  """The result types of every Triton call in jit(fn)'s CUDA lowering at `args` (shapes), in program order, as
+  written after `->` in the lowered text: "tensor<...>" for one result, "(tensor<...>, ...)" for several. CI has no
+  GPU, but the CUDA lowering runs on the CPU; skips where this jaxlib has no Triton lowering."""
+  try:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except Exception as err:
+    if "triton" in str(err).lower() and "not" in str(err).lower():
+      pytest.skip(f"no Triton lowering in this jaxlib: {err}")
+    raise
+  return [ln.rsplit("-> ", 1)[-1] for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+
+
+def result_types(results: str) -> list[str]:
+  """The tensor types in one `triton_call_results` entry."""
+  return [t.strip(" ()") for t in results.split(",")]
+
+
 @pytest.fixture(scope="session")
 def torch_mods():
   torch = pytest.importorskip("torch")
