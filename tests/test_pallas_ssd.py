@@ -174,14 +174,8 @@ def test_lowers_to_triton_for_cuda():
     return pt.ssd_pallas(x, dt, A, B, C, 256, D, z, None, True).astype(jnp.float32).sum()
 
   grad = jax.grad(f, argnums=tuple(range(7)))
-  try:
-    text = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  except Exception as e:  # jaxlib without the Triton dialect: nothing to check here.
-    if "triton" in str(e).lower() and "not" in str(e).lower():
-      pytest.skip(f"no Triton lowering in this jaxlib: {e}")
-    raise
   # fwd segment states, fwd, bwd segment states, bwd chunk adjoints, bwd chunk gradients
-  assert text.count("__gpu$xla.gpu.triton") == 5
+  assert len(triton_call_results(grad, *args)) == 5
 
 
 def test_remat_stores_chunk_states_once():
