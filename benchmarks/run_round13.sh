@@ -1,0 +1,28 @@
+#!/bin/bash
+# Round 13 (an H200): Triton vs Mosaic GPU for the SSD forward's main kernel, and the selective-scan table with
+# round 12's `fast_math` (its forward+backward never timed).
+#   STEP=mosaic  benchmarks/profile_ssd_mosaic.py at MOSAIC_LENS (checks, then whole forward and main kernels).
+#   STEP=table   bench_scans.py for the selective scan (as round 12's STEP=table).
+#   STEP=cal     mamba-1.4b's calibration steps at 8K (optimize_remat and fast_math in the model).
+# STEPS may name several, run in order.
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
+commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "commit $commit" | tee -a $OUT/device.txt
+for step in ${STEPS:-mosaic}; do
+case "$step" in
+mosaic)
+  timeout ${MOSAIC_S:-240} python benchmarks/profile_ssd_mosaic.py --lens ${MOSAIC_LENS:-8192} --stages ${MOSAIC_STAGES:-1,2} \
+    2>&1 | grep --line-buffered -v Warning | tee -a $OUT/mosaic.txt
+  ;;
+table)
+  GIT_COMMIT=$commit timeout ${TABLE_S:-420} python benchmarks/bench_scans.py --ops selective_scan \
+    --lens ${TABLE_LENS:-8192,32768,65536} --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json \
+    --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ss.log | grep -v '^{'
+  ;;
+cal)
+  timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models ${CAL_MODELS:-mamba-1.4b} \
+    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  ;;
+esac
+done

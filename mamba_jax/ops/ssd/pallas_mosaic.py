@@ -1,0 +1,230 @@
+"""The Mamba2 SSD forward's main kernel in Pallas Mosaic GPU (Hopper: TMA copies and warpgroup matrix products).
+
+Shape legend: b batch, l length, s segments, t/u positions in a chunk, h heads, p head dim, g groups, n state.
+
+Built to choose the Pallas lowering by measurement (issue 4: "both Pallas lowerings exist on Hopper ... choose by
+measurement"): it is the Triton forward's main kernel (`pallas_triton._fwd_kernel`) written for Mosaic GPU, with the
+same work per program (one (batch, head, segment), walking its chunks in order with the state in registers), so
+that the two lowerings are compared on the same algorithm. `benchmarks/profile_ssd_fwd.py --mosaic` times both;
+benchmarks/results/scans.md has the figures and the choice.
+
+Per chunk of T tokens, one warpgroup (128 threads) issues four warpgroup matrix products, all with untransposed
+shared-memory operands (B is given transposed, (b, g, n, l), so that both products that read it take it as is):
+  cb = C B^T            (t, n) @ (n, u)
+  y  = e^c * (C S^T)    (t, n) @ (n, p)     S^T is kept in shared memory in the operands' dtype
+  y += (cb * L * dt) x  (t, u) @ (u, p)     the left operand from registers
+  S^T = e^c_end S^T + B^T w,  w = e^(c_end - c) dt x    (n, t) @ (t, p)
+while the next chunks' tiles arrive by TMA into a ring of `stages` buffers. The state is kept transposed, (n, p),
+so that the third product's accumulator is the next chunk's right operand without a transpose.
+
+Not differentiable and not behind `ops.ssd`: the forward under `jax.vjp` and the backward stay Triton. CI cannot
+run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed refs), so the CPU tests
+lower it for CUDA (which runs Mosaic GPU's layout inference) and the GPU tests compare it with the reference.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mamba_jax.ops.ssd import pallas_triton as pt
+
+_WG = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # a (t,) vector along the rows of a (t, .) accumulator
+_COL = plgpu.Layout.WGMMA.reduce(0)  # a (u,) vector along the columns
+
+
+def _tile(shape, dtype):
+  """A shared-memory tile laid out for TMA and the matrix units (128-byte swizzle over 64-element rows)."""
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
+  refs = list(refs)
+  x_g, dt_g, cs_g, bt_g, c_g = refs[:5]
+  i = 5
+  d_g = z_g = None
+  if has_d:
+    d_g = refs[i]
+    i += 1
+  if has_z:
+    z_g = refs[i]
+    i += 1
+  s_g, y_g = refs[i], refs[i + 1]
+  scratch = refs[i + 2 :]
+  x_s, z_s = scratch[0], (scratch.pop(1) if has_z else None)
+  bt_s, c_s, dt_s, cs_s, w_s, st_s, y_s, bar = scratch[1:]
+
+  hi, si, bi = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("b")
+  gi = hi // r
+  base = si * (K * T)
+
+  def fetch(k, slot):
+    t0 = base + k * T
+    plgpu.copy_gmem_to_smem(x_g.at[bi, pl.ds(t0, T), hi], x_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(dt_g.at[bi, hi, pl.ds(t0, T)], dt_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(cs_g.at[bi, hi, pl.ds(t0, T)], cs_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(bt_g.at[bi, gi, :, pl.ds(t0, T)], bt_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(c_g.at[bi, pl.ds(t0, T), gi], c_s.at[slot], bar.at[slot])
+    if has_z:
+      plgpu.copy_gmem_to_smem(z_g.at[bi, pl.ds(t0, T), hi], z_s.at[slot], bar.at[slot])
+
+  for k in range(min(stages, K)):
+    fetch(k, k)
+
+  S = plgpu.load(s_g.at[bi, hi, si], (), layout=_WG, optimized=False)  # (n, p) float32, the incoming state
+  st_s[...] = S.astype(st_s.dtype)
+  plgpu.commit_smem()
+  Dv = plgpu.load(d_g.at[hi], (), layout=_COL, optimized=False) if has_d else None  # (p,)
+  row = plgpu.broadcasted_iota(jnp.int32, (T, T), 0, layout=_WG)
+  col = plgpu.broadcasted_iota(jnp.int32, (T, T), 1, layout=_WG)
+
+  def body(k, S):
+    slot = lax.rem(k, stages)
+    t0 = base + k * T
+    plgpu.barrier_wait(bar.at[slot])
+    c_row = plgpu.load(cs_s.at[slot], (), layout=_ROW)  # (t,)
+    c_col = plgpu.load(cs_s.at[slot], (), layout=_COL)  # (u,)
+    dt_row = plgpu.load(dt_s.at[slot], (), layout=_ROW)
+    dt_col = plgpu.load(dt_s.at[slot], (), layout=_COL)
+    c_end = cs_g[bi, hi, t0 + T - 1]
+
+    def products(cb_acc, y_acc):
+      plgpu.wgmma(cb_acc, c_s.at[slot], bt_s.at[slot])
+      plgpu.wgmma(y_acc, c_s.at[slot], st_s)
+      return cb_acc[...], y_acc[...]
+
+    cb, y_state = pl.run_scoped(products, plgpu.ACC((T, T), jnp.float32), plgpu.ACC((T, x_s.shape[-1]), jnp.float32))
+    shape_tt, shape_tp = cb.shape, y_state.shape
+    diff = lax.broadcast_in_dim(c_row, shape_tt, [0]) - lax.broadcast_in_dim(c_col, shape_tt, [1])
+    L = jnp.exp(jnp.where(row >= col, diff, -jnp.inf))
+    M = (cb * L * lax.broadcast_in_dim(dt_col, shape_tt, [1])).astype(x_s.dtype)  # (t, u)
+    y0 = y_state * lax.broadcast_in_dim(jnp.exp(c_row), shape_tp, [0])
+
+    def intra(acc):
+      plgpu.wgmma(acc, M, x_s.at[slot])
+
+    y = pl.run_state(intra)(plgpu.ACC.init(y0))  # (t, p)
+    x = plgpu.load(x_s.at[slot], (), layout=_WG).astype(jnp.float32)  # (t, p)
+    if has_d:
+      y = y + lax.broadcast_in_dim(Dv, shape_tp, [1]) * x
+    if has_z:
+      zz = plgpu.load(z_s.at[slot], (), layout=_WG).astype(jnp.float32)
+      y = y * zz * jax.nn.sigmoid(zz)
+    wgt = jnp.exp(c_end - c_row) * dt_row  # (t,)
+    w_s[...] = (x * lax.broadcast_in_dim(wgt, shape_tp, [0])).astype(w_s.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's y has left y_s
+    y_s[...] = y.astype(y_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(y_s, y_g.at[bi, pl.ds(t0, T), hi])
+
+    def update(acc):
+      plgpu.wgmma(acc, bt_s.at[slot], w_s)
+
+    S = pl.run_state(update)(plgpu.ACC.init(S * jnp.exp(c_end)))  # (n, p)
+    st_s[...] = S.astype(st_s.dtype)
+    plgpu.commit_smem()
+
+    @pl.when(k + stages < K)
+    def _():
+      fetch(k + stages, slot)
+
+    return S
+
+  lax.fori_loop(0, K, body, S)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=2):
+  """y (b, l, h, p) from the padded, preprocessed inputs of `pallas_triton._fwd_main` and S_in (b, h, s, p, n), each
+  segment's incoming state (float32)."""
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
+  T, K = meta.T, meta.K
+  bt = jnp.transpose(B, (0, 2, 3, 1))  # (b, g, n, l)
+  s_t = jnp.swapaxes(S_in, -1, -2).astype(jnp.float32)  # (b, h, s, n, p)
+  stages = max(1, min(stages, K))
+  dtype = x.dtype
+  scratch = [
+    _tile((stages, T, p), dtype),  # x
+    _tile((stages, n, T), dtype),  # B^T
+    _tile((stages, T, n), dtype),  # C
+    plgpu.SMEM((stages, T), jnp.float32),  # dt
+    plgpu.SMEM((stages, T), jnp.float32),  # cs
+    _tile((T, p), dtype),  # w
+    _tile((n, p), dtype),  # S^T
+    _tile((T, p), dtype),  # y
+    plgpu.Barrier(num_arrivals=5 + (z is not None), num_barriers=stages),
+  ]
+  if z is not None:
+    scratch.insert(1, _tile((stages, T, p), dtype))  # z
+  args = [x, dtp, cs, bt, C]
+  if D is not None:
+    args.append(D)
+  if z is not None:
+    args.append(z)
+  args.append(s_t)
+  kernel = functools.partial(
+    _fwd_kernel, T=T, K=K, r=h // g, stages=stages, has_d=D is not None, has_z=z is not None
+  )
+  call = plgpu.kernel(
+    kernel,
+    out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    scratch_types=scratch,
+    grid=(h, meta.S, b),
+    grid_names=("h", "s", "b"),
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
+  return call(*args)
+
+
+def incoming_states(meta, x, dtp, cs, B, S0):
+  """Each segment's incoming state (b, h, s, p, n) float32: the Triton segment-state kernel, then an exclusive
+  scan over segments in XLA."""
+  if meta.S == 1:
+    return S0[:, :, None]
+  S_loc = pt._fwd_segment_states(meta, x, dtp, cs, B)
+  dec = pt._segment_decay(meta, cs)
+
+  def step(S, inp):
+    loc, d = inp
+    return d[..., None, None] * S + loc, S
+
+  xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
+  _, S_in = jax.lax.scan(step, S0, xs, unroll=pt._unroll(meta.S))
+  return jnp.moveaxis(S_in, 0, 2)
+
+
+def ssd_forward_mosaic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, config=None, stages=2):
+  """y of `ops.ssd` (no initial or final states) with the main kernel in Mosaic GPU; for measurement."""
+  cfg = config or pt.DEFAULT_CONFIG
+  b, l, h, p = x.shape
+  g, n = B.shape[-2:]
+  meta = pt._make_meta(cfg, b, l, h, g, D is not None, z is not None, False)
+  pad = meta.S * meta.K * meta.T - l
+
+  def pad_l(a, axis=1):
+    if not pad:
+      return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(a, widths)
+
+  dtp = jnp.swapaxes(pt.process_dt(dt, dt_bias, dt_softplus, (0.0, float("inf"))).astype(jnp.float32), 1, 2)
+  dtp = pad_l(dtp, axis=2)
+  cs = pt._chunk_cumsum(meta, dtp * A.astype(jnp.float32)[None, :, None])
+  Dp = None
+  if D is not None:
+    Dp = jnp.broadcast_to((D[:, None] if D.ndim == 1 else D).astype(jnp.float32), (h, p))
+  xp, Bp, Cp = pad_l(x), pad_l(B), pad_l(C)
+  zp = None if z is None else pad_l(z)
+  S0 = jnp.zeros((b, h, p, n), jnp.float32)
+  S_in = incoming_states(meta, xp, dtp, cs, Bp, S0)
+  y = fwd_main(meta, xp, dtp, cs, Bp, Cp, Dp, zp, S_in, stages=stages)
+  return y[:, :l] if pad else y
+
+
+__all__ = ["fwd_main", "incoming_states", "ssd_forward_mosaic"]
