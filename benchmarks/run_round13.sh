@@ -12,6 +12,7 @@ echo "commit $commit" | tee -a $OUT/device.txt
 for step in ${STEPS:-mosaic}; do
 case "$step" in
 mosaic)
+  timeout ${MTEST_S:-120} python -m pytest -q -p no:cacheprovider tests/test_pallas_ssd_mosaic.py 2>&1 | tail -30 | tee $OUT/mosaic_tests.txt
   timeout ${MOSAIC_S:-240} python benchmarks/profile_ssd_mosaic.py --lens ${MOSAIC_LENS:-8192} --stages ${MOSAIC_STAGES:-1,2} \
     2>&1 | grep --line-buffered -v Warning | tee -a $OUT/mosaic.txt
   ;;
