@@ -167,9 +167,7 @@ def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=2):
   if z is not None:
     args.append(z)
   args.append(s_t)
-  kernel = functools.partial(
-    _fwd_kernel, T=T, K=K, r=h // g, stages=stages, has_d=D is not None, has_z=z is not None
-  )
+  kernel = functools.partial(_fwd_kernel, T=T, K=K, r=h // g, stages=stages, has_d=D is not None, has_z=z is not None)
   call = plgpu.kernel(
     kernel,
     out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
