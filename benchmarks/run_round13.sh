@@ -3,6 +3,7 @@
 # round 12's `fast_math` (its forward+backward never timed).
 #   STEP=mosaic  benchmarks/profile_ssd_mosaic.py at MOSAIC_LENS (checks, then whole forward and main kernels).
 #   STEP=table   bench_scans.py for the selective scan (as round 12's STEP=table).
+#   STEP=ssbwd   the selective scan's forward and forward+backward at 8K-64K (profile_selective_scan.py, defaults).
 #   STEP=cal     mamba-1.4b's calibration steps at 8K (optimize_remat and fast_math in the model).
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -20,6 +21,10 @@ table)
   GIT_COMMIT=$commit timeout ${TABLE_S:-420} python benchmarks/bench_scans.py --ops selective_scan \
     --lens ${TABLE_LENS:-8192,32768,65536} --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json \
     --out $OUT/scans_ss.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ss.log | grep -v '^{'
+  ;;
+ssbwd)
+  timeout ${SSBWD_S:-200} python benchmarks/profile_selective_scan.py --lens ${SSBWD_LENS:-8192,32768,65536} --fwd '{}' --bwd '{}' \
+    2>&1 | grep --line-buffered -v Warning | tee $OUT/ssbwd.txt
   ;;
 cal)
   timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models ${CAL_MODELS:-mamba-1.4b} \

@@ -35,6 +35,9 @@ from mamba_jax.ops.ssd import pallas_triton as pt
 _WG = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a (t,) vector along the rows of a (t, .) accumulator
 _COL = plgpu.Layout.WGMMA.reduce(0)  # a (u,) vector along the columns
+# Every array's layout is given above, so the kernel is lowered with lane semantics (jax 0.10's default; 0.11's is
+# warpgroup semantics, whose layout inference found no solution for this kernel on the H200).
+_SEMANTICS = plgpu.LoweringSemantics.Lane
 
 
 def _tile(shape, dtype):
@@ -174,7 +177,7 @@ def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=2):
     scratch_types=scratch,
     grid=(h, meta.S, b),
     grid_names=("h", "s", "b"),
-    compiler_params=plgpu.CompilerParams(approx_math=True),
+    compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=_SEMANTICS),
   )
   return call(*args)
 
