@@ -4,6 +4,7 @@
 #   STEP=mosaic  benchmarks/profile_ssd_mosaic.py at MOSAIC_LENS (checks, then whole forward and main kernels).
 #   STEP=table   bench_scans.py for the selective scan (as round 12's STEP=table).
 #   STEP=ssbwd   the selective scan's forward and forward+backward at 8K-64K (profile_selective_scan.py, defaults).
+#   STEP=ssd     the Mosaic GPU tests, then bench_scans.py's SSD table (the main kernel's lowering now chosen by default).
 #   STEP=cal     mamba-1.4b's calibration steps at 8K (optimize_remat and fast_math in the model).
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -25,6 +26,12 @@ table)
 ssbwd)
   timeout ${SSBWD_S:-200} python benchmarks/profile_selective_scan.py --lens ${SSBWD_LENS:-8192,32768,65536} --fwd '{}' --bwd '{}' \
     2>&1 | grep --line-buffered -v Warning | tee $OUT/ssbwd.txt
+  ;;
+ssd)
+  timeout ${MTEST_S:-60} python -m pytest -q -p no:cacheprovider tests/test_pallas_ssd_mosaic.py 2>&1 | tail -3 | tee $OUT/mosaic_tests.txt
+  GIT_COMMIT=$commit timeout ${SSD_S:-300} python benchmarks/bench_scans.py --ops ssd \
+    --lens ${SSD_LENS:-8192,32768,65536} --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json \
+    --out $OUT/scans_ssd.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ssd.log | grep -v '^{'
   ;;
 cal)
   timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models ${CAL_MODELS:-mamba-1.4b} \

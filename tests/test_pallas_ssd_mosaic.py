@@ -59,3 +59,53 @@ def test_matches_reference_on_gpu(stages, with_z):
   # bf16 operands and output: the Triton kernels' error on the same inputs bounds what is expected.
   err_tri = rel_err(y_tri, y_ref)
   assert rel_err(y, y_ref) < max(2 * err_tri, 1e-2)
+
+
+def _ssd_kw(lowering):
+  return dict(dt_softplus=True, config=pt.SSDConfig(block_t=64, target_programs=8, fwd_main_lowering=lowering))
+
+
+def _mosaic_calls(fn, *args):
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return sum("stablehlo.custom_call @mosaic_gpu" in ln for ln in text.splitlines())
+
+
+def test_ssd_pallas_runs_mosaic_only_for_the_plain_forward():
+  """With the Mosaic GPU main kernel chosen: the plain forward lowers to it, the forward under jax.vjp does not
+  (it stores states, which only the Triton kernel does) and neither does the backward."""
+  inp = _inputs()
+  fwd = lambda i: pt.ssd_pallas(**i, **_ssd_kw("mosaic"))  # noqa: E731
+  assert _mosaic_calls(fwd, inp) == 1
+  grad = jax.grad(lambda i: fwd(i).astype(jnp.float32).sum())
+  assert _mosaic_calls(grad, {k: v for k, v in inp.items()}) == 0
+  assert _mosaic_calls(lambda i: pt.ssd_pallas(**i, **_ssd_kw("triton")), inp) == 0
+
+
+def test_lowering_choice_and_errors():
+  bf16 = jnp.bfloat16
+  assert not pt._use_mosaic_fwd(pt.SSDConfig(), 64, 64, 128, bf16, interpret=True)  # interpret: Triton
+  assert not pt._use_mosaic_fwd(pt.SSDConfig(), 64, 64, 128, jnp.float32, interpret=False)  # float32: Triton
+  assert not pt._use_mosaic_fwd(pt.SSDConfig(), 32, 64, 128, bf16, interpret=False)  # 32-token chunks
+  auto = pt._use_mosaic_fwd(pt.SSDConfig(), 64, 64, 128, bf16, interpret=False)
+  hopper = jax.default_backend() == "gpu" and jax.devices()[0].compute_capability.startswith("9.0")
+  assert auto == hopper
+  with pytest.raises(ValueError, match="block_t=64"):
+    pt._use_mosaic_fwd(pt.SSDConfig(fwd_main_lowering="mosaic"), 64, 48, 128, bf16, interpret=False)
+  with pytest.raises(ValueError, match="fwd_main_lowering must be"):
+    pt._use_mosaic_fwd(pt.SSDConfig(fwd_main_lowering="cuda"), 64, 64, 128, bf16, interpret=False)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU kernels run only on a GPU")
+def test_ssd_pallas_with_mosaic_states_match_reference_on_gpu():
+  """Initial and final states through the Mosaic GPU forward (ssd_pallas), against the float64 reference."""
+  inp = _inputs()
+  S0 = jax.random.normal(jax.random.PRNGKey(3), (1, 4, 64, 64), jnp.float32)
+  y, S = pt.ssd_pallas(**inp, initial_states=S0, return_final_states=True, **_ssd_kw("mosaic"))
+  y_t, S_t = pt.ssd_pallas(**inp, initial_states=S0, return_final_states=True, **_ssd_kw("triton"))
+  with float64():
+    f64 = {k: None if v is None else np.asarray(v, np.float64) for k, v in inp.items()}
+    y_ref, S_ref = ssd_reference(
+      **f64, initial_states=np.asarray(S0, np.float64), chunk_size=64, dt_softplus=True, return_final_states=True
+    )
+  assert rel_err(y, y_ref) < max(2 * rel_err(y_t, y_ref), 1e-2)
+  assert rel_err(S, S_ref) < max(2 * rel_err(S_t, S_ref), 1e-2)

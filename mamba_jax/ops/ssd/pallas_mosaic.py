@@ -5,7 +5,7 @@ Shape legend: b batch, l length, s segments, t/u positions in a chunk, h heads, 
 Built to choose the Pallas lowering by measurement (issue 4: "both Pallas lowerings exist on Hopper ... choose by
 measurement"): it is the Triton forward's main kernel (`pallas_triton._fwd_kernel`) written for Mosaic GPU, with the
 same work per program (one (batch, head, segment), walking its chunks in order with the state in registers), so
-that the two lowerings are compared on the same algorithm. `benchmarks/profile_ssd_fwd.py --mosaic` times both;
+that the two lowerings are compared on the same algorithm. `benchmarks/profile_ssd_mosaic.py` times both;
 benchmarks/results/scans.md has the figures and the choice.
 
 Per chunk of T tokens, one warpgroup (128 threads) issues four warpgroup matrix products, all with untransposed
@@ -17,12 +17,16 @@ shared-memory operands (B is given transposed, (b, g, n, l), so that both produc
 while the next chunks' tiles arrive by TMA into a ring of `stages` buffers. The state is kept transposed, (n, p),
 so that the third product's accumulator is the next chunk's right operand without a transpose.
 
-Not differentiable and not behind `ops.ssd`: the forward under `jax.vjp` and the backward stay Triton. CI cannot
-run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed refs), so the CPU tests
-lower it for CUDA (which runs Mosaic GPU's layout inference) and the GPU tests compare it with the reference.
+`pallas_triton.ssd_pallas` runs it for the plain forward (outside `jax.vjp`) on Hopper GPUs
+(`SSDConfig.fwd_main_lowering`); the forward under `jax.vjp` and the backward stay Triton. One stage (no
+prefetch beyond the current chunk's copies) measured faster than two (scans.md round 13), so it is the default.
+CI cannot run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed refs), so the
+CPU tests lower it for CUDA (the Pallas-to-Mosaic lowering, with its shape and layout checks) and the GPU tests
+compare it with the reference.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +42,14 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # a (u,) vector along the columns
 # Every array's layout is given above, so the kernel is lowered with lane semantics (jax 0.10's default; 0.11's is
 # warpgroup semantics, whose layout inference found no solution for this kernel on the H200).
 _SEMANTICS = plgpu.LoweringSemantics.Lane
+
+
+def _load(ref, layout, **kw):
+  """ref[...] into registers in `layout` (jax 0.11 takes the ref alone; 0.10 also wants an empty index)."""
+  idx = inspect.signature(plgpu.load).parameters.get("idx")
+  if idx is not None and idx.default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout, **kw)
+  return plgpu.load(ref, layout=layout, **kw)
 
 
 def _tile(shape, dtype):
@@ -78,10 +90,10 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
   for k in range(min(stages, K)):
     fetch(k, k)
 
-  S = plgpu.load(s_g.at[bi, hi, si], (), layout=_WG, optimized=False)  # (n, p) float32, the incoming state
+  S = _load(s_g.at[bi, hi, si], _WG, optimized=False)  # (n, p) float32, the incoming state
   st_s[...] = S.astype(st_s.dtype)
   plgpu.commit_smem()
-  Dv = plgpu.load(d_g.at[hi], (), layout=_COL, optimized=False) if has_d else None  # (p,)
+  Dv = _load(d_g.at[hi], _COL, optimized=False) if has_d else None  # (p,)
   row = plgpu.broadcasted_iota(jnp.int32, (T, T), 0, layout=_WG)
   col = plgpu.broadcasted_iota(jnp.int32, (T, T), 1, layout=_WG)
 
@@ -89,10 +101,10 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
     slot = lax.rem(k, stages)
     t0 = base + k * T
     plgpu.barrier_wait(bar.at[slot])
-    c_row = plgpu.load(cs_s.at[slot], (), layout=_ROW)  # (t,)
-    c_col = plgpu.load(cs_s.at[slot], (), layout=_COL)  # (u,)
-    dt_row = plgpu.load(dt_s.at[slot], (), layout=_ROW)
-    dt_col = plgpu.load(dt_s.at[slot], (), layout=_COL)
+    c_row = _load(cs_s.at[slot], _ROW)  # (t,)
+    c_col = _load(cs_s.at[slot], _COL)  # (u,)
+    dt_row = _load(dt_s.at[slot], _ROW)
+    dt_col = _load(dt_s.at[slot], _COL)
     c_end = cs_g[bi, hi, t0 + T - 1]
 
     def products(cb_acc, y_acc):
@@ -111,11 +123,11 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
       plgpu.wgmma(acc, M, x_s.at[slot])
 
     y = pl.run_state(intra)(plgpu.ACC.init(y0))  # (t, p)
-    x = plgpu.load(x_s.at[slot], (), layout=_WG).astype(jnp.float32)  # (t, p)
+    x = _load(x_s.at[slot], _WG).astype(jnp.float32)  # (t, p)
     if has_d:
       y = y + lax.broadcast_in_dim(Dv, shape_tp, [1]) * x
     if has_z:
-      zz = plgpu.load(z_s.at[slot], (), layout=_WG).astype(jnp.float32)
+      zz = _load(z_s.at[slot], _WG).astype(jnp.float32)
       y = y * zz * jax.nn.sigmoid(zz)
     wgt = jnp.exp(c_end - c_row) * dt_row  # (t,)
     w_s[...] = (x * lax.broadcast_in_dim(wgt, shape_tp, [0])).astype(w_s.dtype)
@@ -141,7 +153,7 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
   plgpu.wait_smem_to_gmem(0)
 
 
-def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=2):
+def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=1):
   """y (b, l, h, p) from the padded, preprocessed inputs of `pallas_triton._fwd_main` and S_in (b, h, s, p, n), each
   segment's incoming state (float32)."""
   b, l, h, p = x.shape
@@ -187,19 +199,10 @@ def incoming_states(meta, x, dtp, cs, B, S0):
   scan over segments in XLA."""
   if meta.S == 1:
     return S0[:, :, None]
-  S_loc = pt._fwd_segment_states(meta, x, dtp, cs, B)
-  dec = pt._segment_decay(meta, cs)
-
-  def step(S, inp):
-    loc, d = inp
-    return d[..., None, None] * S + loc, S
-
-  xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
-  _, S_in = jax.lax.scan(step, S0, xs, unroll=pt._unroll(meta.S))
-  return jnp.moveaxis(S_in, 0, 2)
+  return pt._over_segments(S0, pt._fwd_segment_states(meta, x, dtp, cs, B), pt._segment_decay(meta, cs))[0]
 
 
-def ssd_forward_mosaic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, config=None, stages=2):
+def ssd_forward_mosaic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, config=None, stages=1):
   """y of `ops.ssd` (no initial or final states) with the main kernel in Mosaic GPU; for measurement."""
   cfg = config or pt.DEFAULT_CONFIG
   b, l, h, p = x.shape

@@ -30,10 +30,13 @@ Design (see benchmarks/results/scans.md for measurements):
     design (one program per segment walking its chunks backwards: 2-3x slower on an H100). The heads' dB/dC and
     dD partial sums are finished in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
     (they are cheap elementwise/scan ops on (b, h, l) float32 arrays).
-  * Triton rather than Mosaic GPU: the kernels are a sequential loop of small (T x T, T x n, p x n) matrix
-    products per program with elementwise exp/mask work between them; the Triton lowering handles that
-    with automatic layouts and works on both jax 0.10 and 0.11, while Mosaic GPU's API differs between
-    those releases and needs hand-written warpgroup pipelines. Not compared by measurement (time).
+  * Triton and Mosaic GPU, chosen by measurement (benchmarks/results/scans.md, round 13, H200): the plain
+    forward's main kernel also exists in Mosaic GPU (`pallas_mosaic.py`, TMA ring and four warpgroup matrix
+    products per chunk), 11% / 15% / 15% faster than this file's at 8K / 32K / 64K tokens, so on a Hopper GPU it
+    is the default (`SSDConfig.fwd_main_lowering`). The other kernels stay Triton: they run in Pallas interpret
+    mode on the CPU (CI tests them there; the GPU interpreter of jax 0.10 cannot run Mosaic GPU kernels with
+    layouts), and the backward's chunk kernel, the one that bounds it, has nine small products and was not
+    ported (time).
   * 64-bit safety: every BlockSpec block starts at a per-dimension block index (no flattened offsets in
     our code), and the Pallas Triton lowering switches pointer offsets to int64 for arrays above 4 GiB;
     in-kernel `pl.ds` starts stay below the segment length.
@@ -69,6 +72,11 @@ class SSDConfig:
     heads_per_program_bwd: heads of one group handled by one program of the backward's chunk kernel (rounded
       down to a power of two dividing the heads per group); they share the C B^T product, and their dB and dC
       are summed in the kernel, which divides the per-head float32 dB/dC traffic by this number.
+    fwd_main_lowering: the lowering of the plain forward's main kernel (outside `jax.vjp`): "triton", "mosaic"
+      (Pallas Mosaic GPU, `pallas_mosaic.py`: 11-15% faster than the Triton main kernel on an H200, round 13 of
+      benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
+      units: 64-token chunks, bf16/fp16 inputs, head dim and state multiples of 64; Triton otherwise). The
+      segment-state kernel, the forward under `jax.vjp` and the backward are Triton in every case.
     Defaults: the fastest of small sweeps on an H100 (benchmarks/bench_scans.py --tune, benchmarks/profile_ssd_fwd.py;
       benchmarks/results/scans.md).
   """
@@ -82,6 +90,7 @@ class SSDConfig:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 1
   heads_per_program_bwd: int = 1
+  fwd_main_lowering: str = "auto"
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -337,6 +346,7 @@ class _Meta:
   num_warps: int
   num_stages: int
   interpret: bool
+  mosaic_fwd: bool = False  # the plain forward's main kernel in Mosaic GPU
 
   # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
   bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
@@ -548,6 +558,19 @@ def _final_over_segments(S0, S_loc, dec):
   return jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))[0]
 
 
+def _over_segments(S0, S_loc, dec):
+  """(each segment's incoming state (b, h, s, p, n), the final state (b, h, p, n)) from the initial state and each
+  segment's local end state."""
+
+  def step(S, inp):
+    loc, d = inp
+    return d[..., None, None] * S + loc, S
+
+  xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
+  S_fin, S_in = jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))
+  return jnp.moveaxis(S_in, 0, 2), S_fin
+
+
 def _backward_over_segments(dS_fin, G_loc, dec):
   """Adjoint at each segment's end (b, h, s, p, n) and at the start of the sequence (b, h, p, n)."""
 
@@ -566,6 +589,15 @@ def _backward_over_segments(dS_fin, G_loc, dec):
 
 def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   dec = _segment_decay(meta, cs)
+  if meta.mosaic_fwd and not save_states:
+    from mamba_jax.ops.ssd import pallas_mosaic  # noqa: PLC0415 (it imports this module)
+
+    if meta.S > 1:
+      S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
+      S_in, S_fin = _over_segments(S0, S_loc, dec)
+    else:
+      S_in, S_fin = S0[:, :, None], _final_state_one_segment(meta, x, dtp, cs, B, S0)
+    return pallas_mosaic.fwd_main(meta, x, dtp, cs, B, C, D, z, S_in), S_fin, None
   if meta.S > 1:
     S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
     y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states)
@@ -675,14 +707,34 @@ def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: i
   return fwd_segments if s is None else s
 
 
-def _make_meta(cfg: SSDConfig, b: int, l: int, h: int, g: int, has_d: bool, has_z: bool, interpret: bool) -> _Meta:
+def _use_mosaic_fwd(cfg: SSDConfig, T: int, p: int, n: int, dtype, interpret: bool) -> bool:
+  """Whether the plain forward's main kernel runs in Mosaic GPU (see `SSDConfig.fwd_main_lowering`)."""
+  if cfg.fwd_main_lowering not in ("auto", "triton", "mosaic"):
+    raise ValueError(f"fwd_main_lowering must be 'auto', 'triton' or 'mosaic', not {cfg.fwd_main_lowering!r}")
+  fits = T == 64 and p % 64 == 0 and n % 64 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if cfg.fwd_main_lowering == "mosaic":
+    if not fits or interpret:
+      raise ValueError(
+        "fwd_main_lowering='mosaic' needs 64-token chunks (block_t=64), bf16/fp16 inputs, head dim and state "
+        f"multiples of 64 and a compiled run; got block_t={T}, p={p}, n={n}, {jnp.dtype(dtype)}, "
+        f"interpret={interpret}. Use 'auto' to fall back to Triton."
+      )
+    return True
+  if cfg.fwd_main_lowering == "triton" or interpret or not fits or jax.default_backend() != "gpu":
+    return False
+  return getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+
+
+def _make_meta(
+  cfg: SSDConfig, b: int, l: int, h: int, g: int, has_d: bool, has_z: bool, interpret: bool, mosaic_fwd=False
+) -> _Meta:
   """Chunks, segments and launch parameters of one call; the padded length is meta.S * meta.K * meta.T."""
   T = cfg.block_t
   S, K = _segments(-(-l // T), b, h, cfg.target_programs)
   T_bwd = min(cfg.block_t_bwd, T)
   S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
   bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
-  return _Meta(T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, bwd)
+  return _Meta(T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, bwd)
 
 
 def ssd_pallas(
@@ -717,7 +769,8 @@ def ssd_pallas(
   g, n = B.shape[-2:]
   if h % g:
     raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
-  meta = _make_meta(cfg, b, l, h, g, D is not None, z is not None, interpret)
+  mosaic_fwd = _use_mosaic_fwd(cfg, cfg.block_t, p, n, x.dtype, interpret)
+  meta = _make_meta(cfg, b, l, h, g, D is not None, z is not None, interpret, mosaic_fwd)
   pad = meta.S * meta.K * meta.T - l
 
   def pad_l(a, axis=1):
