@@ -8,6 +8,7 @@ PYTHONPATH=. python benchmarks/profile_ssd_mosaic.py --lens 8192,32768,65536 --s
 """
 
 import argparse
+import dataclasses
 import functools
 import traceback
 
@@ -37,15 +38,17 @@ def profile(l, stages, log):
   """Checks and times both lowerings at one length."""
   args = ssd_inputs(l, jax.random.PRNGKey(1))
   x, dt, A, B, C, D, z, dt_bias = args
-  triton = jax.jit(make_ssd(pt.ssd_pallas))
+  triton_cfg = dataclasses.replace(pt.DEFAULT_CONFIG, fwd_main_lowering="triton")
+  triton = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=triton_cfg)))
   y_t = triton(*args)
   f32 = [v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v for v in args]
   y_x = jax.jit(make_ssd(ssd_xla))(*f32)
   log(f"[{l}] triton fwd err vs float32 XLA {_rel(y_t, y_x):.2e}; ms wall / stream {_both(triton, args)}")
   meta = pt._make_meta(pt.DEFAULT_CONFIG, 1, l, x.shape[2], B.shape[2], True, True, False)
   for st in stages:
-    mosaic = jax.jit(functools.partial(pm.ssd_forward_mosaic, dt_softplus=True, stages=st))
-    margs = (x, dt, A, B, C, D, z, dt_bias)
+    cfg = dataclasses.replace(pt.DEFAULT_CONFIG, fwd_main_lowering="mosaic", mosaic_stages=st)
+    mosaic = jax.jit(make_ssd(functools.partial(pt.ssd_pallas, config=cfg)))
+    margs = args
     y_m = _try(
       f"[{l}] mosaic stages={st}", lambda mosaic=mosaic, margs=margs: jax.block_until_ready(mosaic(*margs)), log
     )

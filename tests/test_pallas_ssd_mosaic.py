@@ -1,11 +1,12 @@
 """The SSD forward's Mosaic GPU main kernel: its CUDA lowering on any machine, its outputs on a GPU."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax.ops.ssd import pallas_mosaic as pm
 from mamba_jax.ops.ssd import pallas_triton as pt
 from mamba_jax.ops.ssd.reference import ssd_reference
 from tests.conftest import float64, rel_err
@@ -29,8 +30,9 @@ def _inputs(l=300, b=1, h=4, p=64, g=2, n=64, with_z=True):
   )
 
 
-def _mosaic(stages=2, **inp):
-  return pm.ssd_forward_mosaic(**inp, dt_softplus=True, config=CFG, stages=stages)
+def _mosaic(stages=1, **inp):
+  cfg = dataclasses.replace(CFG, fwd_main_lowering="mosaic", mosaic_stages=stages)
+  return pt.ssd_pallas(**inp, dt_softplus=True, config=cfg)
 
 
 @pytest.mark.parametrize("with_z", [True, False])
@@ -54,7 +56,7 @@ def test_matches_reference_on_gpu(stages, with_z):
   with float64():
     f64 = {k: None if v is None else np.asarray(v, np.float64) for k, v in inp.items()}
     y_ref = np.asarray(ssd_reference(**f64, chunk_size=64, dt_softplus=True))
-  y_tri = pt.ssd_pallas(**inp, dt_softplus=True, config=CFG)
+  y_tri = pt.ssd_pallas(**inp, dt_softplus=True, config=dataclasses.replace(CFG, fwd_main_lowering="triton"))
   assert y.shape == inp["x"].shape and y.dtype == jnp.bfloat16
   # bf16 operands and output: the Triton kernels' error on the same inputs bounds what is expected.
   err_tri = rel_err(y_tri, y_ref)

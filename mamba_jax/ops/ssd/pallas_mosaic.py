@@ -153,7 +153,7 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
   plgpu.wait_smem_to_gmem(0)
 
 
-def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=1):
+def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=None):
   """y (b, l, h, p) from the padded, preprocessed inputs of `pallas_triton._fwd_main` and S_in (b, h, s, p, n), each
   segment's incoming state (float32)."""
   b, l, h, p = x.shape
@@ -161,7 +161,7 @@ def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=1):
   T, K = meta.T, meta.K
   bt = jnp.transpose(B, (0, 2, 3, 1))  # (b, g, n, l)
   s_t = jnp.swapaxes(S_in, -1, -2).astype(jnp.float32)  # (b, h, s, n, p)
-  stages = max(1, min(stages, K))
+  stages = max(1, min(meta.mosaic_stages if stages is None else stages, K))
   dtype = x.dtype
   scratch = [
     _tile((stages, T, p), dtype),  # x
@@ -202,33 +202,4 @@ def incoming_states(meta, x, dtp, cs, B, S0):
   return pt._over_segments(S0, pt._fwd_segment_states(meta, x, dtp, cs, B), pt._segment_decay(meta, cs))[0]
 
 
-def ssd_forward_mosaic(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, config=None, stages=1):
-  """y of `ops.ssd` (no initial or final states) with the main kernel in Mosaic GPU; for measurement."""
-  cfg = config or pt.DEFAULT_CONFIG
-  b, l, h, p = x.shape
-  g, n = B.shape[-2:]
-  meta = pt._make_meta(cfg, b, l, h, g, D is not None, z is not None, False)
-  pad = meta.S * meta.K * meta.T - l
-
-  def pad_l(a, axis=1):
-    if not pad:
-      return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(a, widths)
-
-  dtp = jnp.swapaxes(pt.process_dt(dt, dt_bias, dt_softplus, (0.0, float("inf"))).astype(jnp.float32), 1, 2)
-  dtp = pad_l(dtp, axis=2)
-  cs = pt._chunk_cumsum(meta, dtp * A.astype(jnp.float32)[None, :, None])
-  Dp = None
-  if D is not None:
-    Dp = jnp.broadcast_to((D[:, None] if D.ndim == 1 else D).astype(jnp.float32), (h, p))
-  xp, Bp, Cp = pad_l(x), pad_l(B), pad_l(C)
-  zp = None if z is None else pad_l(z)
-  S0 = jnp.zeros((b, h, p, n), jnp.float32)
-  S_in = incoming_states(meta, xp, dtp, cs, Bp, S0)
-  y = fwd_main(meta, xp, dtp, cs, Bp, Cp, Dp, zp, S_in, stages=stages)
-  return y[:, :l] if pad else y
-
-
-__all__ = ["fwd_main", "incoming_states", "ssd_forward_mosaic"]
+__all__ = ["fwd_main", "incoming_states"]

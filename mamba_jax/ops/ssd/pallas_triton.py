@@ -77,6 +77,7 @@ class SSDConfig:
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
       units: 64-token chunks, bf16/fp16 inputs, head dim and state multiples of 64; Triton otherwise). The
       segment-state kernel, the forward under `jax.vjp` and the backward are Triton in every case.
+    mosaic_stages: shared-memory buffers of chunk tiles in the Mosaic GPU kernel (1: the fastest on an H200).
     Defaults: the fastest of small sweeps on an H100 (benchmarks/bench_scans.py --tune, benchmarks/profile_ssd_fwd.py;
       benchmarks/results/scans.md).
   """
@@ -91,6 +92,7 @@ class SSDConfig:
   num_stages_bwd: int = 1
   heads_per_program_bwd: int = 1
   fwd_main_lowering: str = "auto"
+  mosaic_stages: int = 1
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -347,6 +349,7 @@ class _Meta:
   num_stages: int
   interpret: bool
   mosaic_fwd: bool = False  # the plain forward's main kernel in Mosaic GPU
+  mosaic_stages: int = 1
 
   # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
   bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
@@ -734,7 +737,9 @@ def _make_meta(
   T_bwd = min(cfg.block_t_bwd, T)
   S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
   bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
-  return _Meta(T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, bwd)
+  return _Meta(
+    T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, cfg.mosaic_stages, bwd=bwd
+  )
 
 
 def ssd_pallas(
