@@ -5,7 +5,7 @@
 #   STEP=table   bench_scans.py for the selective scan (as round 12's STEP=table).
 #   STEP=ssbwd   the selective scan's forward and forward+backward at 8K-64K (profile_selective_scan.py, defaults).
 #   STEP=ssd     the Mosaic GPU tests, then bench_scans.py's SSD table (the main kernel's lowering now chosen by default).
-#   STEP=cal     mamba-1.4b's calibration steps at 8K (optimize_remat and fast_math in the model).
+#   STEP=cal     both models' calibration steps at 8K (optimize_remat, fast_math and the Mosaic GPU SSD forward).
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
@@ -34,8 +34,10 @@ ssd)
     --out $OUT/scans_ssd.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ssd.log | grep -v '^{'
   ;;
 cal)
-  timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models ${CAL_MODELS:-mamba-1.4b} \
-    --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  for m in ${CAL_MODELS:-mamba-1.4b mamba2-1.3b}; do
+    timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths 8192 --iters 5 --models $m \
+      --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  done
   ;;
 esac
 done
