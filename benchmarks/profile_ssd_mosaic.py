@@ -73,7 +73,7 @@ def profile(l, stages, log):
   tmain = jax.jit(lambda *r: pt._fwd_main(meta, *r, *chained, save_states=False)[0])
   tag = f"[{l} T={meta.T} K={meta.K} S={meta.S}]"
   log(f"{tag} triton main kernel (chains in kernel) {_both(tmain, (x, dtp, cs, B, C, Dp, z, S0))}")
-  S_in = jax.jit(lambda *r: pm.incoming_states(meta, *r))(x, dtp, cs, B, S0)
+  S_in = S0[:, :, None] if meta.S == 1 else jax.jit(pt._over_segments)(S0, *chained)[0]
   for st in stages:
     mmain = jax.jit(lambda *r, st=st: pm.fwd_main(meta, *r, stages=st))
     margs = (x, dtp, cs, B, C, Dp, z, S_in)

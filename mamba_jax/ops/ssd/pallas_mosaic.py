@@ -34,8 +34,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mamba_jax.ops.ssd import pallas_triton as pt
-
 _WG = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a (t,) vector along the rows of a (t, .) accumulator
 _COL = plgpu.Layout.WGMMA.reduce(0)  # a (u,) vector along the columns
@@ -194,12 +192,4 @@ def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=None):
   return call(*args)
 
 
-def incoming_states(meta, x, dtp, cs, B, S0):
-  """Each segment's incoming state (b, h, s, p, n) float32: the Triton segment-state kernel, then an exclusive
-  scan over segments in XLA."""
-  if meta.S == 1:
-    return S0[:, :, None]
-  return pt._over_segments(S0, pt._fwd_segment_states(meta, x, dtp, cs, B), pt._segment_decay(meta, cs))[0]
-
-
-__all__ = ["fwd_main", "incoming_states"]
+__all__ = ["fwd_main"]

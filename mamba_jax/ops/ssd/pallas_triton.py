@@ -550,17 +550,6 @@ def _unroll(s):
   return True if s <= 64 else 16
 
 
-def _final_over_segments(S0, S_loc, dec):
-  """The state after the last segment (b, h, p, n), from the initial state and each segment's local end state."""
-
-  def step(S, inp):
-    loc, d = inp
-    return d[..., None, None] * S + loc, None
-
-  xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
-  return jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))[0]
-
-
 def _over_segments(S0, S_loc, dec):
   """(each segment's incoming state (b, h, s, p, n), the final state (b, h, p, n)) from the initial state and each
   segment's local end state."""
@@ -572,6 +561,11 @@ def _over_segments(S0, S_loc, dec):
   xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
   S_fin, S_in = jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))
   return jnp.moveaxis(S_in, 0, 2), S_fin
+
+
+def _final_over_segments(S0, S_loc, dec):
+  """The state after the last segment (b, h, p, n); XLA drops the unused incoming states."""
+  return _over_segments(S0, S_loc, dec)[1]
 
 
 def _backward_over_segments(dS_fin, G_loc, dec):
