@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mamba_jax.ops.ssd import pallas_mosaic as pm
 from mamba_jax.ops.ssd import pallas_triton as pt
 from mamba_jax.ops.ssd.reference import ssd_reference
 from tests.conftest import float64, rel_err
@@ -35,16 +36,49 @@ def _mosaic(stages=1, **inp):
   return pt.ssd_pallas(**inp, dt_softplus=True, config=cfg)
 
 
+@pytest.mark.parametrize("states_in_mosaic", [True, False])
 @pytest.mark.parametrize("with_z", [True, False])
-def test_lowers_to_one_mosaic_gpu_kernel_for_cuda(with_z):
-  """Runs Mosaic GPU's lowering and layout inference (no GPU needed); the Triton segment-state kernel stays."""
+def test_lowers_to_mosaic_gpu_kernels_for_cuda(with_z, states_in_mosaic):
+  """Runs Mosaic GPU's lowering and layout inference (no GPU needed): the main kernel and, by default, the
+  segment-state kernel in Mosaic GPU; with `mosaic_segment_states=False` the latter stays Triton."""
   inp = _inputs(with_z=with_z)
   meta = pt._make_meta(CFG, 1, 300, 4, 2, True, with_z, False)
   assert meta.S > 1 and meta.S * meta.K * meta.T > 300  # several segments, a padded tail
-  text = jax.jit(lambda i: _mosaic(**i)).trace(inp).lower(lowering_platforms=("cuda",)).as_text()
-  calls = [ln for ln in text.splitlines() if "stablehlo.custom_call @mosaic_gpu" in ln]
-  assert len(calls) == 1
-  assert sum("__gpu$xla.gpu.triton" in ln for ln in text.splitlines()) == 1
+  cfg = dataclasses.replace(CFG, fwd_main_lowering="mosaic", mosaic_segment_states=states_in_mosaic)
+  fn = lambda i: pt.ssd_pallas(**i, dt_softplus=True, config=cfg)  # noqa: E731
+  text = jax.jit(fn).trace(inp).lower(lowering_platforms=("cuda",)).as_text()
+  assert sum("stablehlo.custom_call @mosaic_gpu" in ln for ln in text.splitlines()) == 1 + states_in_mosaic
+  assert sum("__gpu$xla.gpu.triton" in ln for ln in text.splitlines()) == 1 - states_in_mosaic
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU kernels run only on a GPU")
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_segment_states_match_triton_and_float64_on_gpu(stages):
+  """Each segment's end state from a zero start: the Mosaic GPU kernel against the Triton one (same bf16
+  operands) and against a float64 sequential recurrence of the same preprocessed inputs."""
+  inp = _inputs(l=640)
+  meta = pt._make_meta(CFG, 1, 640, 4, 2, True, True, False)
+  assert meta.S > 1 and meta.K > stages
+  x, B = inp["x"], inp["B"]
+  dtp = jnp.swapaxes(jax.nn.softplus(inp["dt"] + inp["dt_bias"]), 1, 2)  # (b, h, l) float32
+  cs = pt._chunk_cumsum(meta, dtp * inp["A"][None, :, None])
+  got = pm.segment_states(meta, x, dtp, cs, pm.transposed_b(B), stages=stages)  # (b, h, s, n, p)
+  tri = jnp.swapaxes(pt._fwd_segment_states(meta, x, dtp, cs, B), -1, -2)
+  # float64: per segment, S <- e^{dt A} S + dt x B^T step by step from zero.
+  xs, Bs = np.asarray(x, np.float64), np.asarray(B, np.float64)
+  dts, A = np.asarray(dtp, np.float64), np.asarray(inp["A"], np.float64)
+  L = meta.K * meta.T
+  want = np.zeros(got.shape)
+  for h in range(4):
+    for s in range(meta.S):
+      S = np.zeros((64, 64))  # (p, n)
+      for t in range(s * L, (s + 1) * L):
+        S = np.exp(dts[0, h, t] * A[h]) * S + dts[0, h, t] * np.outer(xs[0, t, h], Bs[0, t, h // 2])
+      want[0, h, s] = S.T
+  assert got.shape == (1, 4, meta.S, 64, 64) and got.dtype == jnp.float32
+  err_tri = rel_err(tri, want)
+  assert err_tri < 1e-2
+  assert rel_err(got, want) < max(2 * err_tri, 1e-3)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU kernels run only on a GPU")
@@ -77,7 +111,7 @@ def test_ssd_pallas_runs_mosaic_only_for_the_plain_forward():
   (it stores states, which only the Triton kernel does) and neither does the backward."""
   inp = _inputs()
   fwd = lambda i: pt.ssd_pallas(**i, **_ssd_kw("mosaic"))  # noqa: E731
-  assert _mosaic_calls(fwd, inp) == 1
+  assert _mosaic_calls(fwd, inp) == 2  # the segment states and the main kernel
   grad = jax.grad(lambda i: fwd(i).astype(jnp.float32).sum())
   assert _mosaic_calls(grad, {k: v for k, v in inp.items()}) == 0
   assert _mosaic_calls(lambda i: pt.ssd_pallas(**i, **_ssd_kw("triton")), inp) == 0

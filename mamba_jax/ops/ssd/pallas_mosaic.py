@@ -151,15 +151,109 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
   plgpu.wait_smem_to_gmem(0)
 
 
-def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=None):
-  """y (b, l, h, p) from the padded, preprocessed inputs of `pallas_triton._fwd_main` and S_in (b, h, s, p, n), each
-  segment's incoming state (float32)."""
+def _segment_state_kernel(x_g, dt_g, cs_g, bt_g, out_g, *scratch, T, K, r, stages):
+  """S^T (n, p) float32 at the end of one (batch, head, segment) from a zero start: per chunk one warpgroup matrix
+  product, S^T = e^c_end S^T + B^T w with w = e^(c_end - c) dt x (the main kernel's state update)."""
+  x_s, bt_s, dt_s, cs_s, w_s, out_s, bar = scratch
+  n, p = out_s.shape
+  hi, si, bi = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("b")
+  gi = hi // r
+  base = si * (K * T)
+
+  def fetch(k, slot):
+    t0 = base + k * T
+    plgpu.copy_gmem_to_smem(x_g.at[bi, pl.ds(t0, T), hi], x_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(dt_g.at[bi, hi, pl.ds(t0, T)], dt_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(cs_g.at[bi, hi, pl.ds(t0, T)], cs_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(bt_g.at[bi, gi, :, pl.ds(t0, T)], bt_s.at[slot], bar.at[slot])
+
+  for k in range(min(stages, K)):
+    fetch(k, k)
+
+  def chunk(k, S):
+    """The state after chunk k from S, the state before it (None: zero, for the first chunk)."""
+    slot = lax.rem(k, stages) if S is not None else 0
+    t0 = base + k * T
+    plgpu.barrier_wait(bar.at[slot])
+    c_row = _load(cs_s.at[slot], _ROW)  # (t,)
+    dt_row = _load(dt_s.at[slot], _ROW)
+    c_end = cs_g[bi, hi, t0 + T - 1]
+    x = _load(x_s.at[slot], _WG).astype(jnp.float32)  # (t, p)
+    wgt = jnp.exp(c_end - c_row) * dt_row  # (t,)
+    w_s[...] = (x * lax.broadcast_in_dim(wgt, x.shape, [0])).astype(w_s.dtype)
+    plgpu.commit_smem()
+
+    def update(acc):
+      plgpu.wgmma(acc, bt_s.at[slot], w_s)
+
+    if S is None:
+
+      def first(acc):
+        update(acc)
+        return acc[...]
+
+      S = pl.run_scoped(first, plgpu.ACC((n, p), jnp.float32))  # a zero-initialised accumulator
+      if stages < K:
+        fetch(stages, slot)
+    else:
+      S = pl.run_state(update)(plgpu.ACC.init(S * jnp.exp(c_end)))  # (n, p)
+
+      @pl.when(k + stages < K)
+      def _():
+        fetch(k + stages, slot)
+
+    return S
+
+  S = lax.fori_loop(1, K, chunk, chunk(0, None))
+  out_s[...] = S
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_s, out_g.at[bi, hi, si])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def transposed_b(B):
+  """B (b, l, g, n) as (b, g, n, l): both kernels read B^T tiles, untransposed operands of their products."""
+  return jnp.transpose(B, (0, 2, 3, 1))
+
+
+def _stages(want, K):
+  return max(1, min(want, K))
+
+
+def segment_states(meta, x, dtp, cs, bt, *, stages=None):
+  """(b, h, s, n, p) float32, each segment's end state (transposed, S^T) from a zero start, from the padded,
+  preprocessed inputs of `pallas_triton._fwd_segment_states` with B as `transposed_b(B)`."""
   b, l, h, p = x.shape
-  g, n = B.shape[-2:]
+  g, n = bt.shape[1:3]
   T, K = meta.T, meta.K
-  bt = jnp.transpose(B, (0, 2, 3, 1))  # (b, g, n, l)
-  s_t = jnp.swapaxes(S_in, -1, -2).astype(jnp.float32)  # (b, h, s, n, p)
-  stages = max(1, min(meta.mosaic_stages if stages is None else stages, K))
+  stages = _stages(meta.mosaic_state_stages if stages is None else stages, K)
+  scratch = [
+    _tile((stages, T, p), x.dtype),  # x
+    _tile((stages, n, T), bt.dtype),  # B^T
+    plgpu.SMEM((stages, T), jnp.float32),  # dt
+    plgpu.SMEM((stages, T), jnp.float32),  # cs
+    _tile((T, p), x.dtype),  # w
+    plgpu.SMEM((n, p), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+    plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+  ]
+  call = plgpu.kernel(
+    functools.partial(_segment_state_kernel, T=T, K=K, r=h // g, stages=stages),
+    out_type=jax.ShapeDtypeStruct((b, h, meta.S, n, p), jnp.float32),
+    scratch_types=scratch,
+    grid=(h, meta.S, b),
+    grid_names=("h", "s", "b"),
+    compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=_SEMANTICS),
+  )
+  return call(x, dtp, cs, bt)
+
+
+def fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in, *, stages=None):
+  """y (b, l, h, p) from the padded, preprocessed inputs of `pallas_triton._fwd_main`, B as `transposed_b(B)`, and
+  S_in (b, h, s, n, p), each segment's incoming state transposed (float32)."""
+  b, l, h, p = x.shape
+  g, n = bt.shape[1:3]
+  T, K = meta.T, meta.K
+  stages = _stages(meta.mosaic_stages if stages is None else stages, K)
   dtype = x.dtype
   scratch = [
     _tile((stages, T, p), dtype),  # x
@@ -179,7 +273,7 @@ def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=None):
     args.append(D)
   if z is not None:
     args.append(z)
-  args.append(s_t)
+  args.append(S_in.astype(jnp.float32))
   kernel = functools.partial(_fwd_kernel, T=T, K=K, r=h // g, stages=stages, has_d=D is not None, has_z=z is not None)
   call = plgpu.kernel(
     kernel,
@@ -192,4 +286,4 @@ def fwd_main(meta, x, dtp, cs, B, C, D, z, S_in, *, stages=None):
   return call(*args)
 
 
-__all__ = ["fwd_main"]
+__all__ = ["fwd_main", "segment_states", "transposed_b"]

@@ -77,7 +77,11 @@ class SSDConfig:
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
       units: 64-token chunks, bf16/fp16 inputs, head dim and state multiples of 64; Triton otherwise). The
       segment-state kernel, the forward under `jax.vjp` and the backward are Triton in every case.
-    mosaic_stages: shared-memory buffers of chunk tiles in the Mosaic GPU kernel (1: the fastest on an H200).
+    mosaic_stages: shared-memory buffers of chunk tiles in the Mosaic GPU main kernel (1: the fastest on an H200).
+    mosaic_segment_states: with the Mosaic GPU main kernel, compute the segments' end states (the forward's first
+      launch) in Mosaic GPU too (`pallas_mosaic.segment_states`: one warpgroup matrix product per chunk) instead of
+      Triton.
+    mosaic_state_stages: shared-memory buffers of chunk tiles in the Mosaic GPU segment-state kernel.
     Defaults: the fastest of small sweeps on an H100 (benchmarks/bench_scans.py --tune, benchmarks/profile_ssd_fwd.py;
       benchmarks/results/scans.md).
   """
@@ -93,6 +97,8 @@ class SSDConfig:
   heads_per_program_bwd: int = 1
   fwd_main_lowering: str = "auto"
   mosaic_stages: int = 1
+  mosaic_segment_states: bool = True
+  mosaic_state_stages: int = 2
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -350,6 +356,8 @@ class _Meta:
   interpret: bool
   mosaic_fwd: bool = False  # the plain forward's main kernel in Mosaic GPU
   mosaic_stages: int = 1
+  mosaic_states: bool = False  # with `mosaic_fwd`, the segment-state kernel in Mosaic GPU too
+  mosaic_state_stages: int = 2
 
   # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
   bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
@@ -552,7 +560,7 @@ def _unroll(s):
 
 def _over_segments(S0, S_loc, dec):
   """(each segment's incoming state (b, h, s, p, n), the final state (b, h, p, n)) from the initial state and each
-  segment's local end state."""
+  segment's local end state (elementwise in the state: the Mosaic GPU path passes them transposed, (n, p))."""
 
   def step(S, inp):
     loc, d = inp
@@ -589,12 +597,18 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   if meta.mosaic_fwd and not save_states:
     from mamba_jax.ops.ssd import pallas_mosaic  # noqa: PLC0415 (it imports this module)
 
-    if meta.S > 1:
-      S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
-      S_in, S_fin = _over_segments(S0, S_loc, dec)
+    bt = pallas_mosaic.transposed_b(B)  # (b, g, n, l)
+    S0_t = jnp.swapaxes(S0, -1, -2)  # the Mosaic GPU kernels hold the state transposed, (n, p)
+    if meta.S == 1:
+      S_in_t, S_fin = S0_t[:, :, None], _final_state_one_segment(meta, x, dtp, cs, B, S0)
     else:
-      S_in, S_fin = S0[:, :, None], _final_state_one_segment(meta, x, dtp, cs, B, S0)
-    return pallas_mosaic.fwd_main(meta, x, dtp, cs, B, C, D, z, S_in), S_fin, None
+      if meta.mosaic_states:
+        S_loc_t = pallas_mosaic.segment_states(meta, x, dtp, cs, bt)  # (b, h, s, n, p)
+      else:
+        S_loc_t = jnp.swapaxes(_fwd_segment_states(meta, x, dtp, cs, B), -1, -2)
+      S_in_t, S_fin_t = _over_segments(S0_t, S_loc_t, dec)
+      S_fin = jnp.swapaxes(S_fin_t, -1, -2)
+    return pallas_mosaic.fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in_t), S_fin, None
   if meta.S > 1:
     S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
     y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states)
@@ -732,8 +746,9 @@ def _make_meta(
   S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
   bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
   return _Meta(
-    T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, cfg.mosaic_stages, bwd=bwd
-  )
+    T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, cfg.mosaic_stages,
+    mosaic_fwd and cfg.mosaic_segment_states, cfg.mosaic_state_stages, bwd=bwd,
+  )  # fmt: skip
 
 
 def ssd_pallas(
