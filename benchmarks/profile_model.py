@@ -64,6 +64,18 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
   return dict(totals)
 
 
+def log_kernels(fn, args, log, calls=3, top=12, width=48):
+  """Logs the GPU ms per call of the `top` kernels of `calls` traced calls of fn(*args) (summed by name)."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+    ms = {k: 1e3 * v / calls for k, v in kernel_times(d).items()}
+  log(f"  kernels, total {sum(ms.values()):.3f} ms: " + ", ".join(
+    f"{k[:width]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]
+  ))  # fmt: skip
+
+
 def fusion_sources(hlo_text: str, names) -> dict[str, str]:
   """For each kernel name that is an HLO instruction: its op and the distinct source op_names it fuses."""
   comps, current = {}, None

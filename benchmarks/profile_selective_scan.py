@@ -14,11 +14,11 @@ import dataclasses
 import functools
 import importlib
 import json
-import tempfile
 
 import jax
 
 from benchmarks.bench_scans import _rel, _safe, _time, _time_stream, fwd_bwd, make_ss, ss_inputs
+from benchmarks.profile_model import log_kernels
 from mamba_jax.ops.selective_scan import pallas_triton as sp
 from mamba_jax.ops.selective_scan.xla import selective_scan_xla
 
@@ -66,7 +66,7 @@ def main():
       stream = _safe(lambda fn=fn, args=args, reps=reps: _time_stream(fn, *args, calls=reps), log)
       log(f"{tag}: wall {wall:.3f} ms, stream {stream:.3f} ms")
       if a.trace:
-        _log_kernels(fn, args, log)
+        log_kernels(fn, args, log)
 
 
 _SEGMENTS = sp._segments
@@ -75,20 +75,6 @@ _SEGMENTS = sp._segments
 def _padded_segments(l, b, e, cfg):
   """Rounds 3-7's cut: the aimed segment count, each a multiple of `unroll`, l padded to their total."""
   return sp._padded_segments(l, sp._aimed_segments(l, b, e, cfg), cfg.unroll)
-
-
-def _log_kernels(fn, args, log, calls=3, top=12):
-  """GPU ms per call of the `top` kernels of `calls` traced calls (kernels summed by name; XLA's own too)."""
-  from benchmarks.profile_model import kernel_times
-
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args))
-    ms = {k: 1e3 * v / calls for k, v in kernel_times(d).items()}
-  log(f"  kernels, total {sum(ms.values()):.3f} ms: " + ", ".join(
-    f"{k[:48]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]
-  ))  # fmt: skip
 
 
 if __name__ == "__main__":

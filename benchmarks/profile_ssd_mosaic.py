@@ -12,13 +12,13 @@ PYTHONPATH=. python benchmarks/profile_ssd_mosaic.py --lens 8192,32768,65536 --s
 import argparse
 import dataclasses
 import functools
-import tempfile
 import traceback
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.bench_scans import _rel, _time, _time_stream, make_ssd, ssd_inputs
+from benchmarks.profile_model import log_kernels
 from mamba_jax.ops import ssd_xla
 from mamba_jax.ops.ssd import pallas_mosaic as pm
 from mamba_jax.ops.ssd import pallas_triton as pt
@@ -37,20 +37,6 @@ def _both(f, args):
   return f"{_time(f, *args, iters=20):.3f} / {_time_stream(f, *args):.3f}"
 
 
-def _log_kernels(fn, args, log, calls=3, top=8):
-  """GPU ms per call of the `top` kernels of `calls` traced calls (summed by name, XLA's own fusions included)."""
-  from benchmarks.profile_model import kernel_times
-
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args))
-    ms = {k: 1e3 * v / calls for k, v in kernel_times(d).items()}
-  log(f"  kernels, total {sum(ms.values()):.3f} ms: " + ", ".join(
-    f"{k[:40]} {v:.3f}" for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]
-  ))  # fmt: skip
-
-
 def profile(l, stages, state_stages, trace, log):
   """Checks and times both lowerings at one length."""
   args = ssd_inputs(l, jax.random.PRNGKey(1))
@@ -62,7 +48,7 @@ def profile(l, stages, state_stages, trace, log):
   y_x = jax.jit(make_ssd(ssd_xla))(*f32)
   log(f"[{l}] triton fwd err vs float32 XLA {_rel(y_t, y_x):.2e}; ms wall / stream {_both(triton, args)}")
   if trace:
-    _log_kernels(triton, args, log)
+    log_kernels(triton, args, log, top=8, width=40)
   meta = pt._make_meta(pt.DEFAULT_CONFIG, 1, l, x.shape[2], B.shape[2], True, True, False)
   # Whole forwards: Mosaic GPU main kernel with the Triton segment states (round 13's default), then with the
   # Mosaic GPU segment states at each of `state_stages`.
@@ -80,7 +66,7 @@ def profile(l, stages, state_stages, trace, log):
     log(f"{label} err vs float32 XLA {_rel(y_m, y_x):.2e}, vs triton {_rel(y_m, y_t):.2e}; ms wall / stream "
         f"{_both(mosaic, args)}")  # fmt: skip
     if trace:
-      _log_kernels(mosaic, args, log)
+      log_kernels(mosaic, args, log, top=8, width=40)
   # The kernels alone, on the same preprocessed inputs.
   dtp = jnp.swapaxes(jax.nn.softplus(dt + dt_bias).astype(jnp.float32), 1, 2)
   cs = pt._chunk_cumsum(meta, dtp * A[None, :, None])

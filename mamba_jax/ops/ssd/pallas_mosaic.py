@@ -55,6 +55,17 @@ def _tile(shape, dtype):
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
+def _fetch_state_tiles(gmem, smem, bar, slot, bi, hi, gi, t0, T):
+  """TMA copies of one chunk's x (t, p), dt (t,), cs (t,) and B^T (n, t) tiles into `slot` of their rings, all
+  arriving on bar[slot] (4 arrivals)."""
+  x_g, dt_g, cs_g, bt_g = gmem
+  x_s, dt_s, cs_s, bt_s = smem
+  plgpu.copy_gmem_to_smem(x_g.at[bi, pl.ds(t0, T), hi], x_s.at[slot], bar.at[slot])
+  plgpu.copy_gmem_to_smem(dt_g.at[bi, hi, pl.ds(t0, T)], dt_s.at[slot], bar.at[slot])
+  plgpu.copy_gmem_to_smem(cs_g.at[bi, hi, pl.ds(t0, T)], cs_s.at[slot], bar.at[slot])
+  plgpu.copy_gmem_to_smem(bt_g.at[bi, gi, :, pl.ds(t0, T)], bt_s.at[slot], bar.at[slot])
+
+
 def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
   refs = list(refs)
   x_g, dt_g, cs_g, bt_g, c_g = refs[:5]
@@ -77,10 +88,7 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
 
   def fetch(k, slot):
     t0 = base + k * T
-    plgpu.copy_gmem_to_smem(x_g.at[bi, pl.ds(t0, T), hi], x_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(dt_g.at[bi, hi, pl.ds(t0, T)], dt_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(cs_g.at[bi, hi, pl.ds(t0, T)], cs_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(bt_g.at[bi, gi, :, pl.ds(t0, T)], bt_s.at[slot], bar.at[slot])
+    _fetch_state_tiles((x_g, dt_g, cs_g, bt_g), (x_s, dt_s, cs_s, bt_s), bar, slot, bi, hi, gi, t0, T)
     plgpu.copy_gmem_to_smem(c_g.at[bi, pl.ds(t0, T), gi], c_s.at[slot], bar.at[slot])
     if has_z:
       plgpu.copy_gmem_to_smem(z_g.at[bi, pl.ds(t0, T), hi], z_s.at[slot], bar.at[slot])
@@ -161,11 +169,7 @@ def _segment_state_kernel(x_g, dt_g, cs_g, bt_g, out_g, *scratch, T, K, r, stage
   base = si * (K * T)
 
   def fetch(k, slot):
-    t0 = base + k * T
-    plgpu.copy_gmem_to_smem(x_g.at[bi, pl.ds(t0, T), hi], x_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(dt_g.at[bi, hi, pl.ds(t0, T)], dt_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(cs_g.at[bi, hi, pl.ds(t0, T)], cs_s.at[slot], bar.at[slot])
-    plgpu.copy_gmem_to_smem(bt_g.at[bi, gi, :, pl.ds(t0, T)], bt_s.at[slot], bar.at[slot])
+    _fetch_state_tiles((x_g, dt_g, cs_g, bt_g), (x_s, dt_s, cs_s, bt_s), bar, slot, bi, hi, gi, base + k * T, T)
 
   for k in range(min(stages, K)):
     fetch(k, k)
