@@ -6,6 +6,8 @@
 #   STEP=ss1     the selective-scan forward with one segment (one pass, no segment-state kernel): 32 channels x 1
 #                warp and 64 x 2, against the default, at SS1_LENS.
 #   STEP=ssd     bench_scans.py's SSD table (the defaults).
+#   STEP=trace   per-kernel GPU time of the Pallas forward and forward+backward (benchmarks/trace_scans.py, TRACE_OPS
+#                at TRACE_LENS).
 #   STEP=cal     both models' calibration steps at 8K (bench_calibrate.py).
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -28,6 +30,10 @@ ssd)
   GIT_COMMIT=$commit timeout ${SSD_S:-300} python benchmarks/bench_scans.py --ops ssd \
     --lens ${SSD_LENS:-8192,32768,65536} --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json \
     --out $OUT/scans_ssd.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ssd.log | grep -v '^{'
+  ;;
+trace)
+  timeout ${TRACE_S:-150} python benchmarks/trace_scans.py --ops ${TRACE_OPS:-ssd} --lens ${TRACE_LENS:-32768,65536} \
+    2>&1 | grep --line-buffered -v Warning | tee $OUT/trace.txt
   ;;
 cal)
   for m in ${CAL_MODELS:-mamba-1.4b mamba2-1.3b}; do
