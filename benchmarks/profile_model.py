@@ -65,7 +65,9 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
 
 
 def log_kernels(fn, args, log, calls=3, top=12, width=48):
-  """Logs the GPU ms per call of the `top` kernels of `calls` traced calls of fn(*args) (summed by name)."""
+  """Logs the GPU ms per call of the `top` kernels of `calls` traced calls of fn(*args) (summed by name), after
+  one untraced call (compilation and XLA's autotuning, whose trial runs would otherwise be counted)."""
+  jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       for _ in range(calls):

@@ -32,7 +32,7 @@ ssd)
     --out $OUT/scans_ssd.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ssd.log | grep -v '^{'
   ;;
 trace)
-  timeout ${TRACE_S:-150} python benchmarks/trace_scans.py --ops ${TRACE_OPS:-ssd} --lens ${TRACE_LENS:-32768,65536} \
+  timeout ${TRACE_S:-150} python benchmarks/trace_scans.py --ops ${TRACE_OPS:-ssd} --lens ${TRACE_LENS:-32768,65536} --configs ${TRACE_CONFIGS:-'{}'} \
     2>&1 | grep --line-buffered -v Warning | tee $OUT/trace.txt
   ;;
 cal)
