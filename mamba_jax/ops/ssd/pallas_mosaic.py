@@ -1,28 +1,35 @@
-"""The Mamba2 SSD forward's main kernel in Pallas Mosaic GPU (Hopper: TMA copies and warpgroup matrix products).
+"""The Mamba2 SSD forward's two kernels in Pallas Mosaic GPU (Hopper: TMA copies and warpgroup matrix products).
 
 Shape legend: b batch, l length, s segments, t/u positions in a chunk, h heads, p head dim, g groups, n state.
 
 Built to choose the Pallas lowering by measurement (issue 4: "both Pallas lowerings exist on Hopper ... choose by
-measurement"): it is the Triton forward's main kernel (`pallas_triton._fwd_kernel`) written for Mosaic GPU, with the
-same work per program (one (batch, head, segment), walking its chunks in order with the state in registers), so
-that the two lowerings are compared on the same algorithm. `benchmarks/profile_ssd_mosaic.py` times both;
-benchmarks/results/scans.md has the figures and the choice.
+measurement"): they are the Triton forward's kernels (`pallas_triton._fwd_segment_state_kernel` and `_fwd_kernel`)
+written for Mosaic GPU, with the same work per program (one (batch, head, segment), walking its chunks in order with
+the state in registers), so that the two lowerings are compared on the same algorithm.
+`benchmarks/profile_ssd_mosaic.py` times both; benchmarks/results/scans.md has the figures and the choice.
 
-Per chunk of T tokens, one warpgroup (128 threads) issues four warpgroup matrix products, all with untransposed
-shared-memory operands (B is given transposed, (b, g, n, l), so that both products that read it take it as is):
+Main kernel (`fwd_main`): per chunk of T tokens, one warpgroup (128 threads) issues four warpgroup matrix products,
+all with untransposed shared-memory operands (B is given transposed, (b, g, n, l), so that both products that read
+it take it as is):
   cb = C B^T            (t, n) @ (n, u)
   y  = e^c * (C S^T)    (t, n) @ (n, p)     S^T is kept in shared memory in the operands' dtype
   y += (cb * L * dt) x  (t, u) @ (u, p)     the left operand from registers
   S^T = e^c_end S^T + B^T w,  w = e^(c_end - c) dt x    (n, t) @ (t, p)
 while the next chunks' tiles arrive by TMA into a ring of `stages` buffers. The state is kept transposed, (n, p),
-so that the third product's accumulator is the next chunk's right operand without a transpose.
-
-`pallas_triton.ssd_pallas` runs it for the plain forward (outside `jax.vjp`) on Hopper GPUs
-(`SSDConfig.fwd_main_lowering`); the forward under `jax.vjp` and the backward stay Triton. One stage (no
+so that the third product's accumulator is the next chunk's right operand without a transpose. One stage (no
 prefetch beyond the current chunk's copies) measured faster than two (scans.md round 13), so it is the default.
-CI cannot run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed refs), so the
-CPU tests lower it for CUDA (the Pallas-to-Mosaic lowering, with its shape and layout checks) and the GPU tests
-compare it with the reference.
+
+Segment-state kernel (`segment_states`): each segment's end state from a zero start, the last product above alone,
+given transposed, (n, p), as the main kernel takes its incoming states (the XLA scan over segments between the two
+launches is elementwise, so it needs no transpose either). It waits on its copies more than the main kernel, so two
+stages (the next chunk's tiles in flight) are its default: 1.2-1.8x faster than the Triton kernel on an H200, one and
+three stages slower (scans.md round 14).
+
+`pallas_triton.ssd_pallas` runs them for the plain forward (outside `jax.vjp`) on Hopper GPUs
+(`SSDConfig.fwd_main_lowering`, `SSDConfig.mosaic_segment_states`); the forward under `jax.vjp` and the backward
+stay Triton. CI cannot run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed
+refs), so the CPU tests lower them for CUDA (the Pallas-to-Mosaic lowering, with its shape and layout checks) and
+the GPU tests compare them with the Triton kernels and float64 references.
 """
 
 import functools

@@ -30,13 +30,14 @@ Design (see benchmarks/results/scans.md for measurements):
     design (one program per segment walking its chunks backwards: 2-3x slower on an H100). The heads' dB/dC and
     dD partial sums are finished in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
     (they are cheap elementwise/scan ops on (b, h, l) float32 arrays).
-  * Triton and Mosaic GPU, chosen by measurement (benchmarks/results/scans.md, round 13, H200): the plain
-    forward's main kernel also exists in Mosaic GPU (`pallas_mosaic.py`, TMA ring and four warpgroup matrix
-    products per chunk), 11% / 15% / 15% faster than this file's at 8K / 32K / 64K tokens, so on a Hopper GPU it
-    is the default (`SSDConfig.fwd_main_lowering`). The other kernels stay Triton: they run in Pallas interpret
-    mode on the CPU (CI tests them there; the GPU interpreter of jax 0.10 cannot run Mosaic GPU kernels with
-    layouts), and the backward's chunk kernel, the one that bounds it, has nine small products and was not
-    ported (time).
+  * Triton and Mosaic GPU, chosen by measurement (benchmarks/results/scans.md, rounds 13-14, H200): the plain
+    forward's two kernels also exist in Mosaic GPU (`pallas_mosaic.py`, TMA rings and warpgroup matrix products):
+    the main kernel 11-18% and the segment-state kernel 1.2-1.8x faster than this file's at 8K-64K tokens, the
+    whole forward 0.214 / 0.690 / 1.307 ms against 0.250 / 0.858 / 1.509 all-Triton (stream), so on a Hopper GPU
+    they are the default (`SSDConfig.fwd_main_lowering`, `mosaic_segment_states`). The other kernels stay Triton:
+    they run in Pallas interpret mode on the CPU (CI tests them there; the GPU interpreter of jax 0.10 cannot run
+    Mosaic GPU kernels with layouts), and the backward's chunk kernel, the one that bounds it (3.7 of 8.6 ms at
+    64K, round 14), has nine small products and was not ported (time).
   * 64-bit safety: every BlockSpec block starts at a per-dimension block index (no flattened offsets in
     our code), and the Pallas Triton lowering switches pointer offsets to int64 for arrays above 4 GiB;
     in-kernel `pl.ds` starts stay below the segment length.
@@ -76,12 +77,13 @@ class SSDConfig:
       (Pallas Mosaic GPU, `pallas_mosaic.py`: 11-15% faster than the Triton main kernel on an H200, round 13 of
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
       units: 64-token chunks, bf16/fp16 inputs, head dim and state multiples of 64; Triton otherwise). The
-      segment-state kernel, the forward under `jax.vjp` and the backward are Triton in every case.
+      forward under `jax.vjp` and the backward are Triton in every case.
     mosaic_stages: shared-memory buffers of chunk tiles in the Mosaic GPU main kernel (1: the fastest on an H200).
     mosaic_segment_states: with the Mosaic GPU main kernel, compute the segments' end states (the forward's first
       launch) in Mosaic GPU too (`pallas_mosaic.segment_states`: one warpgroup matrix product per chunk) instead of
-      Triton.
-    mosaic_state_stages: shared-memory buffers of chunk tiles in the Mosaic GPU segment-state kernel.
+      Triton (1.2-1.8x faster than the Triton kernel at 8K-64K on an H200, round 14 of benchmarks/results/scans.md).
+    mosaic_state_stages: shared-memory buffers of chunk tiles in the Mosaic GPU segment-state kernel (2: the
+      fastest of 1-3 on an H200).
     Defaults: the fastest of small sweeps on an H100 (benchmarks/bench_scans.py --tune, benchmarks/profile_ssd_fwd.py;
       benchmarks/results/scans.md).
   """
