@@ -68,7 +68,7 @@ def _time(fn, iters: int) -> list[float]:
 def bench_one(model, method: str, length: int, args, after=None) -> dict:
   """Compile and time one step; `after(compiled, call_args)`, if given, runs once after the timing."""
   model.remat = method == "grad"
-  model.scan_layers = scan_layers(args.layers, method, model.cfg.arch)
+  model.scan_layers = scan_layers(args.layers)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
   # The frozen block weights stacked once, as python -m calibrate does (--stack-per-step: inside every step).
   stacked = None if args.stack_per_step else frozen_layers(model)

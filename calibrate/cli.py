@@ -40,16 +40,15 @@ EXIT_NONFINITE = 3
 _NOT_IN_SIGNATURE = {"steps", "checkpoint_every", "restart", "out", "quiet", "layers", "no_plot"}
 
 
-def scan_layers(layers: str, method: str, arch: str = "mamba2") -> bool:
+def scan_layers(layers: str) -> bool:
   """--layers as `MambaLM.scan_layers`. The layer scan reads the blocks' weights stacked over layers (stacked once
-  per run, `frozen_layers`) and slices them per block; inlined blocks avoid the slices and compile longer. Measured
-  on an H200 at 8K tokens (benchmarks/results/calibrate.md, round 11): mamba2-1.3b SPSA iteration 102.7 (scan) ->
-  100.1 ms (inlined) for 13 -> 29 s of compile; on an H100 (round 6, the weights then stacked in every step)
-  mamba-1.4b 170.1 -> 158.5 ms for 46 -> 142 s. auto: inline for Mamba2 SPSA only (forward-only steps, usually
-  many); the layer scan for gradient steps and for Mamba1, whose inlined scan kernels compile slowly."""
-  if layers == "auto":
-    return not (method == "spsa" and arch == "mamba2")
-  return layers == "scan"
+  per run, `frozen_layers`) and slices them per block; inlined blocks avoid the slices and compile longer. auto: the
+  layer scan for every method and architecture. Measured on an H200 at 8K tokens (benchmarks/results/calibrate.md):
+  in round 14 the mamba2-1.3b SPSA iteration took 99.3 ms (scan) against 99.0 ms (inlined) for 12 against 144 s of
+  compile, probably because every inlined block compiles its own Mosaic GPU SSD kernels (round 11, all Triton:
+  102.7 against 100.1 ms for 13 against 29 s, when auto inlined Mamba2 SPSA); on an H100 (round 6) mamba-1.4b
+  170.1 -> 158.5 ms for 46 -> 142 s."""
+  return layers != "unroll"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -121,7 +120,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     "--layers",
     choices=("auto", "scan", "unroll"),
     default="auto",
-    help="blocks as one lax.scan (fast compile) or inlined (faster steps, slower compile); auto: inline mamba2 spsa",
+    help="blocks as one lax.scan (auto, scan: fast compile) or inlined (unroll: minutes of compile on GPU)",
   )
   p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation (keep-best) interval")
   p.add_argument("--no-keep-best", action="store_true", help="save the last scales, not the best held-out ones")
@@ -227,7 +226,7 @@ def run_calibration(args) -> dict:
 
   model = from_pretrained(model_dir, args.dtype, scan_impl=args.scan_impl)
   model.remat = args.method == "grad" and not args.no_remat
-  model.scan_layers = scan_layers(args.layers, args.method, model.cfg.arch)
+  model.scan_layers = scan_layers(args.layers)
   attach_scales(model, args.target, args.mode, args.granularity, apply_in_decode=not args.prefill_only, init=args.init)
   _set_initial(model, args)
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)

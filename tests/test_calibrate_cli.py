@@ -240,9 +240,7 @@ def test_bad_input(world, capsys, tmp_path):
 
 
 def test_layers_policy():
-  """--layers auto inlines the blocks for Mamba2 SPSA only; the layer scan elsewhere."""
-  assert cli.scan_layers("auto", "spsa", "mamba2") is False
-  assert cli.scan_layers("auto", "spsa", "mamba1") is True
-  assert cli.scan_layers("auto", "grad", "mamba2") is True
-  assert cli.scan_layers("unroll", "grad") is False
-  assert cli.scan_layers("scan", "spsa") is True
+  """--layers auto and scan run the layer scan; unroll inlines the blocks."""
+  assert cli.scan_layers("auto") is True
+  assert cli.scan_layers("scan") is True
+  assert cli.scan_layers("unroll") is False
