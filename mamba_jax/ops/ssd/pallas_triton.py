@@ -597,7 +597,7 @@ def _backward_over_segments(dS_fin, G_loc, dec):
 def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   dec = _segment_decay(meta, cs)
   if meta.mosaic_fwd and not save_states:
-    from mamba_jax.ops.ssd import pallas_mosaic  # noqa: PLC0415 (it imports this module)
+    from mamba_jax.ops.ssd import pallas_mosaic  # noqa: PLC0415 (Mosaic GPU is loaded only where it runs)
 
     bt = pallas_mosaic.transposed_b(B)  # (b, g, n, l)
     S0_t = jnp.swapaxes(S0, -1, -2)  # the Mosaic GPU kernels hold the state transposed, (n, p)
