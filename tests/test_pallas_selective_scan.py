@@ -80,8 +80,16 @@ def _outputs_and_grads(cfg, inp, kw, ct, **call):
   return out, grads
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("name", list(CASES))
+# Non-default kernel options (prefetch, the (e, n) backward) run on every case under `-m slow`, on "all" by default.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+  "name, prefetch",
+  [(name, False) for name in CASES]
+  + [("all", True)]
+  + [pytest.param(n, True, marks=_SLOW) for n in CASES if n != "all"],
+)
 def test_forward_matches_reference(name, prefetch):
   inp, kw = _case(name)
   y, h = _pallas(dataclasses.replace(CFG, prefetch=prefetch), **inp, **kw)
@@ -132,7 +140,10 @@ def test_unpack_bc_reads_each_value():
 
 @pytest.mark.parametrize(
   "name, bwd",
-  [(name, bwd) for bwd in ("rows", "en") for name in CASES] + [("all", "rows_blocksum"), ("all", "rows_prefetch")],
+  [(name, "rows") for name in CASES]
+  + [("all", "en"), ("all", "rows_blocksum")]
+  + [pytest.param(n, "en", marks=_SLOW) for n in CASES if n != "all"]
+  + [pytest.param("all", "rows_prefetch", marks=_SLOW)],
 )
 def test_gradients_match_reference(name, bwd):
   cfg = dataclasses.replace(CFG, **BWD[bwd])
