@@ -7,7 +7,9 @@
 #                warp and 64 x 2, against the default, at SS1_LENS.
 #   STEP=ssd     bench_scans.py's SSD table (the defaults).
 #   STEP=trace   per-kernel GPU time of the Pallas forward and forward+backward (benchmarks/trace_scans.py, TRACE_OPS
-#                at TRACE_LENS).
+#                at TRACE_LENS; the defaults). Round 14's config variants ran as one command:
+#                trace_scans.py --ops ssd --lens 65536 --top 10 --configs '{}' '{"heads_per_program_bwd": 2}' \
+#                  '{"heads_per_program_bwd": 4}').
 #   STEP=cal     both models' calibration steps at 8K (bench_calibrate.py).
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -32,7 +34,7 @@ ssd)
     --out $OUT/scans_ssd.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ssd.log | grep -v '^{'
   ;;
 trace)
-  timeout ${TRACE_S:-150} python benchmarks/trace_scans.py --ops ${TRACE_OPS:-ssd} --lens ${TRACE_LENS:-32768,65536} --configs ${TRACE_CONFIGS:-'{}'} \
+  timeout ${TRACE_S:-150} python benchmarks/trace_scans.py --ops ${TRACE_OPS:-ssd} --lens ${TRACE_LENS:-32768,65536} \
     2>&1 | grep --line-buffered -v Warning | tee $OUT/trace.txt
   ;;
 cal)

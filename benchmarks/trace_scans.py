@@ -20,7 +20,7 @@ from mamba_jax.ops.ssd import pallas_triton as pt
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--ops", default="ssd", help="ssd, selective_scan or both, comma-separated")
+  ap.add_argument("--ops", default="ssd", help="ssd and/or selective_scan, comma-separated")
   ap.add_argument("--lens", default="65536")
   ap.add_argument("--top", type=int, default=14)
   ap.add_argument("--configs", nargs="*", default=["{}"], help="JSON overrides of the op's config, one per variant")
