@@ -560,34 +560,22 @@ def _unroll(s):
   return True if s <= 64 else 16
 
 
-def _over_segments(S0, S_loc, dec):
-  """(each segment's incoming state (b, h, s, p, n), the final state (b, h, p, n)) from the initial state and each
-  segment's local end state (elementwise in the state: the Mosaic GPU path passes them transposed, (n, p))."""
+def _over_segments(S0, S_loc, dec, reverse=False):
+  """Chains the segments: S <- dec_s * S + S_loc_s from S0, over s in order (or in reverse).
+
+  Returns (the carry entering each segment's step, (b, h, s, p, n); the last carry, (b, h, p, n)). Forward: each
+  segment's incoming state and the final state, from the initial state and each segment's local end state (the
+  Mosaic GPU path passes them transposed, (n, p): the step is elementwise). Reverse (the backward): the adjoint at
+  each segment's end and at the start of the sequence, from the final state's adjoint and each segment's local
+  adjoint."""
 
   def step(S, inp):
     loc, d = inp
     return d[..., None, None] * S + loc, S
 
   xs = (jnp.moveaxis(S_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
-  S_fin, S_in = jax.lax.scan(step, S0, xs, unroll=_unroll(dec.shape[2]))
-  return jnp.moveaxis(S_in, 0, 2), S_fin
-
-
-def _final_over_segments(S0, S_loc, dec):
-  """The state after the last segment (b, h, p, n); XLA drops the unused incoming states."""
-  return _over_segments(S0, S_loc, dec)[1]
-
-
-def _backward_over_segments(dS_fin, G_loc, dec):
-  """Adjoint at each segment's end (b, h, s, p, n) and at the start of the sequence (b, h, p, n)."""
-
-  def step(G, inp):
-    loc, d = inp
-    return d[..., None, None] * G + loc, G
-
-  xs = (jnp.moveaxis(G_loc, 2, 0), jnp.moveaxis(dec, 2, 0))
-  G0, G_out = jax.lax.scan(step, dS_fin, xs, reverse=True, unroll=_unroll(dec.shape[2]))
-  return jnp.moveaxis(G_out, 0, 2), G0
+  S_last, S_each = jax.lax.scan(step, S0, xs, reverse=reverse, unroll=_unroll(dec.shape[2]))
+  return jnp.moveaxis(S_each, 0, 2), S_last
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -615,7 +603,7 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
     S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
     y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states)
     # The final state, in XLA; dead code (removed by XLA) unless the caller uses it.
-    S_fin = _final_over_segments(S0, S_loc, dec)
+    S_fin = _over_segments(S0, S_loc, dec)[1]
   else:
     y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, None, None, save_states)
     # One segment: the final state is the last chunk's state advanced over the last chunk; recompute in XLA
@@ -669,7 +657,7 @@ def _core_bwd(meta, res, cts):
   # Adjoint passes: local adjoints at the segment starts, the segment ends' true adjoints by a short scan over
   # segments, then the true adjoint at every chunk end.
   G_loc = _bwd_segment_states(meta, dy, cs, C, h)
-  G_seg, G0 = _backward_over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs))
+  G_seg, G0 = _over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs), reverse=True)
   G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
   dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
   dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
