@@ -1,5 +1,6 @@
 """Pallas SSD kernels (interpret mode on CPU, compiled on GPU) against the sequential reference in float64."""
 
+import dataclasses
 import functools
 import math
 
@@ -162,8 +163,10 @@ def test_backward_segments_divide_the_chunks():
       assert nc % s == 0, (nc, target, s)
 
 
-def test_lowers_to_triton_for_cuda():
+@pytest.mark.parametrize("partials", ["float32", "scaled_fp16"])
+def test_lowers_to_triton_for_cuda(partials):
   """CI has no GPU: at least check that the kernels lower to Triton IR for CUDA at the benchmark shapes."""
+  cfg = dataclasses.replace(pt.DEFAULT_CONFIG, bwd_partials=partials)
   b, l, h, p, g, n = 1, 4096, 8, 64, 1, 128
   S = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
@@ -171,11 +174,14 @@ def test_lowers_to_triton_for_cuda():
   args += (S((b, l, g, n), bf), S((h,), jnp.float32), S((b, l, h, p), bf))
 
   def f(x, dt, A, B, C, D, z):
-    return pt.ssd_pallas(x, dt, A, B, C, 256, D, z, None, True).astype(jnp.float32).sum()
+    return pt.ssd_pallas(x, dt, A, B, C, 256, D, z, None, True, config=cfg).astype(jnp.float32).sum()
 
   grad = jax.grad(f, argnums=tuple(range(7)))
   # fwd segment states, fwd, bwd segment states, bwd chunk adjoints, bwd chunk gradients
-  assert len(triton_call_results(grad, *args)) == 5
+  results = triton_call_results(grad, *args)
+  assert len(results) == 5
+  partial_type = f"tensor<{b}x{l}x{h}x{n}x{'f16' if partials == 'scaled_fp16' else 'f32'}>"
+  assert result_types(results[-1]).count(partial_type) == 2, results[-1]
 
 
 def test_remat_stores_chunk_states_once():
@@ -218,3 +224,71 @@ def test_remat_gradients_equal_plain_gradients():
   remat = jax.grad(loss(True), argnums=tuple(range(len(args))))(*args)
   for k, a, r in zip(names, plain, remat, strict=True):
     assert rel_err(r, a) < 1e-6, (k, rel_err(r, a))
+
+
+class _Ref:
+  """A stand-in for a kernel ref (`ref[...]`, `ref[0, :]`, `.shape`) over a jnp array."""
+
+  def __init__(self, shape, dtype):
+    self.a = jnp.zeros(shape, dtype)
+    self.shape, self.dtype = shape, jnp.dtype(dtype)
+
+  def __getitem__(self, idx):
+    return self.a[idx]
+
+  def __setitem__(self, idx, v):
+    self.a = self.a.at[idx].set(v)
+
+
+@pytest.mark.parametrize("magnitude", [0.0, 1e-38, 1e-20, 1e-3, 1.0, 3e4, 1e30])
+def test_scaled_partials_keep_float32_range_and_12_bits(magnitude):
+  """A scaled float16 tile times its scale equals the float32 tile to 2^-12 of the tile's largest magnitude at any
+  magnitude float32 holds (plain float16 would overflow above 65504 and flush below ~6e-8)."""
+  T, n = 16, 8
+  v = jax.random.normal(jax.random.PRNGKey(0), (T, n)) * jnp.float32(magnitude)
+  ref, scale = _Ref((T, n), jnp.float16), _Ref((1, T), jnp.float32)
+  pt._store_partial(ref, scale, v, 0)
+  back = ref.a.astype(jnp.float32) * scale.a[0][:, None]
+  assert bool(jnp.all(jnp.isfinite(back)))
+  top = float(jnp.max(jnp.abs(v)))
+  assert float(jnp.max(jnp.abs(back - v))) <= 2.0**-12 * top * 1.0001
+  assert float(jnp.max(jnp.abs(ref.a.astype(jnp.float32)))) <= 2.0**14
+  assert np.all(np.asarray(scale.a) == scale.a[0, 0])  # one scale per tile, repeated over the chunk's tokens
+
+
+@pytest.mark.parametrize("partials", ["scaled_fp16", "input"])
+def test_half_precision_partials_change_only_dB_dC(partials):
+  """bf16 inputs: storing the chunk kernel's dB/dC terms in 16 bits leaves every other gradient bit-identical and
+  keeps dB and dC as close to float64 as float32 terms do (scaled), or within bf16's accuracy (plain bf16)."""
+  inp, kw = _case("all", dtype=jnp.bfloat16, seed=2)
+  names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+  ct = jax.random.normal(jax.random.PRNGKey(4), inp["x"].shape)
+
+  def loss(fn):
+    def f(*arrays):
+      y, S = fn(**dict(zip(names, arrays, strict=True)), **kw)
+      return jnp.sum(y.astype(jnp.float32) * ct) + jnp.sum(S)
+
+    return f
+
+  args = [inp[k] for k in names]
+  grad = lambda cfg: jax.grad(loss(functools.partial(_pallas, config=cfg)), argnums=tuple(range(len(args))))(*args)
+  base, half = grad(CFG), grad(dataclasses.replace(CFG, bwd_partials=partials))
+  with float64():
+    refs = jax.grad(loss(ssd_reference), argnums=tuple(range(len(args))))(*_f64(args))
+  for k, a, h_, r in zip(names, base, half, refs, strict=True):
+    if k not in ("B", "C"):
+      assert np.array_equal(np.asarray(a, np.float32), np.asarray(h_, np.float32)), k
+      continue
+    e_base, e_half = rel_err(a, np.asarray(r)), rel_err(h_, np.asarray(r))
+    assert e_half < (1.1 * e_base if partials == "scaled_fp16" else 2e-2), (k, e_base, e_half)
+
+
+def test_scaled_partials_need_one_head_per_program():
+  with pytest.raises(ValueError, match="heads_per_program_bwd=1"):
+    pt._make_meta(dataclasses.replace(CFG, bwd_partials="scaled_fp16", heads_per_program_bwd=2), 1, 64, 4, 1,
+                  False, False, True, dtype=jnp.bfloat16)  # fmt: skip
+  with pytest.raises(ValueError, match="bwd_partials must be"):
+    pt._make_meta(dataclasses.replace(CFG, bwd_partials="bf16"), 1, 64, 4, 1, False, False, True)
+  meta = pt._make_meta(dataclasses.replace(CFG, bwd_partials="input"), 1, 64, 4, 1, False, False, True)
+  assert meta.bwd_partials == "float32"  # float32 inputs keep float32 terms

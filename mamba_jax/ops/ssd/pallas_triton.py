@@ -72,7 +72,14 @@ class SSDConfig:
     num_warps_bwd, num_stages_bwd: the same for the backward's chunk kernel.
     heads_per_program_bwd: heads of one group handled by one program of the backward's chunk kernel (rounded
       down to a power of two dividing the heads per group); they share the C B^T product, and their dB and dC
-      are summed in the kernel, which divides the per-head float32 dB/dC traffic by this number.
+      are summed in the kernel, which divides the per-head dB/dC partials' traffic by this number.
+    bwd_partials: how the backward's chunk kernel stores each program's dB and dC terms, which XLA then sums
+      over the heads of a group. With float32 inputs they are always float32. With bf16/fp16 inputs:
+      "float32"; "scaled_fp16", float16 tiles scaled so that each (head, chunk) tile's largest magnitude is
+      2^14, with the float32 scale stored beside them (relative rounding 2^-12 per term, 8x finer than bf16;
+      float32's range); or "input", the inputs' dtype (a plain rounding of every per-head term). Both halve
+      the partials' bytes, written by the kernel and read by the reduction. Needs heads_per_program_bwd = 1
+      for "scaled_fp16".
     fwd_main_lowering: the lowering of the plain forward's main kernel (outside `jax.vjp`): "triton", "mosaic"
       (Pallas Mosaic GPU, `pallas_mosaic.py`: 11-15% faster than the Triton main kernel on an H200, round 13 of
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
@@ -97,6 +104,7 @@ class SSDConfig:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 1
   heads_per_program_bwd: int = 1
+  bwd_partials: str = "float32"
   fwd_main_lowering: str = "auto"
   mosaic_stages: int = 1
   mosaic_segment_states: bool = True
@@ -262,14 +270,14 @@ def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *,
   jax.lax.fori_loop(0, K, body, g0_ref[...])
 
 
-def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
+def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
   """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
   Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], dy (t, H, p) the gradient of the
     scan output (after the gate's backward),
     chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
-  Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n),
-    [dD partial (H, p)].
+  Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n) (with `scaled`: float16
+    tiles, and their float32 scales repeated over the chunk's tokens (1, t) each), [dD partial (H, p)].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -282,6 +290,10 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
   i += 5
   ddt_ref, dcs_ref, db_ref, dc_ref = refs[i : i + 4]
   i += 4
+  db_scale_ref = dc_scale_ref = None
+  if scaled:
+    db_scale_ref, dc_scale_ref = refs[i : i + 2]
+    i += 2
   if has_d:
     dd_ref = refs[i]
   last = jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == T - 1
@@ -314,7 +326,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
     R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
     P = R * _decay_matrix(c, T)
     dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, cdt=cdt)  # (t, n)
-    _store_sum(dc_ref, dC, j)
+    _store_partial(dc_ref, dc_scale_ref, dC, j)
     # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
     # diagonal of W, and the q terms against <G, S_out>).
     # (Taking rowsum(W) from a saved full scan output instead breaks the first cancellation: with bf16 operands
@@ -322,7 +334,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
     W = R * cbL  # (t, u)
     dcs = dcs + jnp.sum(W, axis=1) - jnp.sum(W, axis=0)
     dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
-    _store_sum(db_ref, dB, j)
+    _store_partial(db_ref, db_scale_ref, dB, j)
     BG = _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
     q = edec * dt * jnp.sum(x * BG, axis=1)  # (t,)
     dcs_ref[j, :] = dcs - q + jnp.where(last, jnp.exp(c_end) * GS + jnp.sum(q), 0.0)
@@ -334,9 +346,20 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d):
     ddt_ref[j, :] = jnp.sum(x * dxs, axis=1)
 
 
-def _store_sum(ref, v, j):
-  """ref = v for the first head of a program, ref += v after (the output block belongs to this program)."""
-  ref[...] = v if j == 0 else ref[...] + v
+_SCALED_TOP = 2.0**14  # a scaled float16 tile's largest magnitude (float16's largest finite value is 65504)
+_SCALED_TINY = 2.0**-110  # tiles below this magnitude are scaled as if it were their largest: 2^14 / it is finite
+
+
+def _store_partial(ref, scale_ref, v, j):
+  """A (t, n) dB or dC term into its output block: with `scale_ref`, v * (2^14 / max |v|) in float16 and the scale
+  max |v| / 2^14 in float32 (one head per program); else ref = v for the first head of a program, ref += v after
+  (the output block belongs to this program), in ref's dtype."""
+  if scale_ref is None:
+    ref[...] = (v if j == 0 else ref[...].astype(jnp.float32) + v).astype(ref.dtype)
+    return
+  m = jnp.maximum(jnp.max(jnp.max(jnp.abs(v), axis=1), axis=0), _SCALED_TINY)
+  ref[...] = (v * (_SCALED_TOP / m)).astype(ref.dtype)
+  scale_ref[0, :] = jnp.full(scale_ref.shape[1:], m / _SCALED_TOP)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,6 +386,7 @@ class _Meta:
 
   # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
   bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
+  bwd_partials: str = "float32"  # `SSDConfig.bwd_partials`, "float32" for float32 inputs
 
   def for_vjp(self) -> "_Meta":
     """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
@@ -517,7 +541,9 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
   chunk_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, p, n)
   sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
-  kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d)
+  scaled = meta.bwd_partials == "scaled_fp16"
+  part_dtype = {"float32": jnp.float32, "scaled_fp16": jnp.float16, "input": x.dtype}[meta.bwd_partials]
+  kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d, scaled=scaled)
   in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn]
   args = [x, dtp, cs, B, C]
   if meta.has_d:
@@ -528,14 +554,20 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   out_specs = [seq_hp, seq_h, seq_h, sum_n, sum_n]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
-  out_shape += [jax.ShapeDtypeStruct((b, l, h // H, n), jnp.float32)] * 2
+  out_shape += [jax.ShapeDtypeStruct((b, l, h // H, n), part_dtype)] * 2
+  if scaled:  # the dB and dC tiles' scales, (b, h, l) repeated over each chunk's tokens
+    out_specs += [seq_h, seq_h]
+    out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
   if meta.has_d:
     out_specs.append(pl.BlockSpec((_SQ, H, _SQ, p), lambda hb, ci, bi: (bi, hb, ci, 0)))  # (b, h, c, p)
     out_shape.append(jax.ShapeDtypeStruct((b, h, nc, p), jnp.float32))
   _, w, st, _, _ = meta.bwd
   call = _call(kernel, meta, (h // H, nc, b), in_specs, out_specs, out_shape, "ssd_bwd", num_warps=w, num_stages=st)
   outs = list(call(*args))
-  return (*outs[:5], outs[5] if meta.has_d else None)  # dx, ddt, dcs, dB, dC, dD
+  dx, ddt, dcs, dB, dC = outs[:5]
+  if scaled:
+    dB, dC = (dB, outs[5]), (dC, outs[6])
+  return dx, ddt, dcs, dB, dC, outs[-1] if meta.has_d else None  # dB, dC: partials or (partials, scales)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -600,7 +632,12 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
       S_fin = jnp.swapaxes(S_fin_t, -1, -2)
     return pallas_mosaic.fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in_t), S_fin, None
   if meta.S > 1:
-    S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
+    if meta.mosaic_states and meta.T == 64:  # under `jax.vjp`: the Mosaic GPU segment states feed the Triton kernel
+      from mamba_jax.ops.ssd import pallas_mosaic  # noqa: PLC0415
+
+      S_loc = jnp.swapaxes(pallas_mosaic.segment_states(meta, x, dtp, cs, pallas_mosaic.transposed_b(B)), -1, -2)
+    else:
+      S_loc = _fwd_segment_states(meta, x, dtp, cs, B)
     y, states = _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states)
     # The final state, in XLA; dead code (removed by XLA) unless the caller uses it.
     S_fin = _over_segments(S0, S_loc, dec)[1]
@@ -645,7 +682,6 @@ def _core_bwd(meta, res, cts):
   dout, dS_fin = cts
   b, l, h, p = x.shape
   g, n = B.shape[-2:]
-  H = meta.bwd[4]
   dout = dout.astype(x.dtype)
   dz = None
   if meta.has_z:  # the gate's backward, elementwise in XLA; dy in the input dtype, as the official kernels do
@@ -660,13 +696,23 @@ def _core_bwd(meta, res, cts):
   G_seg, G0 = _over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs), reverse=True)
   G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
   dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
-  dB = dBh.reshape(b, l, g, h // (g * H), n).sum(3).astype(B.dtype)
-  dC = dCh.reshape(b, l, g, h // (g * H), n).sum(3).astype(C.dtype)
+  dB = _sum_partials(dBh, g).astype(B.dtype)
+  dC = _sum_partials(dCh, g).astype(C.dtype)
   if meta.has_d:
     dD = dD.sum((0, 2)).astype(D.dtype)
   # cs = chunk-local cumsum of da, so d(da)_j = sum over t >= j in j's chunk of d(cs)_t.
   dda = jnp.flip(jnp.cumsum(jnp.flip(dcs.reshape(b, h, l // meta.T, meta.T), -1), axis=-1), -1).reshape(b, h, l)
   return dx, ddt, dda, dB, dC, dD, dz, G0
+
+
+def _sum_partials(part, g):
+  """(b, l, g, n) float32: the chunk kernel's (b, l, h', n) dB or dC terms summed over each group's programs; with
+  scaled float16 terms, part = (terms, their (b, h', l) scales)."""
+  if isinstance(part, tuple):
+    part, scale = part
+    part = part.astype(jnp.float32) * jnp.swapaxes(scale, 1, 2)[..., None]
+  b, l, hp, n = part.shape
+  return part.astype(jnp.float32).reshape(b, l, g, hp // g, n).sum(3)
 
 
 # optimize_remat: under `jax.checkpoint` the forward pass, whose residuals are dropped, runs the plain forward and
@@ -726,18 +772,35 @@ def _use_mosaic_fwd(cfg: SSDConfig, T: int, p: int, n: int, dtype, interpret: bo
   return getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
 
 
+def _bwd_partials(cfg: SSDConfig, dtype, heads_per_program: int) -> str:
+  """`SSDConfig.bwd_partials`, checked, for inputs of `dtype` ("float32" for float32 inputs)."""
+  if cfg.bwd_partials not in ("float32", "scaled_fp16", "input"):
+    raise ValueError(f"bwd_partials must be 'float32', 'scaled_fp16' or 'input', not {cfg.bwd_partials!r}")
+  if _cdt(jnp.dtype(dtype)) == jnp.float32:
+    return "float32"
+  if cfg.bwd_partials == "scaled_fp16" and heads_per_program != 1:
+    raise ValueError(
+      "bwd_partials='scaled_fp16' scales each head's dB/dC tile, so it needs one head per program: set "
+      f"heads_per_program_bwd=1 (got {cfg.heads_per_program_bwd}) or use bwd_partials='float32' or 'input'."
+    )
+  return cfg.bwd_partials
+
+
 def _make_meta(
-  cfg: SSDConfig, b: int, l: int, h: int, g: int, has_d: bool, has_z: bool, interpret: bool, mosaic_fwd=False
-) -> _Meta:
+  cfg: SSDConfig, b: int, l: int, h: int, g: int, has_d: bool, has_z: bool, interpret: bool, mosaic_fwd=False,
+  dtype=jnp.float32,
+) -> _Meta:  # fmt: skip
   """Chunks, segments and launch parameters of one call; the padded length is meta.S * meta.K * meta.T."""
   T = cfg.block_t
   S, K = _segments(-(-l // T), b, h, cfg.target_programs)
   T_bwd = min(cfg.block_t_bwd, T)
   S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
-  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, _heads_per_program(h // g, cfg.heads_per_program_bwd))
+  H = _heads_per_program(h // g, cfg.heads_per_program_bwd)
+  bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, H)
   return _Meta(
     T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, cfg.mosaic_stages,
     mosaic_fwd and cfg.mosaic_segment_states, cfg.mosaic_state_stages, bwd=bwd,
+    bwd_partials=_bwd_partials(cfg, dtype, H),
   )  # fmt: skip
 
 
@@ -774,7 +837,7 @@ def ssd_pallas(
   if h % g:
     raise ValueError(f"nheads={h} must be a multiple of ngroups={g}")
   mosaic_fwd = _use_mosaic_fwd(cfg, cfg.block_t, p, n, x.dtype, interpret)
-  meta = _make_meta(cfg, b, l, h, g, D is not None, z is not None, interpret, mosaic_fwd)
+  meta = _make_meta(cfg, b, l, h, g, D is not None, z is not None, interpret, mosaic_fwd, x.dtype)
   pad = meta.S * meta.K * meta.T - l
 
   def pad_l(a, axis=1):
