@@ -75,11 +75,14 @@ class SSDConfig:
       are summed in the kernel, which divides the per-head dB/dC partials' traffic by this number.
     bwd_partials: how the backward's chunk kernel stores each program's dB and dC terms, which XLA then sums
       over the heads of a group. With float32 inputs they are always float32. With bf16/fp16 inputs:
-      "float32"; "scaled_fp16", float16 tiles scaled so that each (head, chunk) tile's largest magnitude is
-      2^14, with the float32 scale stored beside them (relative rounding 2^-12 per term, 8x finer than bf16;
-      float32's range); or "input", the inputs' dtype (a plain rounding of every per-head term). Both halve
-      the partials' bytes, written by the kernel and read by the reduction. Needs heads_per_program_bwd = 1
-      for "scaled_fp16".
+      "float32"; "scaled_fp16", float16 rows scaled so that each (token, head) row's largest magnitude is
+      2^14, with the float32 scale stored beside them (rounding within 2^-12 of the row's largest term, 8x
+      finer than bf16; float32's range); or "input", the inputs' dtype (a plain rounding of every per-head
+      term). Both halve the partials' bytes, written by the kernel and read by the reduction. "scaled_fp16" needs
+      heads_per_program_bwd = 1; "auto" is "scaled_fp16" there and "float32" otherwise (round 15 of
+      benchmarks/results/scans.md: on an H200 it took the 64K-token forward+backward from 8.605 to ~8.0 ms and
+      the dB/dC errors against float32 XLA from 3.308e-3 to 3.315e-3; "input" was faster still, but raised them
+      to 3.70e-3).
     fwd_main_lowering: the lowering of the plain forward's main kernel (outside `jax.vjp`): "triton", "mosaic"
       (Pallas Mosaic GPU, `pallas_mosaic.py`: 11-15% faster than the Triton main kernel on an H200, round 13 of
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
@@ -104,7 +107,7 @@ class SSDConfig:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 1
   heads_per_program_bwd: int = 1
-  bwd_partials: str = "float32"
+  bwd_partials: str = "auto"
   fwd_main_lowering: str = "auto"
   mosaic_stages: int = 1
   mosaic_segment_states: bool = True
@@ -277,7 +280,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
     scan output (after the gate's backward),
     chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
   Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n) (with `scaled`: float16
-    tiles, and their float32 scales repeated over the chunk's tokens (1, t) each), [dD partial (H, p)].
+    rows, and their float32 scales (1, t) each), [dD partial (H, p)].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -346,20 +349,21 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
     ddt_ref[j, :] = jnp.sum(x * dxs, axis=1)
 
 
-_SCALED_TOP = 2.0**14  # a scaled float16 tile's largest magnitude (float16's largest finite value is 65504)
-_SCALED_TINY = 2.0**-110  # tiles below this magnitude are scaled as if it were their largest: 2^14 / it is finite
+_SCALED_TOP = 2.0**14  # a scaled float16 row's largest magnitude (float16's largest finite value is 65504)
+_SCALED_TINY = 2.0**-110  # rows below this magnitude are scaled as if it were their largest: 2^14 / it is finite
 
 
 def _store_partial(ref, scale_ref, v, j):
-  """A (t, n) dB or dC term into its output block: with `scale_ref`, v * (2^14 / max |v|) in float16 and the scale
-  max |v| / 2^14 in float32 (one head per program); else ref = v for the first head of a program, ref += v after
-  (the output block belongs to this program), in ref's dtype."""
+  """A (t, n) dB or dC term into its output block: with `scale_ref` (one head per program), each token's row
+  v_t * (2^14 / max_n |v_t|) in float16 and its scale max_n |v_t| / 2^14 in float32 (a reduction along n stays
+  within a warp); else ref = v for the first head of a program, ref += v after (the output block belongs to this
+  program), in ref's dtype."""
   if scale_ref is None:
     ref[...] = (v if j == 0 else ref[...].astype(jnp.float32) + v).astype(ref.dtype)
     return
-  m = jnp.maximum(jnp.max(jnp.max(jnp.abs(v), axis=1), axis=0), _SCALED_TINY)
-  ref[...] = (v * (_SCALED_TOP / m)).astype(ref.dtype)
-  scale_ref[0, :] = jnp.full(scale_ref.shape[1:], m / _SCALED_TOP)
+  m = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _SCALED_TINY)  # (t,)
+  ref[...] = (v * (_SCALED_TOP / m)[:, None]).astype(ref.dtype)
+  scale_ref[0, :] = m / _SCALED_TOP
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -555,7 +559,7 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
   out_shape += [jax.ShapeDtypeStruct((b, l, h // H, n), part_dtype)] * 2
-  if scaled:  # the dB and dC tiles' scales, (b, h, l) repeated over each chunk's tokens
+  if scaled:  # the dB and dC rows' scales, (b, h, l)
     out_specs += [seq_h, seq_h]
     out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
   if meta.has_d:
@@ -707,7 +711,7 @@ def _core_bwd(meta, res, cts):
 
 def _sum_partials(part, g):
   """(b, l, g, n) float32: the chunk kernel's (b, l, h', n) dB or dC terms summed over each group's programs; with
-  scaled float16 terms, part = (terms, their (b, h', l) scales)."""
+  scaled float16 rows, part = (rows, their (b, h', l) scales)."""
   if isinstance(part, tuple):
     part, scale = part
     part = part.astype(jnp.float32) * jnp.swapaxes(scale, 1, 2)[..., None]
@@ -774,13 +778,15 @@ def _use_mosaic_fwd(cfg: SSDConfig, T: int, p: int, n: int, dtype, interpret: bo
 
 def _bwd_partials(cfg: SSDConfig, dtype, heads_per_program: int) -> str:
   """`SSDConfig.bwd_partials`, checked, for inputs of `dtype` ("float32" for float32 inputs)."""
-  if cfg.bwd_partials not in ("float32", "scaled_fp16", "input"):
-    raise ValueError(f"bwd_partials must be 'float32', 'scaled_fp16' or 'input', not {cfg.bwd_partials!r}")
+  if cfg.bwd_partials not in ("auto", "float32", "scaled_fp16", "input"):
+    raise ValueError(f"bwd_partials must be 'auto', 'float32', 'scaled_fp16' or 'input', not {cfg.bwd_partials!r}")
   if _cdt(jnp.dtype(dtype)) == jnp.float32:
     return "float32"
+  if cfg.bwd_partials == "auto":
+    return "scaled_fp16" if heads_per_program == 1 else "float32"
   if cfg.bwd_partials == "scaled_fp16" and heads_per_program != 1:
     raise ValueError(
-      "bwd_partials='scaled_fp16' scales each head's dB/dC tile, so it needs one head per program: set "
+      "bwd_partials='scaled_fp16' scales each head's dB/dC rows, so it needs one head per program: set "
       f"heads_per_program_bwd=1 (got {cfg.heads_per_program_bwd}) or use bwd_partials='float32' or 'input'."
     )
   return cfg.bwd_partials
