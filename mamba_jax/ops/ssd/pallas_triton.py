@@ -280,7 +280,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
     scan output (after the gate's backward),
     chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
   Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n) (with `scaled`: float16
-    rows, and their float32 scales (1, t) each), [dD partial (H, p)].
+    rows, and their float32 scales (t, 1) each), [dD partial (H, p)].
   """
   refs = list(refs)
   x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
@@ -363,7 +363,7 @@ def _store_partial(ref, scale_ref, v, j):
     return
   m = jnp.maximum(jnp.max(jnp.abs(v), axis=1), _SCALED_TINY)  # (t,)
   ref[...] = (v * (_SCALED_TOP / m)[:, None]).astype(ref.dtype)
-  scale_ref[0, :] = m / _SCALED_TOP
+  scale_ref[:, 0] = m / _SCALED_TOP
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -559,9 +559,9 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
   out_shape += [jax.ShapeDtypeStruct((b, l, h // H, n), part_dtype)] * 2
-  if scaled:  # the dB and dC rows' scales, (b, h, l)
-    out_specs += [seq_h, seq_h]
-    out_shape += [jax.ShapeDtypeStruct((b, h, l), jnp.float32)] * 2
+  if scaled:  # the dB and dC rows' scales, (b, l, h), laid out as the partials' rows for the reduction
+    out_specs += [pl.BlockSpec((_SQ, T, H), lambda hb, ci, bi: (bi, ci, hb))] * 2
+    out_shape += [jax.ShapeDtypeStruct((b, l, h), jnp.float32)] * 2
   if meta.has_d:
     out_specs.append(pl.BlockSpec((_SQ, H, _SQ, p), lambda hb, ci, bi: (bi, hb, ci, 0)))  # (b, h, c, p)
     out_shape.append(jax.ShapeDtypeStruct((b, h, nc, p), jnp.float32))
@@ -711,10 +711,10 @@ def _core_bwd(meta, res, cts):
 
 def _sum_partials(part, g):
   """(b, l, g, n) float32: the chunk kernel's (b, l, h', n) dB or dC terms summed over each group's programs; with
-  scaled float16 rows, part = (rows, their (b, h', l) scales)."""
+  scaled float16 rows, part = (rows, their (b, l, h') scales)."""
   if isinstance(part, tuple):
     part, scale = part
-    part = part.astype(jnp.float32) * jnp.swapaxes(scale, 1, 2)[..., None]
+    part = part.astype(jnp.float32) * scale[..., None]
   b, l, hp, n = part.shape
   return part.astype(jnp.float32).reshape(b, l, g, hp // g, n).sum(3)
 
