@@ -4,6 +4,7 @@
 #   STEP=vars    trace_scans.py over VARIANTS (JSON SSDConfig overrides): gradients' errors against float32 XLA at
 #                ERR_LENS, then stream times at TIME_LENS, and per-kernel times at TRACE_LENS.
 #   STEP=ssd     bench_scans.py's SSD table (the defaults).
+#   STEP=xla64   the same at 64K only, with the XLA fallback's forward+backward timed (the 5x goal).
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
@@ -34,6 +35,11 @@ ssd)
   GIT_COMMIT=$commit timeout ${SSD_S:-300} python benchmarks/bench_scans.py --ops ssd \
     --lens ${SSD_LENS:-2048,8192,32768,65536} --no-xla-bwd-above 0 --official-json benchmarks/results/official_h200.json \
     --out $OUT/scans_ssd.md 2>&1 | grep --line-buffered -v Warning | tee $OUT/scans_ssd.log | grep -v '^{'
+  ;;
+xla64)
+  GIT_COMMIT=$commit timeout ${XLA_S:-200} python benchmarks/bench_scans.py --ops ssd --lens 65536 --check-len 0 \
+    --no-xla-bwd-above 65536 --official-json benchmarks/results/official_h200.json --out $OUT/scans_xla64.md 2>&1 \
+    | grep --line-buffered -v Warning | tee $OUT/scans_xla64.log | grep -v '^{'
   ;;
 esac
 done

@@ -92,12 +92,20 @@ def test_forward_bf16_inputs():
 BWD_SEGMENTS = {
   "many": CFG,
   "few": pt.SSDConfig(block_t=32, block_t_bwd=16, target_programs=8, target_programs_bwd=8, heads_per_program_bwd=2),
+  # States and adjoints held transposed, (n, p), as when the Mosaic GPU forward stores them.
+  "transposed": dataclasses.replace(CFG, transposed_states=True),
 }
 
 
 @pytest.mark.parametrize(
   "name,bwd",
-  [("all", "many"), ("all", "few"), ("no_z", "few"), pytest.param("D_hdim", "many", marks=pytest.mark.slow)],
+  [
+    ("all", "many"),
+    ("all", "few"),
+    ("no_z", "few"),
+    ("all", "transposed"),
+    pytest.param("D_hdim", "many", marks=pytest.mark.slow),
+  ],
 )
 def test_gradients_match_reference(name, bwd):
   inp, kw = _case(name, seed=1)

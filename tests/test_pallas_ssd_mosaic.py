@@ -97,32 +97,37 @@ def test_matches_reference_on_gpu(stages, with_z):
   assert rel_err(y, y_ref) < max(2 * err_tri, 1e-2)
 
 
-def _ssd_kw(lowering):
-  return dict(dt_softplus=True, config=pt.SSDConfig(block_t=64, target_programs=8, fwd_main_lowering=lowering))
+def _ssd_kw(lowering, **cfg):
+  return dict(dt_softplus=True, config=pt.SSDConfig(block_t=64, target_programs=8, fwd_main_lowering=lowering, **cfg))
 
 
-def _mosaic_calls(fn, *args):
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  return sum("stablehlo.custom_call @mosaic_gpu" in ln for ln in text.splitlines())
+def _calls(fn, *args):
+  """(Mosaic GPU calls, Triton calls) in jit(fn)'s CUDA lowering."""
+  lines = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text().splitlines()
+  return sum("stablehlo.custom_call @mosaic_gpu" in ln for ln in lines), sum("xla.gpu.triton" in ln for ln in lines)
 
 
-def test_ssd_pallas_runs_mosaic_main_kernel_only_for_the_plain_forward():
-  """With the Mosaic GPU kernels chosen: the plain forward lowers to both; the forward under jax.vjp runs only the
-  segment-state kernel in Mosaic GPU (its main kernel stores states, which only the Triton kernel does), and the
-  backward none."""
+@pytest.mark.parametrize("vjp_in_mosaic", [True, False])
+def test_ssd_pallas_kernels_per_lowering(vjp_in_mosaic):
+  """With the Mosaic GPU kernels chosen: the plain forward lowers to both; the forward under jax.vjp too (its main
+  kernel storing transposed states), or with `mosaic_vjp_forward=False` only its segment-state kernel (the Triton
+  main kernel stores the states); the backward's three kernels are Triton."""
   inp = _inputs()
-  fwd = lambda i: pt.ssd_pallas(**i, **_ssd_kw("mosaic"))  # noqa: E731
-  assert _mosaic_calls(fwd, inp) == 2  # the segment states and the main kernel
+  kw = _ssd_kw("mosaic", mosaic_vjp_forward=vjp_in_mosaic)
+  fwd = lambda i: pt.ssd_pallas(**i, **kw)  # noqa: E731
+  assert _calls(fwd, inp) == (2, 0)  # the segment states and the main kernel
   grad = jax.grad(lambda i: fwd(i).astype(jnp.float32).sum())
-  assert _mosaic_calls(grad, {k: v for k, v in inp.items()}) == 1
-  assert _mosaic_calls(lambda i: pt.ssd_pallas(**i, **_ssd_kw("triton")), inp) == 0
+  assert _calls(grad, inp) == ((2, 3) if vjp_in_mosaic else (1, 4))
+  assert _calls(lambda i: pt.ssd_pallas(**i, **_ssd_kw("triton")), inp) == (0, 2)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU kernels run only on a GPU")
-def test_gradients_with_mosaic_segment_states_match_triton_on_gpu():
-  """Under jax.vjp the Mosaic GPU segment states feed the Triton forward: gradients equal the all-Triton ones
-  to the bf16 operands' rounding, and both are close to the float64 reference."""
-  inp = _inputs()
+@pytest.mark.parametrize("vjp_in_mosaic,with_z", [(True, True), (True, False), (False, True)])
+def test_gradients_with_mosaic_forward_match_triton_on_gpu(vjp_in_mosaic, with_z):
+  """Under jax.vjp the Mosaic GPU forward stores transposed states for the backward (or its segment states feed the
+  Triton forward): gradients equal the all-Triton ones to the bf16 operands' rounding, and both are close to the
+  float64 reference."""
+  inp = _inputs(with_z=with_z)
   names = [k for k, v in inp.items() if v is not None]
   ct = jax.random.normal(jax.random.PRNGKey(5), inp["x"].shape)
 
@@ -131,8 +136,9 @@ def test_gradients_with_mosaic_segment_states_match_triton_on_gpu():
     return jax.grad(loss, argnums=tuple(range(len(names))))(*args)
 
   args = [inp[k] for k in names]
-  pallas = lambda kind: lambda **i: pt.ssd_pallas(**i, **_ssd_kw(kind)).astype(jnp.float32)  # noqa: E731
-  got, tri = grads(pallas("mosaic"), args, ct), grads(pallas("triton"), args, ct)
+  pallas = lambda kw: lambda **i: pt.ssd_pallas(**i, **kw).astype(jnp.float32)  # noqa: E731
+  got = grads(pallas(_ssd_kw("mosaic", mosaic_vjp_forward=vjp_in_mosaic)), args, ct)
+  tri = grads(pallas(_ssd_kw("triton")), args, ct)
   with float64():
     f64 = [np.asarray(a, np.float64) for a in args]
     ref = grads(lambda **i: ssd_reference(**i, chunk_size=64, dt_softplus=True), f64, np.asarray(ct, np.float64))

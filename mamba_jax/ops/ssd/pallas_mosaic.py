@@ -73,7 +73,9 @@ def _fetch_state_tiles(gmem, smem, bar, slot, bi, hi, gi, t0, T):
   plgpu.copy_gmem_to_smem(bt_g.at[bi, gi, :, pl.ds(t0, T)], bt_s.at[slot], bar.at[slot])
 
 
-def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
+def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z, save_states):
+  """y for one (batch, head, segment) from its incoming state S^T; with `save_states` (under `jax.vjp`) also every
+  chunk-entry state S^T (n, p) in the operands' dtype and, with a gate, the output before it."""
   refs = list(refs)
   x_g, dt_g, cs_g, bt_g, c_g = refs[:5]
   i = 5
@@ -85,8 +87,17 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
     z_g = refs[i]
     i += 1
   s_g, y_g = refs[i], refs[i + 1]
-  scratch = refs[i + 2 :]
+  i += 2
+  st_g = yp_g = None
+  if save_states:
+    st_g = refs[i]
+    i += 1
+    if has_z:
+      yp_g = refs[i]
+      i += 1
+  scratch = refs[i:]
   x_s, z_s = scratch[0], (scratch.pop(1) if has_z else None)
+  yp_s = scratch.pop() if yp_g is not None else None
   bt_s, c_s, dt_s, cs_s, w_s, st_s, y_s, bar = scratch[1:]
 
   hi, si, bi = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("b")
@@ -113,6 +124,8 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
   def body(k, S):
     slot = lax.rem(k, stages)
     t0 = base + k * T
+    if st_g is not None:  # the chunk-entry state, as the products below read it; read before st_s is rewritten
+      plgpu.copy_smem_to_gmem(st_s, st_g.at[bi, hi, si * K + k])
     plgpu.barrier_wait(bar.at[slot])
     c_row = _load(cs_s.at[slot], _ROW)  # (t,)
     c_col = _load(cs_s.at[slot], _COL)  # (u,)
@@ -139,15 +152,22 @@ def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z):
     x = _load(x_s.at[slot], _WG).astype(jnp.float32)  # (t, p)
     if has_d:
       y = y + lax.broadcast_in_dim(Dv, shape_tp, [1]) * x
+    y_pre = y
     if has_z:
       zz = _load(z_s.at[slot], _WG).astype(jnp.float32)
       y = y * zz * jax.nn.sigmoid(zz)
     wgt = jnp.exp(c_end - c_row) * dt_row  # (t,)
     w_s[...] = (x * lax.broadcast_in_dim(wgt, shape_tp, [0])).astype(w_s.dtype)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's y has left y_s
+    # Every copy out has read its shared memory: the previous chunk's y (and pre-gate output) have left y_s (yp_s),
+    # and this chunk's entry state has left st_s, which the update below rewrites.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     y_s[...] = y.astype(y_s.dtype)
+    if yp_s is not None:
+      yp_s[...] = y_pre.astype(yp_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(y_s, y_g.at[bi, pl.ds(t0, T), hi])
+    if yp_s is not None:
+      plgpu.copy_smem_to_gmem(yp_s, yp_g.at[bi, pl.ds(t0, T), hi])
 
     def update(acc):
       plgpu.wgmma(acc, bt_s.at[slot], w_s)
@@ -258,9 +278,11 @@ def segment_states(meta, x, dtp, cs, bt, *, stages=None):
   return call(x, dtp, cs, bt)
 
 
-def fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in, *, stages=None):
+def fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in, *, stages=None, save_states=False):
   """y (b, l, h, p) from the padded, preprocessed inputs of `pallas_triton._fwd_main`, B as `transposed_b(B)`, and
-  S_in (b, h, s, n, p), each segment's incoming state transposed (float32)."""
+  S_in (b, h, s, n, p), each segment's incoming state transposed (float32). With `save_states`, (y, (every
+  chunk-entry state transposed (b, h, c, n, p) in the inputs' dtype, with a gate the output before it (b, l, h, p),
+  else None)), what `pallas_triton._fwd_main` stores for the backward, with the states transposed."""
   b, l, h, p = x.shape
   g, n = bt.shape[1:3]
   T, K = meta.T, meta.K
@@ -279,22 +301,33 @@ def fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in, *, stages=None):
   ]
   if z is not None:
     scratch.insert(1, _tile((stages, T, p), dtype))  # z
+  out_type = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+  if save_states:
+    out_type.append(jax.ShapeDtypeStruct((b, h, meta.S * K, n, p), dtype))
+    if z is not None:
+      out_type.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+      scratch.append(_tile((T, p), dtype))  # the output before the gate
   args = [x, dtp, cs, bt, C]
   if D is not None:
     args.append(D)
   if z is not None:
     args.append(z)
   args.append(S_in.astype(jnp.float32))
-  kernel = functools.partial(_fwd_kernel, T=T, K=K, r=h // g, stages=stages, has_d=D is not None, has_z=z is not None)
+  kernel = functools.partial(
+    _fwd_kernel, T=T, K=K, r=h // g, stages=stages, has_d=D is not None, has_z=z is not None, save_states=save_states
+  )
   call = plgpu.kernel(
     kernel,
-    out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    out_type=out_type if save_states else out_type[0],
     scratch_types=scratch,
     grid=(h, meta.S, b),
     grid_names=("h", "s", "b"),
     compiler_params=plgpu.CompilerParams(approx_math=True, lowering_semantics=_SEMANTICS),
   )
-  return call(*args)
+  outs = call(*args)
+  if not save_states:
+    return outs
+  return outs[0], (outs[1], outs[2] if z is not None else None)
 
 
 __all__ = ["fwd_main", "segment_states", "transposed_b"]

@@ -87,13 +87,20 @@ class SSDConfig:
       (Pallas Mosaic GPU, `pallas_mosaic.py`: 11-15% faster than the Triton main kernel on an H200, round 13 of
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
       units: 64-token chunks, bf16/fp16 inputs, head dim and state multiples of 64; Triton otherwise). The
-      forward under `jax.vjp` and the backward are Triton in every case.
+      backward is Triton in every case; the forward under `jax.vjp` follows `mosaic_vjp_forward`.
     mosaic_stages: shared-memory buffers of chunk tiles in the Mosaic GPU main kernel (1: the fastest on an H200).
     mosaic_segment_states: with the Mosaic GPU main kernel, compute the segments' end states (the forward's first
       launch) in Mosaic GPU too (`pallas_mosaic.segment_states`: one warpgroup matrix product per chunk) instead of
       Triton (1.2-1.8x faster than the Triton kernel at 8K-64K on an H200, round 14 of benchmarks/results/scans.md).
     mosaic_state_stages: shared-memory buffers of chunk tiles in the Mosaic GPU segment-state kernel (2: the
       fastest of 1-3 on an H200).
+    mosaic_vjp_forward: with the Mosaic GPU main kernel (and 64-token backward chunks), run the forward under
+      `jax.vjp` in Mosaic GPU too: it stores the chunk-entry states as it holds them, transposed (n, p), and the
+      backward's kernels then hold states and adjoints transposed (`transposed_states`). Off: the Triton forward
+      stores them (with the Mosaic GPU segment states when `mosaic_segment_states`).
+    transposed_states: the backward's layout of the stored states and of the adjoints, (n, p) instead of (p, n);
+      None: (n, p) exactly when the Mosaic GPU forward stores them. True with the Triton forward runs the same
+      backward kernels in Pallas interpret mode (CPU tests).
     Defaults: the fastest of small sweeps on an H100 (benchmarks/bench_scans.py --tune, benchmarks/profile_ssd_fwd.py;
       benchmarks/results/scans.md).
   """
@@ -112,6 +119,8 @@ class SSDConfig:
   mosaic_stages: int = 1
   mosaic_segment_states: bool = True
   mosaic_state_stages: int = 2
+  mosaic_vjp_forward: bool = True
+  transposed_states: bool | None = None
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -170,13 +179,14 @@ def _fwd_segment_state_kernel(x_ref, dt_ref, cs_ref, b_ref, out_ref, *, T, K, cd
   out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
 
 
-def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, chain):
+def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, chain, tr=False):
   """y for one (batch, head, segment), walking its chunks from the segment's incoming state.
 
   Refs: x (k*T, p), dt (k*T,), cs (k*T,), B (k*T, n), C (k*T, n), [D (p,)], [z (k*T, p)], S0 (p, n) the scan's
   initial state, [when `chain`: S_loc (s, p, n) every segment's end state from a zero start and dec (s,) every
   segment's total decay]
-  -> y (k*T, p), [chunk-entry states (k, p, n) in the dots' operand dtype, [the output before the gate (k*T, p)]].
+  -> y (k*T, p), [chunk-entry states (k, p, n) ((k, n, p) with `tr`) in the dots' operand dtype, [the output
+  before the gate (k*T, p)]].
   The segment's incoming state is chained here from S0 through the segments before it (a few (p, n) steps), so the
   forward needs no XLA scan over segments between its two launches.
   """
@@ -202,7 +212,7 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, chain):
   def body(k, S):
     sl = pl.ds(k * T, T)
     if save_states:
-      st_ref[k] = S.astype(st_ref.dtype)
+      st_ref[k] = (S.T if tr else S).astype(st_ref.dtype)
     xr = x_ref[sl, :]
     x = xr.astype(jnp.float32)  # (t, p)
     dt = dt_ref[sl]  # (t,)
@@ -234,51 +244,52 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, chain):
 # Backward kernels.
 
 
-def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt):
+def _bwd_segment_state_kernel(dy_ref, cs_ref, c_ref, out_ref, *, T, K, cdt, tr):
   """Adjoint state at the start of one segment from a zero adjoint at its end.
 
   Refs: dy (k*T, p) the gradient of the scan output (after the gate's backward), cs (k*T,), C (k*T, n)
-  -> out (p, n) float32.
+  -> out (p, n) float32 ((n, p) with `tr`).
   """
-  p, n = out_ref.shape
 
   def body(i, G):
-    return _adjoint_step(dy_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt)
+    return _adjoint_step(dy_ref, cs_ref, c_ref, K - 1 - i, G, T, cdt, tr)
 
-  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros((p, n), jnp.float32))
+  out_ref[...] = jax.lax.fori_loop(0, K, body, jnp.zeros(out_ref.shape, jnp.float32))
 
 
-def _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt):
-  """The adjoint at chunk k's start from the adjoint G at its end."""
+def _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt, tr):
+  """The adjoint at chunk k's start from the adjoint G (p, n) at its end (G^T (n, p) with `tr`)."""
   sl = pl.ds(k * T, T)
   c = cs_ref[sl]
   dy = jnp.exp(c)[:, None] * dy_ref[sl, :].astype(jnp.float32)
-  return jnp.exp(_last(c, T)) * G + _mm(dy, c_ref[sl, :], ta=True, cdt=cdt)
+  dG = _mm(c_ref[sl, :], dy, ta=True, cdt=cdt) if tr else _mm(dy, c_ref[sl, :], ta=True, cdt=cdt)
+  return jnp.exp(_last(c, T)) * G + dG
 
 
-def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt):
+def _bwd_adjoint_kernel(dy_ref, cs_ref, c_ref, st_ref, g0_ref, g_ref, gs_ref, *, T, K, cdt, tr):
   """The adjoint state at every chunk end of one segment, from the true adjoint at the segment's end.
 
   Refs: dy (k*T, p), cs (k*T,), C (k*T, n), chunk-entry states (k, p, n), adjoint at the segment's end (p, n)
   -> adjoint at each chunk's end (k, p, n) in the states' dtype, and <adjoint at the chunk's end, state at its
-  start> repeated over the chunk's tokens (k*T,) float32.
+  start> repeated over the chunk's tokens (k*T,) float32. With `tr` the states and adjoints are (n, p).
   """
 
   def body(i, G):
     k = K - 1 - i
     g_ref[k] = G.astype(g_ref.dtype)
     gs_ref[pl.ds(k * T, T)] = jnp.full((T,), jnp.sum(G * st_ref[k].astype(jnp.float32)))
-    return _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt)
+    return _adjoint_step(dy_ref, cs_ref, c_ref, k, G, T, cdt, tr)
 
   jax.lax.fori_loop(0, K, body, g0_ref[...])
 
 
-def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
+def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled, tr):
   """All gradients of one chunk of `H` heads of one group, independent of every other chunk.
 
   Refs in: x (t, H, p), dt (H, t), cs (H, t), B (t, n), C (t, n), [D (H, p)], dy (t, H, p) the gradient of the
     scan output (after the gate's backward),
-    chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n), <G, S> (H, t) (constant over t).
+    chunk-entry states S (H, p, n), adjoint at the chunk end G (H, p, n) ((H, n, p) both, with `tr`),
+    <G, S> (H, t) (constant over t).
   Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n) (with `scaled`: float16
     rows, and their float32 scales (t, 1) each), [dD partial (H, p)].
   """
@@ -316,7 +327,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
     edec = jnp.exp(c_end - c)  # (t,)
     cbL = cb * _decay_matrix(c, T)  # (t, u)
     S = st_ref[j]  # (p, n) state entering the chunk, in the dots' operand dtype (only dots read it)
-    y_state = ec[:, None] * _mm(Cm, S, tb=True, cdt=cdt)  # (t, p) the incoming state's part of the scan output
+    y_state = ec[:, None] * _mm(Cm, S, tb=not tr, cdt=cdt)  # (t, p) the incoming state's part of the scan output
     dy = dy_ref[:, j, :].astype(jnp.float32)  # (t, p)
     if has_d:
       Dv = d_ref[j, :][None, :]
@@ -328,7 +339,7 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
     # P[t, u] = (dy_t . dt_u x_u) L[t, u];  W[t, u] = P[t, u] cb[t, u].
     R = _mm(dy, dtx, tb=True, cdt=cdt)  # (t, u)
     P = R * _decay_matrix(c, T)
-    dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, cdt=cdt)  # (t, n)
+    dC = _mm(P, Bm, cdt=cdt) + ec[:, None] * _mm(dy, S, tb=tr, cdt=cdt)  # (t, n)
     _store_partial(dc_ref, dc_scale_ref, dC, j)
     # d/dc_t, arranged so that terms which cancel in exact arithmetic cancel exactly here too (the
     # diagonal of W, and the q terms against <G, S_out>).
@@ -336,9 +347,9 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled):
     # the A and dt_bias gradients then lose an order of magnitude of accuracy.)
     W = R * cbL  # (t, u)
     dcs = dcs + jnp.sum(W, axis=1) - jnp.sum(W, axis=0)
-    dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, cdt=cdt)  # (t, n)
+    dB = _mm(P, Cm, ta=True, cdt=cdt) + edec[:, None] * _mm(dtx, G, tb=tr, cdt=cdt)  # (t, n)
     _store_partial(db_ref, db_scale_ref, dB, j)
-    BG = _mm(Bm, G, tb=True, cdt=cdt)  # (t, p)
+    BG = _mm(Bm, G, tb=not tr, cdt=cdt)  # (t, p)
     q = edec * dt * jnp.sum(x * BG, axis=1)  # (t,)
     dcs_ref[j, :] = dcs - q + jnp.where(last, jnp.exp(c_end) * GS + jnp.sum(q), 0.0)
     dxs = _mm(cbL, dy, ta=True, cdt=cdt) + edec[:, None] * BG  # (t, p)
@@ -391,6 +402,8 @@ class _Meta:
   # The backward: (chunk length, chunk-kernel warps, chunk-kernel stages, adjoint-pass segments, heads per program).
   bwd: tuple[int, int, int, int, int] = (64, 8, 1, 1, 1)
   bwd_partials: str = "float32"  # `SSDConfig.bwd_partials`, "float32" for float32 inputs
+  mosaic_vjp: bool = False  # the forward under `jax.vjp` in Mosaic GPU (it stores transposed states)
+  states_t: bool = False  # stored chunk states and the backward's adjoints transposed, (n, p)
 
   def for_vjp(self) -> "_Meta":
     """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
@@ -419,7 +432,9 @@ def _specs(meta, b, h, p, n):
   init_pn = pl.BlockSpec((_SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, 0, 0))  # (b, h, p, n)
   all_seg_pn = pl.BlockSpec((_SQ, _SQ, meta.S, p, n), lambda hi, si, bi: (bi, hi, 0, 0, 0))  # (b, h, s, p, n)
   all_seg = pl.BlockSpec((_SQ, _SQ, meta.S), lambda hi, si, bi: (bi, hi, 0))  # (b, h, s)
-  chunks_pn = pl.BlockSpec((_SQ, _SQ, meta.K, p, n), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, p, n)
+  st = (n, p) if meta.states_t else (p, n)  # the layout of stored chunk states and of the backward's adjoints
+  seg_st = pl.BlockSpec((_SQ, _SQ, _SQ, *st), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, s, *st)
+  chunks_st = pl.BlockSpec((_SQ, _SQ, meta.K, *st), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, *st)
   return dict(
     seq_hp=seq_hp,
     seq_gn=seq_gn,
@@ -429,7 +444,8 @@ def _specs(meta, b, h, p, n):
     init_pn=init_pn,
     all_seg_pn=all_seg_pn,
     all_seg=all_seg,
-    chunks_pn=chunks_pn,
+    seg_st=seg_st,
+    chunks_st=chunks_st,
   )
 
 
@@ -480,6 +496,7 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states):
     has_z=meta.has_z,
     save_states=save_states,
     chain=chain,
+    tr=meta.states_t,
   )
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_h"], sp["seq_gn"], sp["seq_gn"]]
   args = [x, dtp, cs, B, C]
@@ -497,8 +514,9 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states):
   out_specs = [sp["seq_hp"]]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if save_states:
-    out_specs.append(sp["chunks_pn"])
-    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, p, n), _cdt(x.dtype)))
+    out_specs.append(sp["chunks_st"])
+    st = (n, p) if meta.states_t else (p, n)
+    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, *st), _cdt(x.dtype)))
     if meta.has_z:
       out_specs.append(sp["seq_hp"])
       out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
@@ -509,26 +527,28 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states):
 
 
 def _bwd_segment_states(meta, dy, cs, C, h):
-  """(b, h, s, p, n) float32 adjoint at each segment's start from a zero adjoint at its end."""
+  """(b, h, s, p, n) float32 adjoint at each segment's start from a zero adjoint at its end ((b, h, s, n, p) with
+  `meta.states_t`)."""
   b, _, _, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
+  kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), tr=meta.states_t)
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"]]
-  out_shape = jax.ShapeDtypeStruct((b, h, meta.S, p, n), jnp.float32)
-  return _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_pn"], out_shape, "ssd_bwd_segment_states")(dy, cs, C)
+  out_shape = jax.ShapeDtypeStruct((b, h, meta.S, *((n, p) if meta.states_t else (p, n))), jnp.float32)
+  call = _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_st"], out_shape, "ssd_bwd_segment_states")
+  return call(dy, cs, C)
 
 
 def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
-  """The adjoint at every chunk end (b, h, c, p, n), in the states' dtype, and <it, the chunk-entry state>
-  repeated over each chunk's tokens (b, h, l) float32."""
+  """The adjoint at every chunk end (b, h, c, p, n), in the states' dtype and layout ((b, h, c, n, p) with
+  `meta.states_t`), and <it, the chunk-entry state> repeated over each chunk's tokens (b, h, l) float32."""
   b, l, h, p = dy.shape
   n = C.shape[-1]
   sp = _specs(meta, b, h, p, n)
-  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype))
-  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_pn"], sp["seg_pn"]]
+  kernel = functools.partial(_bwd_adjoint_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), tr=meta.states_t)
+  in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"], sp["chunks_st"], sp["seg_st"]]
   out_shape = [jax.ShapeDtypeStruct(states.shape, states.dtype), jax.ShapeDtypeStruct((b, h, l), jnp.float32)]
-  out_specs = [sp["chunks_pn"], sp["seq_h"]]
+  out_specs = [sp["chunks_st"], sp["seq_h"]]
   call = _call(kernel, meta, (h, meta.S, b), in_specs, out_specs, out_shape, "ssd_bwd_adjoints")
   return call(dy, cs, C, states, G_seg)
 
@@ -543,17 +563,20 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   seq_hp = pl.BlockSpec((_SQ, T, H, p), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h, p)
   seq_gn = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb * H // r, 0))  # (b, l, g, n)
   seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
-  chunk_pn = pl.BlockSpec((_SQ, H, _SQ, p, n), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, p, n)
+  st = (n, p) if meta.states_t else (p, n)
+  chunk_st = pl.BlockSpec((_SQ, H, _SQ, *st), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, *st)
   sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
   scaled = meta.bwd_partials == "scaled_fp16"
   part_dtype = {"float32": jnp.float32, "scaled_fp16": jnp.float16, "input": x.dtype}[meta.bwd_partials]
-  kernel = functools.partial(_bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d, scaled=scaled)
+  kernel = functools.partial(
+    _bwd_chunk_kernel, T=T, H=H, cdt=_cdt(x.dtype), has_d=meta.has_d, scaled=scaled, tr=meta.states_t
+  )
   in_specs = [seq_hp, seq_h, seq_h, seq_gn, seq_gn]
   args = [x, dtp, cs, B, C]
   if meta.has_d:
     in_specs.append(pl.BlockSpec((H, p), lambda hb, ci, bi: (hb, 0)))
     args.append(D)
-  in_specs += [seq_hp, chunk_pn, chunk_pn, seq_h]
+  in_specs += [seq_hp, chunk_st, chunk_st, seq_h]
   args += [dy, states, G, GS]
   out_specs = [seq_hp, seq_h, seq_h, sum_n, sum_n]
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
@@ -620,7 +643,7 @@ def _over_segments(S0, S_loc, dec, reverse=False):
 
 def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
   dec = _segment_decay(meta, cs)
-  if meta.mosaic_fwd and not save_states:
+  if meta.mosaic_fwd and (meta.mosaic_vjp or not save_states):
     from mamba_jax.ops.ssd import pallas_mosaic  # noqa: PLC0415 (Mosaic GPU is loaded only where it runs)
 
     bt = pallas_mosaic.transposed_b(B)  # (b, g, n, l)
@@ -634,6 +657,9 @@ def _core_fwd_impl(meta, x, dtp, cs, B, C, D, z, S0, save_states):
         S_loc_t = jnp.swapaxes(_fwd_segment_states(meta, x, dtp, cs, B), -1, -2)
       S_in_t, S_fin_t = _over_segments(S0_t, S_loc_t, dec)
       S_fin = jnp.swapaxes(S_fin_t, -1, -2)
+    if save_states:  # under `jax.vjp`: the chunk-entry states come out transposed (meta.states_t)
+      y, states = pallas_mosaic.fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in_t, save_states=True)
+      return y, S_fin, states
     return pallas_mosaic.fwd_main(meta, x, dtp, cs, bt, C, D, z, S_in_t), S_fin, None
   if meta.S > 1:
     if meta.mosaic_states and meta.T == 64:  # under `jax.vjp`: the Mosaic GPU segment states feed the Triton kernel
@@ -697,7 +723,10 @@ def _core_bwd(meta, res, cts):
   # Adjoint passes: local adjoints at the segment starts, the segment ends' true adjoints by a short scan over
   # segments, then the true adjoint at every chunk end.
   G_loc = _bwd_segment_states(meta, dy, cs, C, h)
-  G_seg, G0 = _over_segments(dS_fin.astype(jnp.float32), G_loc, _segment_decay(meta, cs), reverse=True)
+  dS_fin = dS_fin.astype(jnp.float32)
+  G_seg, G0 = _over_segments(jnp.swapaxes(dS_fin, -1, -2) if meta.states_t else dS_fin, G_loc,
+                             _segment_decay(meta, cs), reverse=True)  # fmt: skip
+  G0 = jnp.swapaxes(G0, -1, -2) if meta.states_t else G0
   G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
   dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
   dB = _sum_partials(dBh, g).astype(B.dtype)
@@ -803,10 +832,17 @@ def _make_meta(
   S_bwd = _bwd_segments(S * K * T // T_bwd, b, h, cfg.target_programs_bwd, S)
   H = _heads_per_program(h // g, cfg.heads_per_program_bwd)
   bwd = (T_bwd, cfg.num_warps_bwd, cfg.num_stages_bwd, S_bwd, H)
+  mosaic_vjp = mosaic_fwd and cfg.mosaic_vjp_forward and T_bwd == 64
+  if mosaic_vjp and cfg.transposed_states is False:
+    raise ValueError(
+      "the Mosaic GPU forward stores transposed states: set transposed_states=None (or True), or "
+      "mosaic_vjp_forward=False for the Triton forward"
+    )
   return _Meta(
     T, K, S, g, has_d, has_z, cfg.num_warps, cfg.num_stages, interpret, mosaic_fwd, cfg.mosaic_stages,
     mosaic_fwd and cfg.mosaic_segment_states, cfg.mosaic_state_stages, bwd=bwd,
-    bwd_partials=_bwd_partials(cfg, dtype, H),
+    bwd_partials=_bwd_partials(cfg, dtype, H), mosaic_vjp=mosaic_vjp,
+    states_t=mosaic_vjp or bool(cfg.transposed_states),
   )  # fmt: skip
 
 
