@@ -5,6 +5,7 @@
 #                ERR_LENS, then stream times at TIME_LENS, and per-kernel times at TRACE_LENS.
 #   STEP=ssd     bench_scans.py's SSD table (the defaults).
 #   STEP=xla64   the same at 64K only, with the XLA fallback's forward+backward timed (the 5x goal).
+#   STEP=cal     bench_calibrate.py for CAL_MODELS (mamba2-1.3b) at each of CAL_LENS (8192), one process each.
 # STEPS may name several, run in order.
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
@@ -40,6 +41,12 @@ xla64)
   GIT_COMMIT=$commit timeout ${XLA_S:-200} python benchmarks/bench_scans.py --ops ssd --lens 65536 --check-len 0 \
     --no-xla-bwd-above 65536 --official-json benchmarks/results/official_h200.json --out $OUT/scans_xla64.md 2>&1 \
     | grep --line-buffered -v Warning | tee $OUT/scans_xla64.log | grep -v '^{'
+  ;;
+cal)
+  for l in ${CAL_LENS:-8192}; do
+    timeout ${CAL_S:-220} python benchmarks/bench_calibrate.py --lengths $l --iters ${CAL_ITERS:-5} \
+      --models ${CAL_MODELS:-mamba2-1.3b} --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+  done
   ;;
 esac
 done
