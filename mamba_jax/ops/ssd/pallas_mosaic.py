@@ -18,6 +18,9 @@ it take it as is):
 while the next chunks' tiles arrive by TMA into a ring of `stages` buffers. The state is kept transposed, (n, p),
 so that the third product's accumulator is the next chunk's right operand without a transpose. One stage (no
 prefetch beyond the current chunk's copies) measured faster than two (scans.md round 13), so it is the default.
+Under `jax.vjp` (`save_states`) it also copies each chunk-entry state out of shared memory, transposed as it holds
+it, and with a gate the output before the gate, for the backward (scans.md round 15: the 64K forward+backward
+8.00 -> 7.59 ms against the Triton forward storing them).
 
 Segment-state kernel (`segment_states`): each segment's end state from a zero start, the last product above alone,
 given transposed, (n, p), as the main kernel takes its incoming states (the XLA scan over segments between the two
@@ -25,11 +28,11 @@ launches is elementwise, so it needs no transpose either). It waits on its copie
 stages (the next chunk's tiles in flight) are its default: 1.2-1.8x faster than the Triton kernel on an H200, one and
 three stages slower (scans.md round 14).
 
-`pallas_triton.ssd_pallas` runs them for the plain forward (outside `jax.vjp`) on Hopper GPUs
-(`SSDConfig.fwd_main_lowering`, `SSDConfig.mosaic_segment_states`); the forward under `jax.vjp` and the backward
-stay Triton. CI cannot run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed
-refs), so the CPU tests lower them for CUDA (the Pallas-to-Mosaic lowering, with its shape and layout checks) and
-the GPU tests compare them with the Triton kernels and float64 references.
+`pallas_triton.ssd_pallas` runs them for the forward on Hopper GPUs, under `jax.vjp` too
+(`SSDConfig.fwd_main_lowering`, `mosaic_segment_states`, `mosaic_vjp_forward`); the backward stays Triton. CI
+cannot run Mosaic GPU kernels (the GPU interpreter of jax 0.10 lacks layout casts and transposed refs), so the CPU
+tests lower them for CUDA (the Pallas-to-Mosaic lowering, with its shape and layout checks) and the GPU tests
+compare them with the Triton kernels and float64 references.
 """
 
 import functools

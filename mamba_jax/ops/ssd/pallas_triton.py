@@ -28,16 +28,22 @@ Design (see benchmarks/results/scans.md for measurements):
     its H heads, and dD per chunk; it reads the stored states and adjoints only as dot operands.
     Thousands of independent programs hide the latency of the small matrix products that bound the earlier
     design (one program per segment walking its chunks backwards: 2-3x slower on an H100). The heads' dB/dC and
-    dD partial sums are finished in XLA; dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA
-    (they are cheap elementwise/scan ops on (b, h, l) float32 arrays).
-  * Triton and Mosaic GPU, chosen by measurement (benchmarks/results/scans.md, rounds 13-14, H200): the plain
+    dD partial sums are finished in XLA; with half-precision inputs the dB/dC terms are float16 rows with a
+    float32 scale each (`SSDConfig.bwd_partials`: half the bytes of float32, rounding within 2^-12 of each row's
+    largest term; the 64K forward+backward 8.61 -> 8.01 ms on an H200, dB/dC error +0.2%, scans.md round 15).
+    dt_bias/softplus/clamp, A and the cumsum are differentiated by XLA (they are cheap elementwise/scan ops on
+    (b, h, l) float32 arrays).
+  * Triton and Mosaic GPU, chosen by measurement (benchmarks/results/scans.md, rounds 13-15, H200): the
     forward's two kernels also exist in Mosaic GPU (`pallas_mosaic.py`, TMA rings and warpgroup matrix products):
     the main kernel 11-18% and the segment-state kernel 1.2-1.8x faster than this file's at 8K-64K tokens, the
     whole forward 0.214 / 0.690 / 1.307 ms against 0.250 / 0.858 / 1.509 all-Triton (stream), so on a Hopper GPU
-    they are the default (`SSDConfig.fwd_main_lowering`, `mosaic_segment_states`). The other kernels stay Triton:
-    they run in Pallas interpret mode on the CPU (CI tests them there; the GPU interpreter of jax 0.10 cannot run
-    Mosaic GPU kernels with layouts), and the backward's chunk kernel, the one that bounds it (3.7 of 8.6 ms at
-    64K, round 14), has nine small products and was not ported (time).
+    they are the default (`SSDConfig.fwd_main_lowering`, `mosaic_segment_states`), under `jax.vjp` too
+    (`mosaic_vjp_forward`: the Mosaic GPU main kernel copies out the chunk-entry states as it holds them,
+    transposed, and the backward's kernels take them so, `transposed_states`; 64K forward+backward 8.00 -> 7.59
+    ms, round 15). The backward's kernels stay Triton: they run in Pallas interpret mode on the CPU (CI tests
+    them there; the GPU interpreter of jax 0.10 cannot run Mosaic GPU kernels with layouts), and the chunk
+    kernel, the one that bounds it (3.5 of 7.6 ms at 64K, round 15), has nine small products and was not ported
+    (time).
   * 64-bit safety: every BlockSpec block starts at a per-dimension block index (no flattened offsets in
     our code), and the Pallas Triton lowering switches pointer offsets to int64 for arrays above 4 GiB;
     in-kernel `pl.ds` starts stay below the segment length.
