@@ -269,7 +269,7 @@ def test_scaled_partials_keep_float32_range_and_12_bits(magnitude):
   assert float(jnp.min(scale.a)) >= 2.0**-126  # normal
 
 
-@pytest.mark.parametrize("partials", ["scaled_fp16", "input"])
+@pytest.mark.parametrize("partials", ["scaled_fp16", pytest.param("input", marks=pytest.mark.slow)])
 def test_half_precision_partials_change_only_dB_dC(partials):
   """bf16 inputs: storing the chunk kernel's dB/dC terms in 16 bits leaves every other gradient bit-identical and
   keeps dB and dC as close to float64 as float32 terms do (scaled), or within bf16's accuracy (plain bf16)."""

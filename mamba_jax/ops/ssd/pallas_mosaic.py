@@ -44,6 +44,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from mamba_jax.ops._kernel_refs import split_refs
+
 _WG = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a (t,) vector along the rows of a (t, .) accumulator
 _COL = plgpu.Layout.WGMMA.reduce(0)  # a (u,) vector along the columns
@@ -79,29 +81,11 @@ def _fetch_state_tiles(gmem, smem, bar, slot, bi, hi, gi, t0, T):
 def _fwd_kernel(*refs, T, K, r, stages, has_d, has_z, save_states):
   """y for one (batch, head, segment) from its incoming state S^T; with `save_states` (under `jax.vjp`) also every
   chunk-entry state S^T (n, p) in the operands' dtype and, with a gate, the output before it."""
-  refs = list(refs)
-  x_g, dt_g, cs_g, bt_g, c_g = refs[:5]
-  i = 5
-  d_g = z_g = None
-  if has_d:
-    d_g = refs[i]
-    i += 1
-  if has_z:
-    z_g = refs[i]
-    i += 1
-  s_g, y_g = refs[i], refs[i + 1]
-  i += 2
-  st_g = yp_g = None
-  if save_states:
-    st_g = refs[i]
-    i += 1
-    if has_z:
-      yp_g = refs[i]
-      i += 1
-  scratch = refs[i:]
-  x_s, z_s = scratch[0], (scratch.pop(1) if has_z else None)
-  yp_s = scratch.pop() if yp_g is not None else None
-  bt_s, c_s, dt_s, cs_s, w_s, st_s, y_s, bar = scratch[1:]
+  yp = save_states and has_z
+  named, scratch = split_refs(refs, *[True] * 5, has_d, has_z, True, True, save_states, yp)
+  x_g, dt_g, cs_g, bt_g, c_g, d_g, z_g, s_g, y_g, st_g, yp_g = named
+  # Scratch, in `fwd_main`'s order: x, [z], B^T, C, dt, cs, w, S^T, y, the barriers, [the pre-gate output].
+  (x_s, z_s, bt_s, c_s, dt_s, cs_s, w_s, st_s, y_s, bar, yp_s), _ = split_refs(scratch, True, has_z, *[True] * 8, yp)
 
   hi, si, bi = lax.axis_index("h"), lax.axis_index("s"), lax.axis_index("b")
   gi = hi // r

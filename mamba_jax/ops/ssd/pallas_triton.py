@@ -59,6 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import process_dt
+from mamba_jax.ops._kernel_refs import split_refs
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 
@@ -196,24 +197,8 @@ def _fwd_kernel(*refs, T, K, cdt, has_d, has_z, save_states, chain, tr=False):
   The segment's incoming state is chained here from S0 through the segments before it (a few (p, n) steps), so the
   forward needs no XLA scan over segments between its two launches.
   """
-  refs = list(refs)
-  x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
-  i = 5
-  d_ref = z_ref = None
-  if has_d:
-    d_ref = refs[i]
-    i += 1
-  if has_z:
-    z_ref = refs[i]
-    i += 1
-  s0_ref = refs[i]
-  i += 1
-  if chain:
-    sloc_ref, dec_ref = refs[i], refs[i + 1]
-    i += 2
-  y_ref = refs[i]
-  st_ref = refs[i + 1] if save_states else None
-  yp_ref = refs[i + 2] if save_states and has_z else None
+  named, _ = split_refs(refs, *[True] * 5, has_d, has_z, True, chain, chain, True, save_states, save_states and has_z)
+  x_ref, dt_ref, cs_ref, b_ref, c_ref, d_ref, z_ref, s0_ref, sloc_ref, dec_ref, y_ref, st_ref, yp_ref = named
 
   def body(k, S):
     sl = pl.ds(k * T, T)
@@ -299,23 +284,9 @@ def _bwd_chunk_kernel(*refs, T, H, cdt, has_d, scaled, tr):
   Refs out: dx (t, H, p), ddt (H, t), dcs (H, t), dB and dC summed over the H heads (t, n) (with `scaled`: float16
     rows, and their float32 scales (t, 1) each), [dD partial (H, p)].
   """
-  refs = list(refs)
-  x_ref, dt_ref, cs_ref, b_ref, c_ref = refs[:5]
-  i = 5
-  d_ref = dd_ref = None
-  if has_d:
-    d_ref = refs[i]
-    i += 1
-  dy_ref, st_ref, g_ref, gs_ref, dx_ref = refs[i : i + 5]
-  i += 5
-  ddt_ref, dcs_ref, db_ref, dc_ref = refs[i : i + 4]
-  i += 4
-  db_scale_ref = dc_scale_ref = None
-  if scaled:
-    db_scale_ref, dc_scale_ref = refs[i : i + 2]
-    i += 2
-  if has_d:
-    dd_ref = refs[i]
+  named, _ = split_refs(refs, *[True] * 5, has_d, *[True] * 9, scaled, scaled, has_d)
+  x_ref, dt_ref, cs_ref, b_ref, c_ref, d_ref, dy_ref, st_ref, g_ref, gs_ref, dx_ref = named[:11]
+  ddt_ref, dcs_ref, db_ref, dc_ref, db_scale_ref, dc_scale_ref, dd_ref = named[11:]
   last = jax.lax.broadcasted_iota(jnp.int32, (T,), 0) == T - 1
   Bm = b_ref[...]  # (t, n)
   Cm = c_ref[...]  # (t, n)
