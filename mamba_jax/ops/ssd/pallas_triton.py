@@ -85,12 +85,13 @@ class SSDConfig:
       "float32"; "scaled_fp16", float16 rows scaled so that each (token, head) row's largest magnitude is
       2^14, with the float32 scale stored beside them (rounding within 2^-12 of the row's largest term, 8x
       finer than bf16; float32's range); or "input", the inputs' dtype (a plain rounding of every per-head
-      term). Both halve the partials' bytes, written by the kernel and read by the reduction. "scaled_fp16" needs
+      term; with fp16 inputs also fp16's range, so large or tiny terms overflow or flush). Both halve the
+      partials' bytes, written by the kernel and read by the reduction. "scaled_fp16" needs
       heads_per_program_bwd = 1; "auto" is "scaled_fp16" there and "float32" otherwise (round 15 of
       benchmarks/results/scans.md: on an H200 it took the 64K-token forward+backward from 8.605 to ~8.0 ms and
       the dB/dC errors against float32 XLA from 3.308e-3 to 3.315e-3; "input" was faster still, but raised them
       to 3.70e-3).
-    fwd_main_lowering: the lowering of the plain forward's main kernel (outside `jax.vjp`): "triton", "mosaic"
+    fwd_main_lowering: the lowering of the forward's main kernel: "triton", "mosaic"
       (Pallas Mosaic GPU, `pallas_mosaic.py`: 11-15% faster than the Triton main kernel on an H200, round 13 of
       benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU where the shapes suit its matrix
       units: 64-token chunks, bf16/fp16 inputs, head dim and state multiples of 64; Triton otherwise). The
