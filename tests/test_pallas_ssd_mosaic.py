@@ -98,7 +98,8 @@ def test_matches_reference_on_gpu(stages, with_z):
 
 
 def _ssd_kw(lowering, **cfg):
-  return dict(dt_softplus=True, config=pt.SSDConfig(block_t=64, target_programs=8, fwd_main_lowering=lowering, **cfg))
+  cfg = dict(dict(block_t=64, target_programs=8), **cfg)
+  return dict(dt_softplus=True, config=pt.SSDConfig(fwd_main_lowering=lowering, **cfg))
 
 
 def _calls(fn, *args):
@@ -119,6 +120,18 @@ def test_ssd_pallas_kernels_per_lowering(vjp_in_mosaic):
   grad = jax.grad(lambda i: fwd(i).astype(jnp.float32).sum())
   assert _calls(grad, inp) == ((2, 3) if vjp_in_mosaic else (1, 4))
   assert _calls(lambda i: pt.ssd_pallas(**i, **_ssd_kw("triton")), inp) == (0, 2)
+
+
+def test_one_segment_lowers_under_grad():
+  """One segment (b * h programs already fill the GPU): no segment-state kernel, and the forward under jax.vjp is the
+  Mosaic GPU main kernel alone, storing states from the initial state."""
+  inp = _inputs()
+  kw = _ssd_kw("mosaic", target_programs=1)
+  assert pt._make_meta(kw["config"], 1, 300, 4, 2, True, True, False).S == 1
+  fwd = lambda i: pt.ssd_pallas(**i, **kw)  # noqa: E731
+  assert _calls(fwd, inp)[0] == 1
+  mosaic, triton = _calls(jax.grad(lambda i: fwd(i).astype(jnp.float32).sum()), inp)
+  assert mosaic == 1 and triton >= 3  # the backward's three kernels (and the final state's, if XLA keeps it)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="Mosaic GPU kernels run only on a GPU")
