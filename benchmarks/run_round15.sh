@@ -6,7 +6,8 @@
 #   STEP=ssd     bench_scans.py's SSD table (the defaults).
 #   STEP=xla64   the same at 64K only, with the XLA fallback's forward+backward timed (the 5x goal).
 #   STEP=cal     bench_calibrate.py for CAL_MODELS (mamba2-1.3b) at each of CAL_LENS (8192), one process each.
-# STEPS may name several, run in order.
+# STEPS may name several, run in order. The device's copy of the tree keeps its base commit's git metadata, so pass the
+# commit that runs: GIT_COMMIT=$(git rev-parse --short HEAD) STEPS=... bash benchmarks/run_round15.sh
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
 commit=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
