@@ -24,7 +24,7 @@ def main():
   print(jax.devices()[0].device_kind, "tokens", l, flush=True)
 
   def prep(cfg, with_z):
-    meta = pt._make_meta(cfg, b, l, h, g, True, with_z, False)  # l is a multiple of the chunk: no padding
+    meta = pt._make_meta(cfg, b, l, h, g, True, with_z, False, dtype=x.dtype)  # l: a multiple of the chunk
     dtp = jnp.swapaxes(jax.nn.softplus(dt + dt_bias).astype(jnp.float32), 1, 2)
     da = dtp * A[None, :, None]
     Dp = jnp.broadcast_to(D[:, None], (h, p)).astype(jnp.float32)

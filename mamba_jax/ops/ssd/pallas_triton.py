@@ -383,6 +383,10 @@ class _Meta:
   mosaic_vjp: bool = False  # the forward under `jax.vjp` in Mosaic GPU (it stores transposed states)
   states_t: bool = False  # stored chunk states and the backward's adjoints transposed, (n, p)
 
+  def state_dims(self, p: int, n: int) -> tuple[int, int]:
+    """The trailing dims of stored chunk states and of the backward's adjoints: (p, n), or (n, p) transposed."""
+    return (n, p) if self.states_t else (p, n)
+
   def for_vjp(self) -> "_Meta":
     """The forward under `jax.vjp`: the same segments cut into the backward's chunks."""
     t = self.bwd[0]
@@ -410,7 +414,7 @@ def _specs(meta, b, h, p, n):
   init_pn = pl.BlockSpec((_SQ, _SQ, p, n), lambda hi, si, bi: (bi, hi, 0, 0))  # (b, h, p, n)
   all_seg_pn = pl.BlockSpec((_SQ, _SQ, meta.S, p, n), lambda hi, si, bi: (bi, hi, 0, 0, 0))  # (b, h, s, p, n)
   all_seg = pl.BlockSpec((_SQ, _SQ, meta.S), lambda hi, si, bi: (bi, hi, 0))  # (b, h, s)
-  st = (n, p) if meta.states_t else (p, n)  # the layout of stored chunk states and of the backward's adjoints
+  st = meta.state_dims(p, n)
   seg_st = pl.BlockSpec((_SQ, _SQ, _SQ, *st), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, s, *st)
   chunks_st = pl.BlockSpec((_SQ, _SQ, meta.K, *st), lambda hi, si, bi: (bi, hi, si, 0, 0))  # (b, h, c, *st)
   return dict(
@@ -493,8 +497,7 @@ def _fwd_main(meta, x, dtp, cs, B, C, D, z, S0, S_loc, dec, save_states):
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
   if save_states:
     out_specs.append(sp["chunks_st"])
-    st = (n, p) if meta.states_t else (p, n)
-    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, *st), _cdt(x.dtype)))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, meta.S * meta.K, *meta.state_dims(p, n)), _cdt(x.dtype)))
     if meta.has_z:
       out_specs.append(sp["seq_hp"])
       out_shape.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
@@ -512,7 +515,7 @@ def _bwd_segment_states(meta, dy, cs, C, h):
   sp = _specs(meta, b, h, p, n)
   kernel = functools.partial(_bwd_segment_state_kernel, T=meta.T, K=meta.K, cdt=_cdt(dy.dtype), tr=meta.states_t)
   in_specs = [sp["seq_hp"], sp["seq_h"], sp["seq_gn"]]
-  out_shape = jax.ShapeDtypeStruct((b, h, meta.S, *((n, p) if meta.states_t else (p, n))), jnp.float32)
+  out_shape = jax.ShapeDtypeStruct((b, h, meta.S, *meta.state_dims(p, n)), jnp.float32)
   call = _call(kernel, meta, (h, meta.S, b), in_specs, sp["seg_st"], out_shape, "ssd_bwd_segment_states")
   return call(dy, cs, C)
 
@@ -532,7 +535,8 @@ def _bwd_adjoints(meta, dy, cs, C, states, G_seg):
 
 
 def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
-  """All gradients, one program per (H heads, chunk, batch); dB and dC summed over each program's heads."""
+  """All gradients, one program per (H heads, chunk, batch): dx, ddt, dcs, then dB and dC each as (its terms summed
+  over each program's heads, their scales or None; `_sum_partials` finishes them), and dD's partial sums."""
   b, l, h, p = x.shape
   n = B.shape[-1]
   T, H = meta.T, meta.bwd[4]
@@ -541,8 +545,7 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   seq_hp = pl.BlockSpec((_SQ, T, H, p), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h, p)
   seq_gn = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb * H // r, 0))  # (b, l, g, n)
   seq_h = pl.BlockSpec((_SQ, H, T), lambda hb, ci, bi: (bi, hb, ci))  # (b, h, l)
-  st = (n, p) if meta.states_t else (p, n)
-  chunk_st = pl.BlockSpec((_SQ, H, _SQ, *st), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, *st)
+  chunk_st = pl.BlockSpec((_SQ, H, _SQ, *meta.state_dims(p, n)), lambda hb, ci, bi: (bi, hb, ci, 0, 0))  # (b, h, c, .)
   sum_n = pl.BlockSpec((_SQ, T, _SQ, n), lambda hb, ci, bi: (bi, ci, hb, 0))  # (b, l, h // H, n)
   scaled = meta.bwd_partials == "scaled_fp16"
   part_dtype = {"float32": jnp.float32, "scaled_fp16": jnp.float16, "input": x.dtype}[meta.bwd_partials]
@@ -570,9 +573,8 @@ def _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS):
   call = _call(kernel, meta, (h // H, nc, b), in_specs, out_specs, out_shape, "ssd_bwd", num_warps=w, num_stages=st)
   outs = list(call(*args))
   dx, ddt, dcs, dB, dC = outs[:5]
-  if scaled:
-    dB, dC = (dB, outs[5]), (dC, outs[6])
-  return dx, ddt, dcs, dB, dC, outs[-1] if meta.has_d else None  # dB, dC: partials or (partials, scales)
+  scales = outs[5:7] if scaled else (None, None)
+  return dx, ddt, dcs, (dB, scales[0]), (dC, scales[1]), outs[-1] if meta.has_d else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -707,8 +709,8 @@ def _core_bwd(meta, res, cts):
   G0 = jnp.swapaxes(G0, -1, -2) if meta.states_t else G0
   G, GS = _bwd_adjoints(meta, dy, cs, C, states, G_seg)
   dx, ddt, dcs, dBh, dCh, dD = _bwd_chunks(meta, x, dtp, cs, B, C, D, dy, states, G, GS)
-  dB = _sum_partials(dBh, g).astype(B.dtype)
-  dC = _sum_partials(dCh, g).astype(C.dtype)
+  dB = _sum_partials(*dBh, g).astype(B.dtype)
+  dC = _sum_partials(*dCh, g).astype(C.dtype)
   if meta.has_d:
     dD = dD.sum((0, 2)).astype(D.dtype)
   # cs = chunk-local cumsum of da, so d(da)_j = sum over t >= j in j's chunk of d(cs)_t.
@@ -716,14 +718,14 @@ def _core_bwd(meta, res, cts):
   return dx, ddt, dda, dB, dC, dD, dz, G0
 
 
-def _sum_partials(part, g):
-  """(b, l, g, n) float32: the chunk kernel's (b, l, h', n) dB or dC terms summed over each group's programs; with
-  scaled float16 rows, part = (rows, their (b, l, h') scales)."""
-  if isinstance(part, tuple):
-    part, scale = part
-    part = part.astype(jnp.float32) * scale[..., None]
+def _sum_partials(part, scale, g):
+  """(b, l, g, n) float32: the chunk kernel's (b, l, h', n) dB or dC terms summed over each group's programs, each
+  row times its (b, l, h') scale when the terms are scaled float16 rows (scale None otherwise)."""
+  part = part.astype(jnp.float32)
+  if scale is not None:
+    part = part * scale[..., None]
   b, l, hp, n = part.shape
-  return part.astype(jnp.float32).reshape(b, l, g, hp // g, n).sum(3)
+  return part.reshape(b, l, g, hp // g, n).sum(3)
 
 
 # optimize_remat: under `jax.checkpoint` the forward pass, whose residuals are dropped, runs the plain forward and
