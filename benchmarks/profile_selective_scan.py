@@ -16,6 +16,7 @@ import importlib
 import json
 
 import jax
+import jax.numpy as jnp
 
 from benchmarks.bench_scans import _rel, _safe, _time, _time_stream, fwd_bwd, make_ss, ss_inputs
 from benchmarks.profile_model import log_kernels
@@ -34,11 +35,13 @@ def main():
   ap.add_argument("--ncu", action="store_true", help="run each variant once (for Nsight Compute), no timing")
   ap.add_argument("--check", action="store_true", help="check each forward variant against float32 XLA first")
   ap.add_argument("--trace", action="store_true", help="also print each variant's GPU time per kernel (profiler)")
+  ap.add_argument("--batch", type=int, default=1, help="batch size (the inputs repeated; SPSA's pair is 2)")
   a = ap.parse_args()
   log = lambda s: print(s, flush=True)
   log(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
   for l in [int(x) for x in a.lens.split(",")]:
     args = ss_inputs(l, jax.random.PRNGKey(2))
+    args = tuple(jnp.tile(x, (a.batch, 1, 1)) if x.ndim == 3 else x for x in args)
     ref = None
     mods = [(sp, False, v) for v in a.fwd] + [(sp, True, v) for v in a.bwd]
     for m in a.bwd_module:
@@ -51,8 +54,8 @@ def main():
       cfg = dataclasses.replace(mod.DEFAULT_CONFIG, **over)
       f = make_ss(functools.partial(mod.selective_scan_pallas, config=cfg))
       fn = jax.jit(fwd_bwd(f) if grad else f)
-      seg, S = sp._segments(l, 1, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
-      tag = f"{'fwd+bwd' if grad else 'fwd'} {l} {mod.__name__.split('.')[-1]} {v} (S={S}, seg={seg})"
+      seg, S = sp._segments(l, a.batch, args[0].shape[-1], dataclasses.replace(cfg, block_e=min(cfg.block_e, 4096)))
+      tag = f"{'fwd+bwd' if grad else 'fwd'} b={a.batch} {l} {mod.__name__.split('.')[-1]} {v} (S={S}, seg={seg})"
       if a.ncu:
         jax.block_until_ready(fn(*args))
         log(f"ran {tag}")

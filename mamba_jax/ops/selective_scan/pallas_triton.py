@@ -135,6 +135,10 @@ class SelectiveScanConfig:
   prefetch: bool = False
   pack_bc: bool = True
   fast_math: bool = True
+  time_parallel: bool = False
+  tp_chunk: int = 64
+  tp_block_e: int = 32
+  tp_warps: int = 4
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -162,6 +166,7 @@ class _Meta:
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
   fast_math: bool  # `SelectiveScanConfig.fast_math`
+  tp: tuple = ()  # (T, E, warps) of the time-parallel forward (`time_parallel.py`) when it runs the plain forward
 
   @property
   def ragged(self):
@@ -677,6 +682,10 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(meta, u, delta, A, B, C, D, z, delta_bias, h0):
+  if meta.tp:
+    from mamba_jax.ops.selective_scan import time_parallel
+
+    return time_parallel.forward(meta, *meta.tp, meta.num_stages, u, delta, A, B, C, D, z, delta_bias, h0)
   y, h, _ = _forward(meta, False, u, delta, A, B, C, D, z, delta_bias, h0)
   return y, h
 
@@ -859,6 +868,9 @@ def selective_scan_pallas(
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math,
   )  # fmt: skip
+  tp_eb = min(cfg.tp_block_e, e)
+  if cfg.time_parallel and not pad and l % cfg.tp_chunk == 0 and e % tp_eb == 0 and z_start % tp_eb == 0:
+    meta = dataclasses.replace(meta, tp=(cfg.tp_chunk, tp_eb, cfg.tp_warps))
 
   def pad_l(a):
     return jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if pad and a is not None else a
