@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba_jax import ops
 from mamba_jax.cache import MixerCache
 from mamba_jax.config import MambaConfig
 from mamba_jax.layers import F32, RMSNorm
@@ -151,7 +152,9 @@ class MambaLM(nnx.Module):
     def block(residual, states):  # states: a tuple of States that together hold the block's variables
       return nnx.merge(graphdef, *states)(residual, self.dtype)[0], None
 
-    return jax.checkpoint(block) if self.remat else block
+    # The policy keeps a few small named results of the forward pass (ops.REMAT_SAVED: the selective scan's
+    # segment states) instead of recomputing them in the backward pass.
+    return jax.checkpoint(block, policy=ops.remat_policy()) if self.remat else block
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """(..., d) final-normed hidden states -> (..., v) logits."""

@@ -1,6 +1,7 @@
 """Shared test helpers: float64 context, tiny transformers checkpoints written by the official code."""
 
 import contextlib
+import re
 
 import jax
 import numpy as np
@@ -31,6 +32,23 @@ def triton_call_results(fn, *args) -> list[str]:
       pytest.skip(f"no Triton lowering in this jaxlib: {err}")
     raise
   return [ln.rsplit("-> ", 1)[-1] for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+
+
+def live_triton_call_results(fn, *args) -> list[str]:
+  """`triton_call_results` less the calls none of whose results is used in their function: XLA removes those (a
+  Triton call has no side effects), e.g. what jax.checkpoint recomputes beside a value its policy saved."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  live = []
+  for func in text.split("func.func")[1:]:
+    lines = func.splitlines()
+    for i, ln in enumerate(lines):
+      if "__gpu$xla.gpu.triton" not in ln:
+        continue
+      name = ln.split("=", 1)[0].strip().split(":")[0]  # "%20:2" -> "%20"
+      pattern = re.compile(re.escape(name) + r"(#\d+)?\b")
+      if any(pattern.search(other) for j, other in enumerate(lines) if j != i):
+        live.append(ln.rsplit("-> ", 1)[-1])
+  return live
 
 
 def result_types(results: str) -> list[str]:

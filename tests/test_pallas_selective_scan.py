@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mamba_jax import ops
 from mamba_jax.ops.selective_scan import pallas_triton as pt
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
-from tests.conftest import float64, rel_err, result_types, triton_call_results
+from tests.conftest import float64, live_triton_call_results, rel_err, result_types, triton_call_results
 
 INTERPRET = jax.default_backend() != "gpu"
 # Few channels per program and short segments, so that short test sequences span several segments.
@@ -359,13 +360,45 @@ def test_remat_stores_states_once():
     return pt.selective_scan_pallas(*a, True)
 
   stored = f"tensor<{b}x{l // pt.DEFAULT_CONFIG.unroll_bwd}x{n}x{e}xf32>"  # (b, l / K, n, e)
-  for remat in (False, True):
-    g_ = jax.checkpoint(f) if remat else f
+  S_ = pt._segments(l, b, e, pt.DEFAULT_CONFIG)[1]
+  seg_states = [f"tensor<{b}x{S_}x{n}x{e}xf32>", f"tensor<{b}x{S_}x{e}xf32>"]  # pass 1's results
+  # remat: the primal pass's 2 launches (pass 1 and 2), then the 4 of fwd + bwd; with the model's policy the
+  # backward's recomputation reuses pass 1's segment states, so pass 1 runs once (the recomputed copy is dead code,
+  # which XLA removes).
+  for remat, launches, passes1 in ((None, 4, 1), ("plain", 6, 2), ("model policy", 5, 1)):
+    g_ = {None: f, "plain": jax.checkpoint(f), "model policy": jax.checkpoint(f, policy=ops.remat_policy())}[remat]
     loss = lambda *a, g_=g_: jnp.sum(jnp.sin(g_(*a).astype(jnp.float32)))
-    results = triton_call_results(jax.grad(loss, argnums=(0, 1)), *args)
+    results = live_triton_call_results(jax.grad(loss, argnums=(0, 1)), *args)
     storing = [r for r in results if result_types(r)[-1] == stored]  # the storing forward's last output
     assert len(storing) == 1, (remat, results)
-    assert len(results) == (6 if remat else 4)  # remat: the primal pass's 2 launches, then the 4 of fwd + bwd
+    assert len(results) == launches, (remat, results)
+    assert sum(result_types(r) == seg_states for r in results) == passes1, (remat, results)
+
+
+def test_model_remat_runs_segment_states_once_per_layer():
+  """The model's rematerialised blocks (the gradient calibrator's) keep the selective scan's segment states from
+  the forward pass: one pass-1 launch per layer in the lowered gradient, against two with a plain checkpoint."""
+  from flax import nnx
+
+  from mamba_jax import MambaConfig, MambaLM
+  from mamba_jax.scales import CalibrationScale, attach_scales
+
+  cfg = MambaConfig.tiny("mamba1", d_model=256, n_layer=2, d_state=16)
+  model = MambaLM(cfg, scan_impl="pallas", rngs=nnx.Rngs(0))
+  attach_scales(model, "A", "linear", "layer")
+  model.remat, model.scan_layers = True, False
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+
+  def loss(scales, ids):
+    return jnp.mean(nnx.merge(graphdef, scales, rest)(ids).astype(jnp.float32))
+
+  e = cfg.d_inner
+  S = pt._segments(4096, 1, e, pt.DEFAULT_CONFIG)[1]
+  assert S > 1
+  results = live_triton_call_results(jax.grad(loss), scales, ids)
+  pass1 = [f"tensor<1x{S}x{cfg.d_state}x{e}xf32>", f"tensor<1x{S}x{e}xf32>"]
+  assert sum(result_types(r) == pass1 for r in results) == cfg.n_layer, results
 
 
 def test_remat_gradients_equal_plain_gradients():

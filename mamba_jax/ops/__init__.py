@@ -9,6 +9,7 @@ import math
 
 import jax
 
+from mamba_jax.ops._remat import REMAT_SAVED, remat_policy
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
 from mamba_jax.ops.selective_scan.reference import gate_columns, selective_scan_reference
@@ -237,6 +238,8 @@ __all__ = [
   "gated_rms_norm",
   "ssd",
   "selective_scan",
+  "REMAT_SAVED",
+  "remat_policy",
   "ssd_reference",
   "selective_scan_reference",
   "ssd_xla",

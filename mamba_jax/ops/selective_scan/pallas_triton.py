@@ -69,10 +69,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
+from mamba_jax.ops._remat import SELECTIVE_SCAN_SEGMENT_STATES
 from mamba_jax.ops.selective_scan.reference import check_gate_columns, gate_columns
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -135,10 +137,6 @@ class SelectiveScanConfig:
   prefetch: bool = False
   pack_bc: bool = True
   fast_math: bool = True
-  time_parallel: bool = False
-  tp_chunk: int = 64
-  tp_block_e: int = 32
-  tp_warps: int = 4
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -166,7 +164,6 @@ class _Meta:
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
   fast_math: bool  # `SelectiveScanConfig.fast_math`
-  tp: tuple = ()  # (T, E, warps) of the time-parallel forward (`time_parallel.py`) when it runs the plain forward
 
   @property
   def ragged(self):
@@ -647,8 +644,30 @@ def _sub_kind(meta):
   return "sub_ne" if meta.bwd_rows else "sub_en"
 
 
-def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
-  """y (b, l_pad, e), the last state (b, e, n) float32, residuals for the backward (or None)."""
+SEGMENT_STATES = SELECTIVE_SCAN_SEGMENT_STATES  # pass 1's `checkpoint_name`: the model's remat policy keeps them
+
+
+def _segment_states(meta, u, delta, A, B, delta_bias):
+  """Pass 1: each segment's end state from a zero start (b, s, n, e) and its sum of delta (b, s, e), float32;
+  None with one segment."""
+  if meta.S == 1:
+    return None
+  b, lp, e = u.shape
+  n = A.shape[-1]
+  f32 = jnp.float32
+  ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A.astype(f32).T * _LOG2E)]
+  ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
+  outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
+  outs += [("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))]
+  return tuple(
+    _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, SEGMENT_STATES, write_y=False, save=False)
+  )
+
+
+def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
+  """y (b, l_pad, e), the last state (b, e, n) float32, [the states every K steps] when `save`.
+
+  seg: `_segment_states` of the same inputs (or None with one segment)."""
   b, lp, e = u.shape
   n = A.shape[-1]
   f32 = jnp.float32
@@ -656,14 +675,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
-  chain_in, dsum = [], None
-  if meta.S > 1:
-    h_loc, dsum = _call(
-      _fwd_kernel, meta, meta.block_e, meta.num_warps, common + [("B", "seq_n", B.astype(f32))] + bias_in,
-      [("h_out", "seg_ne", seg_ne), ("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))],
-      "selective_scan_segment_states", write_y=False, save=False,
-    )  # fmt: skip
-    chain_in = [("h_loc", "all_ne", h_loc), ("dsum", "all_e", dsum)]
+  chain_in = [] if seg is None else [("h_loc", "all_ne", seg[0]), ("dsum", "all_e", seg[1])]
   if meta.pack_bc:
     ins = common + [("BC", "seq_n", _pack_bc(B, C))]
   else:
@@ -677,26 +689,25 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0):
     outs.append(("h_sub", _sub_kind(meta), jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, *sub), f32)))
   res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
   y, h_out = res[0], res[1]
-  return y, jnp.swapaxes(h_out[:, -1], 1, 2), (res[2], dsum) if save else None
+  return y, jnp.swapaxes(h_out[:, -1], 1, 2), res[2] if save else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(meta, u, delta, A, B, C, D, z, delta_bias, h0):
-  if meta.tp:
-    from mamba_jax.ops.selective_scan import time_parallel
-
-    return time_parallel.forward(meta, *meta.tp, meta.num_stages, u, delta, A, B, C, D, z, delta_bias, h0)
-  y, h, _ = _forward(meta, False, u, delta, A, B, C, D, z, delta_bias, h0)
+def _core(meta, u, delta, A, B, C, D, z, delta_bias, h0, seg):
+  """The scan given its segment states `seg` (pass 1, computed outside so that a remat policy can keep them:
+  `SEGMENT_STATES`). The gradient is the whole scan's: `seg` is a function of the other inputs and gets zeros."""
+  y, h, _ = _forward(meta, False, u, delta, A, B, C, D, z, delta_bias, h0, seg)
   return y, h
 
 
 def _core_fwd(meta, *args):
-  y, h, (h_sub, dsum) = _forward(meta, True, *args)
-  return (y, h), (args, h_sub, dsum)
+  y, h, h_sub = _forward(meta, True, *args)
+  return (y, h), (args, h_sub)
 
 
 def _core_bwd(meta, res, cts):
-  (u, delta, A, B, C, D, z, delta_bias, h0), h_sub, dsum = res
+  (u, delta, A, B, C, D, z, delta_bias, h0, seg_states), h_sub = res
+  dsum = None if seg_states is None else seg_states[1]
   dy, dh_last = cts
   b, lp, e = u.shape
   n = A.shape[-1]
@@ -778,6 +789,7 @@ def _core_bwd(meta, res, cts):
     dz,
     res["dbias"].sum((0, 1)).astype(delta_bias.dtype) if meta.has_bias else None,
     lay(res["c_out"][:, 0]),
+    jax.tree.map(jnp.zeros_like, seg_states),
   )
 
 
@@ -868,17 +880,20 @@ def selective_scan_pallas(
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math,
   )  # fmt: skip
-  tp_eb = min(cfg.tp_block_e, e)
-  if cfg.time_parallel and not pad and l % cfg.tp_chunk == 0 and e % tp_eb == 0 and z_start % tp_eb == 0:
-    meta = dataclasses.replace(meta, tp=(cfg.tp_chunk, tp_eb, cfg.tp_warps))
 
   def pad_l(a):
     return jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if pad and a is not None else a
 
   h0 = jnp.zeros((b, e, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-  y, h = _core(meta, pad_l(u), pad_l(delta), A, pad_l(B), pad_l(C), D, pad_l(z), delta_bias, h0)
+  u, delta, B, C, z = (pad_l(a) for a in (u, delta, B, C, z))
+  # Pass 1 outside the custom VJP, named: under jax.checkpoint a policy that saves SEGMENT_STATES (the model's
+  # remat does) keeps them from the forward pass, so the backward's recomputation runs pass 2 only.
+  # Its inputs are cut from differentiation (a pallas_call has no JVP); `_core`'s VJP is the whole scan's.
+  seg = _segment_states(meta, *jax.lax.stop_gradient((u, delta, A, B, delta_bias)))
+  seg = None if seg is None else checkpoint_name(seg, SEGMENT_STATES)
+  y, h = _core(meta, u, delta, A, B, C, D, z, delta_bias, h0, seg)
   y = y[:, :l] if pad else y
   return (y, h) if return_last_state else y
 
 
-__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "selective_scan_pallas"]
+__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "SEGMENT_STATES", "selective_scan_pallas"]
