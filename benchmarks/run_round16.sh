@@ -2,7 +2,8 @@
 # Round 16 (an H200): the time-parallel selective-scan forward (`time_parallel.py`).
 #   STEP=tp   profile_selective_scan.py over TP_VARIANTS (JSON SelectiveScanConfig overrides) at TP_LENS, batch 1 and 2,
 #             each checked against float32 XLA first.
-#   STEP=cal  bench_calibrate.py for CAL_MODELS (mamba-1.4b) at each of CAL_LENS (8192), one process each.
+#   STEP=tests the selective-scan tests, compiled on the GPU.
+#   STEP=cal  bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS at each of CAL_LENS (8192), one process each.
 # Pass the commit that runs: GIT_COMMIT=$(git rev-parse --short HEAD) STEPS=... bash benchmarks/run_round16.sh
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee $OUT/device.txt
@@ -17,10 +18,14 @@ tp)
       --fwd $TP_VARIANTS 2>&1 | grep --line-buffered -v Warning | tee -a $OUT/tp.txt
   done
   ;;
+tests)
+  timeout ${TEST_S:-150} python -m pytest -q -p no:cacheprovider tests/test_pallas_selective_scan.py 2>&1 | tail -15 \
+    | tee $OUT/tests.txt
+  ;;
 cal)
   for l in ${CAL_LENS:-8192}; do
     timeout ${CAL_S:-300} python benchmarks/bench_calibrate.py --lengths $l --iters ${CAL_ITERS:-3} \
-      --models ${CAL_MODELS:-mamba-1.4b} --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
+      --models ${CAL_MODELS:-mamba-1.4b} --methods ${CAL_METHODS:-forward,spsa,grad} --json $OUT/calibrate.jsonl 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
   done
   ;;
 esac
