@@ -1,7 +1,8 @@
 #!/bin/bash
 # Round 16 (an H200): the time-parallel selective-scan forward (`time_parallel.py`).
 #   STEP=tp   profile_selective_scan.py over TP_VARIANTS (JSON SelectiveScanConfig overrides) at TP_LENS, batch 1 and 2,
-#             each checked against float32 XLA first.
+#             each checked against float32 XLA first. The default variants are the time-parallel forward's, which
+#             exists only at commit 846b383 (removed after it: scans.md round 16); at later commits pass others.
 #   STEP=tests the selective-scan tests, compiled on the GPU.
 #   STEP=cal  bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS at each of CAL_LENS (8192), one process each.
 # Pass the commit that runs: GIT_COMMIT=$(git rev-parse --short HEAD) STEPS=... bash benchmarks/run_round16.sh

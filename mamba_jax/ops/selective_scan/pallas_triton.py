@@ -49,6 +49,12 @@ Design:
     dz, dB and dC partial rows, and per-program partial sums of dA, dD and d(delta_bias) (XLA sums the partials).
   * Under `jax.checkpoint` (`optimize_remat`) the forward pass runs the plain forward and only the backward's
     recomputation stores states; without it both passes store them (a Pallas call cannot drop an output).
+    Pass 1 runs outside the custom VJP, on inputs cut from differentiation, and its outputs are named
+    (`SEGMENT_STATES`): the model's remat policy (`mamba_jax.ops.remat_policy`) saves them, so the recomputation
+    runs pass 2 only (mamba-1.4b gradient step at 8K on an H200: 284.5 -> 276.8 ms, +0.8 GiB; calibrate.md round
+    16). The VJP is still the whole scan's; pass 1's outputs get zero cotangents.
+  * Tried and removed (round 16, scans.md): a one-pass forward parallel over time inside each program (a pair scan,
+    `tt.scan`, per state over (T, E) tiles), 8-19x slower than the two passes.
   * The default backward (`bwd_rows`) holds state, adjoint and decay as n (e-block,) rows like the forward, one
     channel per thread, so the reductions over n are in-thread sums. Only dB_t and dC_t sum over channels: when
     the block is one channel per thread, each warp combines its 2n values with 31 `shfl.sync.bfly` lane
