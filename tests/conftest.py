@@ -21,25 +21,32 @@ def rel_err(actual, expected) -> float:
   return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
 
 
-def triton_call_results(fn, *args) -> list[str]:
-  """The result types of every Triton call in jit(fn)'s CUDA lowering at `args` (shapes), in program order, as
-  written after `->` in the lowered text: "tensor<...>" for one result, "(tensor<...>, ...)" for several. CI has no
-  GPU, but the CUDA lowering runs on the CPU; skips where this jaxlib has no Triton lowering."""
+def _cuda_lowering(fn, *args) -> str:
+  """jit(fn)'s CUDA lowering at `args` (shapes), as text. CI has no GPU, but the CUDA lowering runs on the CPU;
+  skips where this jaxlib has no Triton lowering."""
   try:
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   except Exception as err:
     if "triton" in str(err).lower() and "not" in str(err).lower():
       pytest.skip(f"no Triton lowering in this jaxlib: {err}")
     raise
-  return [ln.rsplit("-> ", 1)[-1] for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln]
+
+
+def _result_types_text(line: str) -> str:
+  return line.rsplit("-> ", 1)[-1]
+
+
+def triton_call_results(fn, *args) -> list[str]:
+  """The result types of every Triton call in jit(fn)'s CUDA lowering at `args` (shapes), in program order, as
+  written after `->` in the lowered text: "tensor<...>" for one result, "(tensor<...>, ...)" for several."""
+  return [_result_types_text(ln) for ln in _cuda_lowering(fn, *args).splitlines() if "__gpu$xla.gpu.triton" in ln]
 
 
 def live_triton_call_results(fn, *args) -> list[str]:
   """`triton_call_results` less the calls none of whose results is used in their function: XLA removes those (a
   Triton call has no side effects), e.g. what jax.checkpoint recomputes beside a value its policy saved."""
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   live = []
-  for func in text.split("func.func")[1:]:
+  for func in _cuda_lowering(fn, *args).split("func.func")[1:]:
     lines = func.splitlines()
     for i, ln in enumerate(lines):
       if "__gpu$xla.gpu.triton" not in ln:
@@ -47,7 +54,7 @@ def live_triton_call_results(fn, *args) -> list[str]:
       name = ln.split("=", 1)[0].strip().split(":")[0]  # "%20:2" -> "%20"
       pattern = re.compile(re.escape(name) + r"(#\d+)?\b")
       if any(pattern.search(other) for j, other in enumerate(lines) if j != i):
-        live.append(ln.rsplit("-> ", 1)[-1])
+        live.append(_result_types_text(ln))
   return live
 
 

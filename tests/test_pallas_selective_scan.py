@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from mamba_jax import ops
+from mamba_jax import MambaConfig, MambaLM, ops
 from mamba_jax.ops.selective_scan import pallas_triton as pt
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
+from mamba_jax.scales import CalibrationScale, attach_scales
 from tests.conftest import float64, live_triton_call_results, rel_err, result_types, triton_call_results
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -378,11 +380,6 @@ def test_remat_stores_states_once():
 def test_model_remat_runs_segment_states_once_per_layer():
   """The model's rematerialised blocks (the gradient calibrator's) keep the selective scan's segment states from
   the forward pass: one pass-1 launch per layer in the lowered gradient, against two with a plain checkpoint."""
-  from flax import nnx
-
-  from mamba_jax import MambaConfig, MambaLM
-  from mamba_jax.scales import CalibrationScale, attach_scales
-
   cfg = MambaConfig.tiny("mamba1", d_model=256, n_layer=1, d_state=16)
   model = MambaLM(cfg, scan_impl="pallas", rngs=nnx.Rngs(0))
   attach_scales(model, "A", "linear", "layer")

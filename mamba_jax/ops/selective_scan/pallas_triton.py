@@ -50,9 +50,9 @@ Design:
   * Under `jax.checkpoint` (`optimize_remat`) the forward pass runs the plain forward and only the backward's
     recomputation stores states; without it both passes store them (a Pallas call cannot drop an output).
     Pass 1 runs outside the custom VJP, on inputs cut from differentiation, and its outputs are named
-    (`SEGMENT_STATES`): the model's remat policy (`mamba_jax.ops.remat_policy`) saves them, so the recomputation
-    runs pass 2 only (mamba-1.4b gradient step at 8K on an H200: 284.5 -> 276.8 ms, +0.8 GiB; calibrate.md round
-    16). The VJP is still the whole scan's; pass 1's outputs get zero cotangents.
+    (`SELECTIVE_SCAN_SEGMENT_STATES`): the model's remat policy (`mamba_jax.ops.remat_policy`) saves them, so the
+    recomputation runs pass 2 only (mamba-1.4b gradient step at 8K on an H200: 284.5 -> 276.8 ms, +0.8 GiB;
+    calibrate.md round 16). The VJP is still the whole scan's; pass 1's outputs get zero cotangents.
   * Tried and removed (round 16, scans.md): a one-pass forward parallel over time inside each program (a pair scan,
     `tt.scan`, per state over (T, E) tiles), 8-19x slower than the two passes.
   * The default backward (`bwd_rows`) holds state, adjoint and decay as n (e-block,) rows like the forward, one
@@ -650,9 +650,6 @@ def _sub_kind(meta):
   return "sub_ne" if meta.bwd_rows else "sub_en"
 
 
-SEGMENT_STATES = SELECTIVE_SCAN_SEGMENT_STATES  # pass 1's `checkpoint_name`: the model's remat policy keeps them
-
-
 def _segment_states(meta, u, delta, A, B, delta_bias):
   """Pass 1: each segment's end state from a zero start (b, s, n, e) and its sum of delta (b, s, e), float32;
   None with one segment."""
@@ -665,9 +662,8 @@ def _segment_states(meta, u, delta, A, B, delta_bias):
   ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
   outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
   outs += [("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))]
-  return tuple(
-    _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, SEGMENT_STATES, write_y=False, save=False)
-  )
+  name = SELECTIVE_SCAN_SEGMENT_STATES
+  return tuple(_call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, name, write_y=False, save=False))
 
 
 def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
@@ -701,7 +697,8 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(meta, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   """The scan given its segment states `seg` (pass 1, computed outside so that a remat policy can keep them:
-  `SEGMENT_STATES`). The gradient is the whole scan's: `seg` is a function of the other inputs and gets zeros."""
+  `SELECTIVE_SCAN_SEGMENT_STATES`). The gradient is the whole scan's: `seg` is a function of the other inputs and
+  gets zeros."""
   y, h, _ = _forward(meta, False, u, delta, A, B, C, D, z, delta_bias, h0, seg)
   return y, h
 
@@ -892,14 +889,14 @@ def selective_scan_pallas(
 
   h0 = jnp.zeros((b, e, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
   u, delta, B, C, z = (pad_l(a) for a in (u, delta, B, C, z))
-  # Pass 1 outside the custom VJP, named: under jax.checkpoint a policy that saves SEGMENT_STATES (the model's
+  # Pass 1 outside the custom VJP, named: under jax.checkpoint a policy that saves its name (the model's
   # remat does) keeps them from the forward pass, so the backward's recomputation runs pass 2 only.
   # Its inputs are cut from differentiation (a pallas_call has no JVP); `_core`'s VJP is the whole scan's.
   seg = _segment_states(meta, *jax.lax.stop_gradient((u, delta, A, B, delta_bias)))
-  seg = None if seg is None else checkpoint_name(seg, SEGMENT_STATES)
+  seg = None if seg is None else checkpoint_name(seg, SELECTIVE_SCAN_SEGMENT_STATES)
   y, h = _core(meta, u, delta, A, B, C, D, z, delta_bias, h0, seg)
   y = y[:, :l] if pad else y
   return (y, h) if return_last_state else y
 
 
-__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "SEGMENT_STATES", "selective_scan_pallas"]
+__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "selective_scan_pallas"]
