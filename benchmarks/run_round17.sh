@@ -1,8 +1,9 @@
 #!/bin/bash
-# Round 17 (an H200): selective-scan forward launch shapes with several channels per thread (scans.md, round 17).
+# Round 17 (an H200): selective-scan launch shapes with several channels per thread, and B / C read as float32
+# quads (`vector_bc`) (scans.md, round 17).
 #   STEP=sweep profile_selective_scan.py over SWEEP_VARIANTS (JSON SelectiveScanConfig overrides) at SWEEP_LENS, for
 #              each batch of SWEEP_BATCHES (SPSA's pair is batch 2), each checked against float32 XLA first and traced
-#              (GPU time per kernel).
+#              (GPU time per kernel); forward+backward variants SWEEP_BWD (none by default) likewise.
 #   STEP=tests the selective-scan tests, compiled on the GPU.
 #   STEP=cal   bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS at each of CAL_LENS (8192), one process each.
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=sweep ...
@@ -15,7 +16,7 @@ case "$step" in
 sweep)
   for bsz in ${SWEEP_BATCHES:-2 1}; do
     timeout ${SWEEP_S:-250} python benchmarks/profile_selective_scan.py --check --trace --lens ${SWEEP_LENS:-8192} \
-      --batch $bsz --fwd $SWEEP_VARIANTS 2>&1 | grep --line-buffered -v Warning | tee -a $OUT/sweep.txt
+      --batch $bsz --fwd $SWEEP_VARIANTS ${SWEEP_BWD:+--bwd $SWEEP_BWD} 2>&1 | grep --line-buffered -v Warning | tee -a $OUT/sweep.txt
   done
   ;;
 tests)

@@ -131,6 +131,32 @@ def test_packed_bc_equals_unpacked():
   assert rel_err(out_p[0], y_ref) < 1e-5 and rel_err(out_p[1], h_ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vector_bc_equals_scalar_loads(dtype):
+  """B and C read as quads (`vector_bc`: both forward kernels and the rows backward) give the outputs and gradients
+  of the scalar loads (float32 B and C, and bf16 against the packed pairs) to float32 rounding (the same values
+  and operations; the interpreter's XLA may contract a multiply and an add differently), and the reference."""
+  inp, kw = _case("all", seed=3)
+  inp["B"], inp["C"] = inp["B"].astype(dtype), inp["C"].astype(dtype)
+  ct = jax.random.normal(jax.random.PRNGKey(6), inp["u"].shape)
+  base = dataclasses.replace(CFG, **BWD["rows"])
+  out, grads = _outputs_and_grads(base, inp, kw, ct)
+  out_v, grads_v = _outputs_and_grads(dataclasses.replace(base, vector_bc=True), inp, kw, ct)
+  for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_v, grads_v)), strict=True):
+    assert rel_err(b, np.asarray(a, np.float64)) < 1e-6
+  with float64():
+    y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
+  assert rel_err(out_v[0], y_ref) < 1e-5 and rel_err(out_v[1], h_ref) < 1e-5
+
+
+def test_bc_rows_reads_each_value():
+  """`_bc_rows`: row k of step t is ref[t, k] in every channel, for every k."""
+  ref = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
+  for t in range(3):
+    rows = np.stack([np.asarray(r) for r in pt._bc_rows(ref, t, 5)])  # (8, 5)
+    np.testing.assert_array_equal(rows, np.repeat(np.asarray(ref[t])[:, None], 5, axis=1))
+
+
 def test_unpack_bc_reads_each_value():
   """`_pack_bc` / `_unpack_bc` round trip: every one of the 2n values comes back, in order."""
   B = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 4)).astype(jnp.bfloat16)
