@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +36,7 @@ def test_bench_calibrate_tiny(tmp_path):
     assert r["seconds"] > 0 and r["stack_per_step"] is False
 
 
+@pytest.mark.slow  # a smoke test of a profiling script; bench_calibrate's runs by default
 def test_profile_model_tiny():
   """Also the old layer scan (`--stack-per-step`), which profile_model passes through to bench_calibrate."""
   stdout = _run(

@@ -115,7 +115,7 @@ RESUME_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", RESUME_CASES)
+@pytest.mark.parametrize("case", ["spsa", pytest.param("grad", marks=pytest.mark.slow)])
 def test_resume_equals_uninterrupted(world, capsys, tmp_path, monkeypatch, case):
   model, *extra = RESUME_CASES[case]
   args = [world / model, "--data", world / "folder", *extra, "--checkpoint-every", 2]

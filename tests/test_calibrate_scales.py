@@ -173,7 +173,11 @@ def test_A_scales_equal_hand_edited_A_log(arch, mode):
   np.testing.assert_allclose(np.asarray(FWD(scaled, x)), np.asarray(FWD(edited, x)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,target", [("mamba1", "A"), ("mamba1", "dt"), ("mamba2", "A"), ("mamba2", "dt")])
+@pytest.mark.parametrize(
+  "arch,target",
+  [("mamba1", "A"), pytest.param("mamba1", "dt", marks=pytest.mark.slow)]
+  + [pytest.param("mamba2", "A", marks=pytest.mark.slow), ("mamba2", "dt")],  # each target and arch by default
+)
 def test_decode_with_scales_equals_forward(arch, target):
   model = tiny(arch)
   attach_scales(model, target, "power" if target == "A" else "linear", "layer")

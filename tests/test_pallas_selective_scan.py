@@ -115,6 +115,7 @@ def test_forward_bf16_inputs():
   assert rel_err(h, h_ref) < 1e-4  # the state never goes through bf16
 
 
+@_SLOW  # the packed path (the default) is also checked against the reference by test_forward_bf16_inputs
 def test_packed_bc_equals_unpacked():
   """With bf16 B and C, reading them as packed pairs in the forward's main kernel (`pack_bc`) is exact: outputs
   and gradients equal those of the unpacked kernels bit for bit, and the reference to float32 rounding."""
@@ -131,32 +132,6 @@ def test_packed_bc_equals_unpacked():
   assert rel_err(out_p[0], y_ref) < 1e-5 and rel_err(out_p[1], h_ref) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_vector_bc_equals_scalar_loads(dtype):
-  """B and C read as quads (`vector_bc`: both forward kernels and the rows backward) give the outputs and gradients
-  of the scalar loads (float32 B and C, and bf16 against the packed pairs) to float32 rounding (the same values
-  and operations; the interpreter's XLA may contract a multiply and an add differently), and the reference."""
-  inp, kw = _case("all", seed=3)
-  inp["B"], inp["C"] = inp["B"].astype(dtype), inp["C"].astype(dtype)
-  ct = jax.random.normal(jax.random.PRNGKey(6), inp["u"].shape)
-  base = dataclasses.replace(CFG, **BWD["rows"])
-  out, grads = _outputs_and_grads(base, inp, kw, ct)
-  out_v, grads_v = _outputs_and_grads(dataclasses.replace(base, vector_bc=True), inp, kw, ct)
-  for a, b in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((out_v, grads_v)), strict=True):
-    assert rel_err(b, np.asarray(a, np.float64)) < 1e-6
-  with float64():
-    y_ref, h_ref = selective_scan_reference(**_f64(inp), **kw)
-  assert rel_err(out_v[0], y_ref) < 1e-5 and rel_err(out_v[1], h_ref) < 1e-5
-
-
-def test_bc_rows_reads_each_value():
-  """`_bc_rows`: row k of step t is ref[t, k] in every channel, for every k."""
-  ref = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
-  for t in range(3):
-    rows = np.stack([np.asarray(r) for r in pt._bc_rows(ref, t, 5)])  # (8, 5)
-    np.testing.assert_array_equal(rows, np.repeat(np.asarray(ref[t])[:, None], 5, axis=1))
-
-
 def test_unpack_bc_reads_each_value():
   """`_pack_bc` / `_unpack_bc` round trip: every one of the 2n values comes back, in order."""
   B = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 4)).astype(jnp.bfloat16)
@@ -169,8 +144,9 @@ def test_unpack_bc_reads_each_value():
 
 @pytest.mark.parametrize(
   "name, bwd",
-  [(name, "rows") for name in CASES]
-  + [("all", "en"), ("all", "rows_blocksum")]
+  [("all", "rows")]
+  + [pytest.param(n, "rows", marks=_SLOW) for n in CASES if n != "all"]
+  + [pytest.param("all", "en", marks=_SLOW), pytest.param("all", "rows_blocksum", marks=_SLOW)]
   + [pytest.param(n, "en", marks=_SLOW) for n in CASES if n != "all"]
   + [pytest.param("all", "rows_prefetch", marks=_SLOW)],
 )
@@ -232,8 +208,17 @@ def test_segments_do_not_pad_whole_blocks():
       assert 0.9 * want <= s <= 2 * want, (l, b, s, want)
 
 
-def test_lowers_to_triton_for_cuda():
-  """CI has no GPU: at least check that the kernels lower to Triton IR for CUDA at the benchmark shapes."""
+_LOWERED = {
+  "default": {},
+  "unpacked": dict(pack_bc=False),  # the default packs B and C
+  "en": dict(bwd_rows=False, block_e_bwd=32),
+}
+
+
+@pytest.mark.parametrize("variant", ["default"] + [pytest.param(v, marks=_SLOW) for v in _LOWERED if v != "default"])
+def test_lowers_to_triton_for_cuda(variant):
+  """CI has no GPU: at least check that the kernels lower to Triton IR for CUDA at the benchmark shapes (the
+  non-default kernels with the slow tests)."""
   b, l, e, n = 1, 4096, 4096, 16
   S = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
@@ -243,13 +228,11 @@ def test_lowers_to_triton_for_cuda():
   def f(*a, config=None):
     return pt.selective_scan_pallas(*a, True, config=config)
 
-  assert len(triton_call_results(f, *args)) == 2  # segment states, scan with y
-  unpacked = dataclasses.replace(pt.DEFAULT_CONFIG, pack_bc=False)  # the default packs B and C
-  assert len(triton_call_results(functools.partial(f, config=unpacked), *args)) == 2
-  for cfg in (pt.DEFAULT_CONFIG, dataclasses.replace(pt.DEFAULT_CONFIG, bwd_rows=False, block_e_bwd=32), unpacked):
-    loss = lambda *a, cfg=cfg: jnp.sum(f(*a, config=cfg).astype(jnp.float32))
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7))
-    assert len(triton_call_results(grad, *args)) == 4, cfg  # forward (2, saving states), backward (2)
+  cfg = dataclasses.replace(pt.DEFAULT_CONFIG, **_LOWERED[variant])
+  assert len(triton_call_results(functools.partial(f, config=cfg), *args)) == 2  # segment states, scan with y
+  loss = lambda *a: jnp.sum(f(*a, config=cfg).astype(jnp.float32))
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+  assert len(triton_call_results(grad, *args)) == 4  # forward (2, saving states), backward (2)
 
 
 def _wide_gate(z, start, width, seed=9):
@@ -353,6 +336,7 @@ def test_fast_softplus_accuracy():
   assert np.max(np.abs(y / want - 1.0)) < 1e-5
 
 
+@_SLOW  # both paths; the default (True) runs in every other test
 @pytest.mark.parametrize("fast", [True, False])
 def test_fast_math_paths_match_reference(fast):
   """Both special-function paths of the kernels (`fast_math`): outputs and gradients (rows backward) against the
@@ -375,6 +359,7 @@ def test_fast_math_paths_match_reference(fast):
     assert rel_err(g, np.asarray(r)) < 5e-5, (k, rel_err(g, np.asarray(r)))
 
 
+@_SLOW  # the model-level check (test_remat_gradient_step_stores_scan_states_once) runs by default
 def test_remat_stores_states_once():
   """Under `jax.checkpoint` the forward pass runs the plain forward and only the backward's recomputation stores
   the state every K steps (`optimize_remat`): one state-storing forward in the lowered gradient, not two."""
@@ -424,6 +409,7 @@ def test_model_remat_runs_segment_states_once_per_layer():
   assert sum(result_types(r) == pass1 for r in results) == cfg.n_layer, results
 
 
+@_SLOW  # remat's values at the model level: test_calibrate_calibrators.py::test_remat_gives_the_same_loss_and_gradient
 def test_remat_gradients_equal_plain_gradients():
   """Gradients under `jax.checkpoint` (the primal pass through the plain forward) equal those without."""
   inp, kw = _case("all", seed=4)

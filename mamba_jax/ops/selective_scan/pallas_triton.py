@@ -121,10 +121,6 @@ class SelectiveScanConfig:
       of delta's pre-activation) with `rcp.approx` instead of a float32 division (the forward's gate always
       uses `rcp.approx`). On an H200 (round 12, one lease) the forward at 8K took 0.588 against 0.611 ms
       (stream); the backward with it was not timed.
-    vector_bc: the forward kernels and the rows backward read B_t and C_t as float32 quads (`_bc_rows`): an (e-block, 4) tile of 4 adjacent
-      addresses, one 128-bit load per thread, in place of four scalar loads (and, for packed bf16, two loads and
-      four unpacking ops); the forward's main kernel reads [B, C] concatenated, 2n / 4 loads per step. Needs n % 4
-      == 0 (else the scalar loads); overrides `pack_bc`.
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -147,7 +143,6 @@ class SelectiveScanConfig:
   prefetch: bool = False
   pack_bc: bool = True
   fast_math: bool = True
-  vector_bc: bool = False
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -175,7 +170,6 @@ class _Meta:
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
   fast_math: bool  # `SelectiveScanConfig.fast_math`
-  vector_bc: bool  # B and C read as float32 quads (`_bc_rows`); n % 4 == 0
 
   @property
   def ragged(self):
@@ -233,19 +227,6 @@ def _unpack_bc(ref, t):
     vals.append(jax.lax.bitcast_convert_type(jax.lax.shift_left(w, jnp.uint32(16)), jnp.float32))
     vals.append(jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32))
   return vals
-
-
-def _bc_rows(ref, t, e_blk):
-  """Step t's values ref[t, :] (ref (L_s, W) float32, W % 4 == 0) as W (e,) rows, each value in every thread.
-
-  Read four at a time: an (e, 4) tile whose columns are 4 adjacent addresses (the same in every row), which
-  Triton's coalescing gives one thread per row with its 4 columns, one 128-bit load; the split into columns
-  stays in registers. Scalar loads (`ref[t, k]`) are one 32-bit load per value and thread."""
-  rows = []
-  for q in range(ref.shape[-1] // 4):
-    quad = ref[t, jax.lax.broadcasted_iota(jnp.int32, (e_blk, 4), 1) + 4 * q]  # (e, 4)
-    rows += [col.reshape(e_blk) for col in jnp.split(quad, 4, axis=1)]
-  return rows
 
 
 def _softplus(x):
@@ -347,8 +328,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   """One (channel block, segment, batch): walk the segment's steps from its incoming state.
 
   The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
-  Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `write_y` and `vector_bc`: BC (L_s,
-    2n) float32, [B_t, C_t]; with `pack_bc`: BC (L_s, n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
+  Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
+    n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
     [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
     with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
     delta (pass 1's outputs), chained here up to this segment.
@@ -408,10 +389,7 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
       u = u_raw.astype(jnp.float32)  # (e,)
       d, _ = _step_delta(r, t, seg0, meta, bias, raw=delta_raw)  # (e,)
       du = d * u
-      if meta.vector_bc:
-        bc = _bc_rows(r.BC if write_y else r.B, t, zeros.shape[0])
-        Bt, Ct = bc[:n], bc[n:]
-      elif meta.pack_bc and write_y:
+      if meta.pack_bc and write_y:
         bc = _unpack_bc(r.BC, t)
         Bt, Ct = bc[:n], bc[n:]
       else:
@@ -546,9 +524,6 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
   zeros = jnp.zeros((e_blk,), jnp.float32)
   recip = functools.partial(_rcp, interpret=meta.interpret) if meta.fast_math else (lambda v: 1.0 / v)
 
-  def bc_rows(ref, t):  # B_t or C_t: n (e,) rows (`vector_bc`) or n scalars
-    return _bc_rows(ref, t, e_blk) if meta.vector_bc else [ref[t, k] for k in range(n)]
-
   def body(i, carry):
     c, dA, dD, dbias = carry
     kb = meta.seg_len // K - 1 - i
@@ -560,8 +535,7 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         t = kb * K + j
         d, _ = _step_delta(r, t, seg0, meta, bias)
         du = d * r.u[t, :].astype(jnp.float32)
-        Bt = bc_rows(r.B, t)
-        h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + Bt[k] * du for k in range(n))
+        h = tuple(_exp2(d * A2[k], meta.interpret) * h[k] + r.B[t, k] * du for k in range(n))
         hs.append(h)
     for j in reversed(range(K)):
       t = kb * K + j
@@ -573,14 +547,14 @@ def _bwd_rows_kernel(*refs, names, meta: _Meta, full: bool):
         zt = r.z[t, :].astype(jnp.float32)
         sz = recip(1.0 + _exp2(-_LOG2E * zt, meta.interpret))
         dy0 = dy * zt * sz
-      Ct = bc_rows(r.C, t)
+      Ct = [r.C[t, k] for k in range(n)]
       g = [c[k] + dy0 * Ct[k] for k in range(n)]
       c = tuple(a[k] * g[k] for k in range(n))
       if not full:
         continue
       u = r.u[t, :].astype(jnp.float32)
       du = d * u
-      Bt = bc_rows(r.B, t)
+      Bt = [r.B[t, k] for k in range(n)]
       h_prev = hs[j]
       h_t = [a[k] * h_prev[k] + Bt[k] * du for k in range(n)]
       if meta.lane_sums:
@@ -634,7 +608,6 @@ def _specs(meta, eb, b, lp, e, n):
     seq_e=lambda: pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei)),
     seq_z=lambda: pl.BlockSpec((_SQ, Ls, eb), lambda ei, si, bi: (bi, si, ei + meta.z_start // eb)),
     seq_n=lambda: pl.BlockSpec((_SQ, Ls, n), lambda ei, si, bi: (bi, si, 0)),
-    seq_2n=lambda: pl.BlockSpec((_SQ, Ls, 2 * n), lambda ei, si, bi: (bi, si, 0)),
     part_n=lambda: pl.BlockSpec((_SQ, _SQ, Ls, n), lambda ei, si, bi: (bi, ei, si, 0)),
     part_lanes=lambda: pl.BlockSpec((_SQ, _SQ, Ls, _lane_rows(n)[1] * eb), lambda ei, si, bi: (bi, ei, si, 0)),
     vec_e=lambda: pl.BlockSpec((eb,), lambda ei, si, bi: (ei,)),
@@ -654,8 +627,7 @@ def _specs(meta, eb, b, lp, e, n):
 def _call(kernel, meta, eb, num_warps, ins, outs, name, **kw):
   """ins / outs: lists of (ref name, spec kind, array or ShapeDtypeStruct)."""
   b, lp, e = ins[0][2].shape
-  kinds = {k: (kind, a) for k, kind, a in ins}
-  n = kinds["A2"][1].shape[0 if kinds["A2"][0] == "ne" else 1]  # A2: (n, e) or (e, n)
+  n = ins[3][2].shape[-1]  # B
   sp = _specs(meta, eb, b, lp, e, n)
   names = tuple(k for k, _, _ in ins) + tuple(k for k, _, _ in outs)
   return pl.pallas_call(
@@ -706,9 +678,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
   chain_in = [] if seg is None else [("h_loc", "all_ne", seg[0]), ("dsum", "all_e", seg[1])]
-  if meta.vector_bc:
-    ins = common + [("BC", "seq_2n", jnp.concatenate([B, C], axis=-1).astype(f32))]
-  elif meta.pack_bc:
+  if meta.pack_bc:
     ins = common + [("BC", "seq_n", _pack_bc(B, C))]
   else:
     ins = common + [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
@@ -911,7 +881,7 @@ def selective_scan_pallas(
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, cfg.vector_bc and n % 4 == 0,
+    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math,
   )  # fmt: skip
 
   def pad_l(a):
