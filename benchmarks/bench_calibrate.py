@@ -14,6 +14,7 @@ forward+backward 347 ms and 33.8 GiB at 8K; mamba-1.4b forward 93 ms at 8K, 363 
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -28,6 +29,7 @@ from calibrate.gradient import Gradient
 from calibrate.objective import frozen_layers, scale_loss
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM
+from mamba_jax.ops.selective_scan import pallas_triton
 from mamba_jax.scales import CalibrationScale, attach_scales
 
 GIB = 1024**3
@@ -120,7 +122,16 @@ def main(argv=None) -> int:
     action="store_true",
     help="stack the block weights for the layer scan inside every step (rounds 2-10) instead of once outside it",
   )
+  p.add_argument(
+    "--selective-scan-config",
+    default=None,
+    help="JSON overrides of the selective scan's default SelectiveScanConfig (A/B runs of its kernels in a model)",
+  )
   args = p.parse_args(argv)
+  if args.selective_scan_config:
+    overrides = json.loads(args.selective_scan_config)
+    pallas_triton.DEFAULT_CONFIG = dataclasses.replace(pallas_triton.DEFAULT_CONFIG, **overrides)
+    print(f"selective scan config: {pallas_triton.DEFAULT_CONFIG}", flush=True)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {dtype.name}", flush=True)
