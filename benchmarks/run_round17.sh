@@ -1,6 +1,6 @@
 #!/bin/bash
-# Round 17 (an H200): selective-scan launch shapes with several channels per thread, B / C read as float32
-# quads (`vector_bc`, removed), and pass 1 with its own channel block (`block_e_states`) (scans.md, round 17).
+# Round 17 (an H200): selective-scan launch shapes with several channels per thread, and B / C read as float32
+# quads (`vector_bc`) (scans.md, round 17).
 #   STEP=sweep profile_selective_scan.py over SWEEP_VARIANTS (JSON SelectiveScanConfig overrides) at SWEEP_LENS, for
 #              each batch of SWEEP_BATCHES (SPSA's pair is batch 2), each checked against float32 XLA first and traced
 #              (GPU time per kernel); forward+backward variants SWEEP_BWD (none by default) likewise.

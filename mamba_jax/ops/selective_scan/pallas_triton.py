@@ -121,10 +121,6 @@ class SelectiveScanConfig:
       of delta's pre-activation) with `rcp.approx` instead of a float32 division (the forward's gate always
       uses `rcp.approx`). On an H200 (round 12, one lease) the forward at 8K took 0.588 against 0.611 ms
       (stream); the backward with it was not timed.
-    block_e_states: channels per program of the segment-state pass (pass 1; same segments and warps as the main
-      kernel), used where it divides d_inner (else `block_e`). 256 (two channels per thread): on an H200 at 8K
-      (round 17) pass 1 took 0.423 against 0.458 ms at batch 2 and 0.210 against 0.214 ms at batch 1; the main
-      kernel lost with it (0.664 against 0.601 ms), so it keeps `block_e`.
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -147,7 +143,6 @@ class SelectiveScanConfig:
   prefetch: bool = False
   pack_bc: bool = True
   fast_math: bool = True
-  block_e_states: int = 256
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -175,7 +170,6 @@ class _Meta:
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
   fast_math: bool  # `SelectiveScanConfig.fast_math`
-  block_e_states: int  # pass 1's channel block
 
   @property
   def ragged(self):
@@ -669,8 +663,7 @@ def _segment_states(meta, u, delta, A, B, delta_bias):
   outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
   outs += [("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))]
   name = SELECTIVE_SCAN_SEGMENT_STATES
-  eb = meta.block_e_states
-  return tuple(_call(_fwd_kernel, meta, eb, meta.num_warps, ins, outs, name, write_y=False, save=False))
+  return tuple(_call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, name, write_y=False, save=False))
 
 
 def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
@@ -885,12 +878,10 @@ def selective_scan_pallas(
     raise ValueError(f"selective_scan: z {z.shape} must have u's shape {u.shape} (or give z_start)")
   z_start = int(z_start or 0)
   bf16_bc = B.dtype == C.dtype == jnp.bfloat16
-  eb_states = min(cfg.block_e_states, e)
-  eb_states = eb if e % eb_states else eb_states
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, eb_states,
+    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math,
   )  # fmt: skip
 
   def pad_l(a):
