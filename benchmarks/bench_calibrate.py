@@ -155,6 +155,7 @@ def main(argv=None) -> int:
           "dtype": dtype.name,
           "layers": args.layers,
           "stack_per_step": args.stack_per_step,
+          **({"selective_scan_config": json.loads(args.selective_scan_config)} if args.selective_scan_config else {}),
           **r,
         }
         if "error" in r:

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Round 17 (an H200): selective-scan launch shapes with several channels per thread, and B / C read as float32
-# quads (`vector_bc`) (scans.md, round 17).
+# Round 17 (an H200): selective-scan launch shapes with several channels per thread, B / C read as float32 quads
+# (`vector_bc`, 734ef3f) and the segment-state pass with its own channel block (`block_e_states`, 021da0d); both
+# removed after (scans.md, round 17).
 #   STEP=sweep profile_selective_scan.py over SWEEP_VARIANTS (JSON SelectiveScanConfig overrides) at SWEEP_LENS, for
 #              each batch of SWEEP_BATCHES (SPSA's pair is batch 2), each checked against float32 XLA first and traced
 #              (GPU time per kernel); forward+backward variants SWEEP_BWD (none by default) likewise.
