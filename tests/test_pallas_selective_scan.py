@@ -409,7 +409,6 @@ def test_model_remat_runs_segment_states_once_per_layer():
   assert sum(result_types(r) == pass1 for r in results) == cfg.n_layer, results
 
 
-@_SLOW  # remat's values at the model level: test_calibrate_calibrators.py::test_remat_gives_the_same_loss_and_gradient
 def test_remat_gradients_equal_plain_gradients():
   """Gradients under `jax.checkpoint` (the primal pass through the plain forward) equal those without."""
   inp, kw = _case("all", seed=4)

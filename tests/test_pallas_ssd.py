@@ -215,7 +215,6 @@ def test_remat_stores_chunk_states_once():
   assert len(results) == 7  # the primal pass's 2 launches, then the 5 of the recomputed forward and backward
 
 
-@pytest.mark.slow  # the launch counts under remat (test_remat_stores_states_once above) run by default
 def test_remat_gradients_equal_plain_gradients():
   """Gradients under `jax.checkpoint` (the primal pass through the plain forward) equal those without."""
   inp, kw = _case("all", seed=4)
