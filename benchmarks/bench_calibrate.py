@@ -128,9 +128,9 @@ def main(argv=None) -> int:
     help="JSON overrides of the selective scan's default SelectiveScanConfig (A/B runs of its kernels in a model)",
   )
   args = p.parse_args(argv)
-  if args.selective_scan_config:
-    overrides = json.loads(args.selective_scan_config)
-    pallas_triton.DEFAULT_CONFIG = dataclasses.replace(pallas_triton.DEFAULT_CONFIG, **overrides)
+  scan_overrides = json.loads(args.selective_scan_config) if args.selective_scan_config else None
+  if scan_overrides:
+    pallas_triton.DEFAULT_CONFIG = dataclasses.replace(pallas_triton.DEFAULT_CONFIG, **scan_overrides)
     print(f"selective scan config: {pallas_triton.DEFAULT_CONFIG}", flush=True)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
           "dtype": dtype.name,
           "layers": args.layers,
           "stack_per_step": args.stack_per_step,
-          **({"selective_scan_config": json.loads(args.selective_scan_config)} if args.selective_scan_config else {}),
+          **({"selective_scan_config": scan_overrides} if scan_overrides else {}),
           **r,
         }
         if "error" in r:
