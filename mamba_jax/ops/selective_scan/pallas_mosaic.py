@@ -1,0 +1,228 @@
+"""The Mamba1 selective scan's two forward kernels in Pallas Mosaic GPU (Hopper: TMA copies into a shared-memory ring).
+
+Shape legend: b batch, l length (padded to s * L_s), s segments, L_s segment length, t steps of a chunk (T of them),
+e inner channels (d_inner; 128 per program), n state.
+
+The same algorithm and work per program as the Triton forward (`pallas_triton._fwd_kernel`: one warpgroup per
+(128-channel block, segment, batch), one channel per thread, its n states in registers, the time loop walked step by
+step), with the data path the Triton lowering cannot express: each chunk's u, delta and z (t, 128) tiles and its
+[B_t, C_t] (t, 2n) float32 rows arrive by TMA into a ring of `stages` shared-memory buffers while the previous chunk
+is computed, so each step reads its rows and its 2n broadcast scalars from shared memory instead of issuing global
+loads close to their use (the Triton kernels' top stall, scans.md round 7). y leaves through a double-buffered
+(t, 128) tile by TMA.
+
+  * `segment_states`: pass 1, each segment's end state from zero (b, s, n, e) and its sum of delta (b, s, e).
+  * `fwd_main`: pass 2, chains the end states of the segments before its own, walks its segment from the true
+    incoming state and writes y (with D u and the z gate) and the last segment's end state (b, n, e).
+
+Both take the padded inputs of `pallas_triton` and return what its `_segment_states` / plain `_forward` return.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
+
+E_BLOCK = 128  # channels per program: one per thread of the warpgroup
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_SERIES_BELOW = -3.0
+_ROW = plgpu.Layout.WG_STRIDED((E_BLOCK,), vec_size=1)  # an (e,) row, one channel per thread
+_PARAMS = dict(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True)
+
+
+def _load_row(ref):
+  """An (e,) row of a shared- or global-memory ref into registers, element i in thread i."""
+  return plgpu.load(ref, (), layout=_ROW, optimized=False)
+
+
+def _softplus_fast(x):
+  """`pallas_triton._softplus_fast`: lg2(1 + e^x) ln 2 (approximate ex2 / lg2), a series below x = -3."""
+  xc = jnp.minimum(x, SOFTPLUS_THRESHOLD)
+  t = jnp.exp2(xc * _LOG2E)
+  lg = jnp.log2(1.0 + t) * _LN2
+  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t / 6)))))
+  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(xc < _SERIES_BELOW, series, lg))
+
+
+def _delta(raw, bias, seg0_t, meta):
+  """delta at one step from its raw (e,) row: bias, softplus, and zero past the true length."""
+  x = raw.astype(jnp.float32)
+  if bias is not None:
+    x = x + bias
+  d = _softplus_fast(x) if meta.softplus else x
+  if meta.ragged:
+    d = d * (seg0_t < meta.l).astype(jnp.float32)
+  return d
+
+
+def _kernel(*refs, meta, T, stages, write_y):
+  """One (channel block, segment, batch). Refs, in order:
+  in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1: B alone,
+    (b, l, n)), [D (e,)], [z (b, l, width)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (b, n, e) and,
+    with several segments, h_loc (b, s, n, e) and dsum (b, s, e) from pass 1.
+  out: `write_y`: y (b, l, e), h_last (b, n, e); else h_out (b, s, n, e), dsum (b, s, e).
+  scratch: the u, delta, [z] and BC rings, the out tiles, the ring's barriers."""
+  refs = list(refs)
+  take = lambda cond=True: refs.pop(0) if cond else None  # noqa: E731
+  u_g, dl_g, a2_g, bc_g = take(), take(), take(), take()
+  d_g = take(write_y and meta.has_d)
+  z_g = take(write_y and meta.has_z)
+  bias_g = take(meta.has_bias)
+  h0_g = take(write_y)
+  hl_g, ds_g = take(write_y and meta.S > 1), take(write_y and meta.S > 1)
+  out0, out1 = take(), take()
+  u_s, dl_s = take(), take()
+  z_s = take(write_y and meta.has_z)
+  bc_s, o_s, bar = take(), take(), take()
+  assert not refs, refs
+  n = a2_g.shape[0]
+
+  ei, si, bi = lax.axis_index("e"), lax.axis_index("s"), lax.axis_index("b")
+  e0 = pl.multiple_of(ei * E_BLOCK, E_BLOCK)
+  cols = pl.ds(e0, E_BLOCK)
+  seg0 = si * meta.seg_len
+  K = meta.seg_len // T
+  ins = [(u_g, u_s, 0), (dl_g, dl_s, 0), (bc_g, bc_s, None)]
+  if z_s is not None:
+    ins.append((z_g, z_s, meta.z_start))
+
+  def fetch(k, slot):
+    rows = pl.ds(seg0 + k * T, T)
+    for g, s, off in ins:
+      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E_BLOCK)]
+      plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
+
+  for k in range(min(stages, K)):
+    fetch(k, k)
+
+  A2 = [_load_row(a2_g.at[k, cols]) for k in range(n)]
+  bias = _load_row(bias_g.at[cols]).astype(jnp.float32) if bias_g is not None else None
+  Dv = _load_row(d_g.at[cols]).astype(jnp.float32) if d_g is not None else None
+  zero = plgpu.layout_cast(jnp.zeros((E_BLOCK,), jnp.float32), _ROW)  # a splat would change the carry's layout
+  if write_y:
+    h = tuple(_load_row(h0_g.at[bi, k, cols]) for k in range(n))
+    if hl_g is not None:
+
+      def chain(i, h):
+        ds = _load_row(ds_g.at[bi, i, cols])
+        return tuple(jnp.exp2(ds * A2[k]) * h[k] + _load_row(hl_g.at[bi, i, k, cols]) for k in range(n))
+
+      h = lax.fori_loop(0, si, chain, h)
+  else:
+    h = (zero,) * n
+
+  def body(k, carry):
+    h, dsum = carry
+    slot = lax.rem(k, stages)
+    plgpu.barrier_wait(bar.at[slot])
+    if write_y:
+      ybuf = lax.rem(k, 2)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile written two chunks ago has left ...
+      plgpu.commit_smem()  # ... before any thread rewrites it (the copies' issuing thread waited)
+    for j in range(T):
+      u = _load_row(u_s.at[slot, j]).astype(jnp.float32)
+      d = _delta(_load_row(dl_s.at[slot, j]), bias, seg0 + k * T + j, meta)
+      du = d * u
+      Bt = [bc_s[slot, j, m] for m in range(n)]
+      h = tuple(jnp.exp2(d * A2[m]) * h[m] + Bt[m] * du for m in range(n))
+      if write_y:
+        y = Dv * u if Dv is not None else zero
+        for m in range(n):
+          y = y + h[m] * bc_s[slot, j, n + m]
+        if z_s is not None:
+          zt = _load_row(z_s.at[slot, j]).astype(jnp.float32)
+          y = y * zt / (1.0 + jnp.exp2(zt * -_LOG2E))
+        o_s[ybuf, j] = y.astype(o_s.dtype)
+      else:
+        dsum = dsum + d
+    plgpu.commit_smem()  # every thread is done with this slot and has written its y rows
+
+    @pl.when(k + stages < K)
+    def _():
+      fetch(k + stages, slot)
+
+    if write_y:
+      plgpu.copy_smem_to_gmem(o_s.at[ybuf], out0.at[bi, pl.ds(seg0 + k * T, T), cols])
+    return h, dsum
+
+  h, dsum = lax.fori_loop(0, K, body, (h, zero))
+  if write_y:
+    plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(si == meta.S - 1)
+    def _():
+      for m in range(n):
+        out1[bi, m, cols] = h[m]
+  else:
+    for m in range(n):
+      out0[bi, si, m, cols] = h[m]
+    out1[bi, si, cols] = dsum
+
+
+def _chunk(seg_len, want):
+  """The chunk length T: the largest divisor of the segment length up to `want`."""
+  for T in range(min(want, seg_len), 0, -1):
+    if seg_len % T == 0:
+      return T
+  return 1
+
+
+def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages):
+  b, lp, e = ins[0].shape
+  ring = lambda width, dt: plgpu.SMEM((stages, T, width), dt)  # noqa: E731
+  scratch = [ring(E_BLOCK, ins[0].dtype), ring(E_BLOCK, ins[1].dtype)]
+  if has_z:
+    scratch.append(ring(E_BLOCK, dtype))
+  scratch.append(ring(bc_width, jnp.float32))
+  scratch.append(plgpu.SMEM((2, T, E_BLOCK), out_type[0].dtype) if write_y else plgpu.SMEM((1,), jnp.float32))
+  scratch.append(plgpu.Barrier(num_arrivals=3 + has_z, num_barriers=stages))
+  call = plgpu.kernel(
+    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y),
+    out_type=out_type,
+    scratch_types=scratch,
+    grid=(e // E_BLOCK, meta.S, b),
+    grid_names=("e", "s", "b"),
+    compiler_params=plgpu.CompilerParams(**_PARAMS),
+  )
+  return call(*ins)
+
+
+def segment_states(meta, u, delta, A2, B, delta_bias, *, T=32, stages=2):
+  """Pass 1 from the padded inputs: (h_out (b, s, n, e), dsum (b, s, e)) float32, as `pallas_triton`'s.
+  A2 = A^T log2(e) (n, e) float32."""
+  b, lp, e = u.shape
+  n = A2.shape[0]
+  T = _chunk(meta.seg_len, T)
+  ins = [u, delta, A2, B.astype(jnp.float32)] + ([delta_bias] if meta.has_bias else [])
+  f32 = jnp.float32
+  out = [jax.ShapeDtypeStruct((b, meta.S, n, e), f32), jax.ShapeDtypeStruct((b, meta.S, e), f32)]
+  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T)))
+
+
+def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=32, stages=2):
+  """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32). h0 (b, n, e) float32;
+  seg: pass 1's outputs (None with one segment)."""
+  b, lp, e = u.shape
+  n = A2.shape[0]
+  T = _chunk(meta.seg_len, T)
+  ins = [u, delta, A2, jnp.concatenate([B, C], axis=-1).astype(jnp.float32)]
+  ins += [D] if meta.has_d else []
+  ins += [z] if meta.has_z else []
+  ins += [delta_bias] if meta.has_bias else []
+  ins += [h0] + ([] if seg is None else list(seg))
+  out = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((b, n, e), jnp.float32)]
+  zdt = z.dtype if z is not None else u.dtype
+  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, _stages(stages, meta.seg_len // T)))
+
+
+def _stages(want, K):
+  return max(1, min(want, K))
+
+
+__all__ = ["E_BLOCK", "fwd_main", "segment_states"]
