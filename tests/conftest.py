@@ -42,20 +42,39 @@ def triton_call_results(fn, *args) -> list[str]:
   return [_result_types_text(ln) for ln in _cuda_lowering(fn, *args).splitlines() if "__gpu$xla.gpu.triton" in ln]
 
 
-def live_triton_call_results(fn, *args) -> list[str]:
+def kernel_call_results(fn, *args) -> list[str]:
+  """`triton_call_results` counting the Mosaic GPU calls too (on a Hopper GPU the selective scan's plain forward
+  kernels are Mosaic GPU by default; on the CPU, Triton)."""
+  return [_result_types_text(ln) for ln in _cuda_lowering(fn, *args).splitlines() if _is_kernel(ln)]
+
+
+def _is_triton(line: str) -> bool:
+  return "__gpu$xla.gpu.triton" in line
+
+
+def _is_kernel(line: str) -> bool:
+  return _is_triton(line) or "custom_call @mosaic_gpu" in line
+
+
+def live_triton_call_results(fn, *args, match=_is_triton) -> list[str]:
   """`triton_call_results` less the calls none of whose results is used in their function: XLA removes those (a
   Triton call has no side effects), e.g. what jax.checkpoint recomputes beside a value its policy saved."""
   live = []
   for func in _cuda_lowering(fn, *args).split("func.func")[1:]:
     lines = func.splitlines()
     for i, ln in enumerate(lines):
-      if "__gpu$xla.gpu.triton" not in ln:
+      if not match(ln):
         continue
       name = ln.split("=", 1)[0].strip().split(":")[0]  # "%20:2" -> "%20"
       pattern = re.compile(re.escape(name) + r"(#\d+)?\b")
       if any(pattern.search(other) for j, other in enumerate(lines) if j != i):
         live.append(_result_types_text(ln))
   return live
+
+
+def live_kernel_call_results(fn, *args) -> list[str]:
+  """`live_triton_call_results` counting the Mosaic GPU calls too (see `kernel_call_results`)."""
+  return live_triton_call_results(fn, *args, match=_is_kernel)
 
 
 def result_types(results: str) -> list[str]:

@@ -14,7 +14,7 @@ from calibrate.objective import frozen_layers, mean_nll, scale_loss, token_nll
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM, generate
 from mamba_jax.scales import CalibrationScale, attach_scales
-from tests.conftest import result_types, triton_call_results
+from tests.conftest import kernel_call_results, result_types
 
 
 def tiny(arch: str, n_layer: int = 1, seed: int = 0) -> MambaLM:
@@ -220,7 +220,7 @@ def test_remat_gradient_step_stores_scan_states_once():
   assert model.uses_layer_scan
   graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
   x = jnp.zeros((1, 256), jnp.int32)
-  results = triton_call_results(jax.value_and_grad(scale_loss(graphdef, 1, 128)), scales, rest, x)
+  results = kernel_call_results(jax.value_and_grad(scale_loss(graphdef, 1, 128)), scales, rest, x)
   cfg = model.cfg
   stored = f"tensor<1x{256 // DEFAULT_CONFIG.unroll_bwd}x{cfg.d_state}x{cfg.d_inner}xf32>"  # (b, l / K, n, e)
   assert sum(result_types(r)[-1] == stored for r in results) == 1, results

@@ -13,7 +13,14 @@ from mamba_jax import MambaConfig, MambaLM, ops
 from mamba_jax.ops.selective_scan import pallas_triton as pt
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
 from mamba_jax.scales import CalibrationScale, attach_scales
-from tests.conftest import float64, live_triton_call_results, rel_err, result_types, triton_call_results
+from tests.conftest import (
+  float64,
+  live_kernel_call_results,
+  live_triton_call_results,
+  rel_err,
+  result_types,
+  triton_call_results,
+)
 
 INTERPRET = jax.default_backend() != "gpu"
 # Few channels per program and short segments, so that short test sequences span several segments.
@@ -228,7 +235,7 @@ def test_lowers_to_triton_for_cuda(variant):
   def f(*a, config=None):
     return pt.selective_scan_pallas(*a, True, config=config)
 
-  cfg = dataclasses.replace(pt.DEFAULT_CONFIG, **_LOWERED[variant])
+  cfg = dataclasses.replace(pt.DEFAULT_CONFIG, fwd_lowering="triton", **_LOWERED[variant])
   assert len(triton_call_results(functools.partial(f, config=cfg), *args)) == 2  # segment states, scan with y
   loss = lambda *a: jnp.sum(f(*a, config=cfg).astype(jnp.float32))
   grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6, 7))
@@ -370,7 +377,7 @@ def test_remat_stores_states_once():
   args += (S((e,), jnp.float32), S((b, l, e), bf), S((e,), jnp.float32))
 
   def f(*a):
-    return pt.selective_scan_pallas(*a, True)
+    return pt.selective_scan_pallas(*a, True, config=dataclasses.replace(pt.DEFAULT_CONFIG, fwd_lowering="triton"))
 
   stored = f"tensor<{b}x{l // pt.DEFAULT_CONFIG.unroll_bwd}x{n}x{e}xf32>"  # (b, l / K, n, e)
   S_ = pt._segments(l, b, e, pt.DEFAULT_CONFIG)[1]
@@ -404,7 +411,7 @@ def test_model_remat_runs_segment_states_once_per_layer():
   e = cfg.d_inner
   S = pt._segments(1024, 1, e, pt.DEFAULT_CONFIG)[1]
   assert S > 1
-  results = live_triton_call_results(jax.grad(loss), scales, ids)
+  results = live_kernel_call_results(jax.grad(loss), scales, ids)
   pass1 = [f"tensor<1x{S}x{cfg.d_state}x{e}xf32>", f"tensor<1x{S}x{e}xf32>"]
   assert sum(result_types(r) == pass1 for r in results) == cfg.n_layer, results
 

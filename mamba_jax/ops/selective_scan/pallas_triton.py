@@ -81,6 +81,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
 from mamba_jax.ops._remat import SELECTIVE_SCAN_SEGMENT_STATES
+from mamba_jax.ops.selective_scan import pallas_mosaic
 from mamba_jax.ops.selective_scan.reference import check_gate_columns, gate_columns
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -121,6 +122,15 @@ class SelectiveScanConfig:
       of delta's pre-activation) with `rcp.approx` instead of a float32 division (the forward's gate always
       uses `rcp.approx`). On an H200 (round 12, one lease) the forward at 8K took 0.588 against 0.611 ms
       (stream); the backward with it was not timed.
+    fwd_lowering: the plain forward's two kernels (pass 1, and pass 2 outside `jax.vjp`): "triton", "mosaic"
+      (Pallas Mosaic GPU, `pallas_mosaic.py`: the same work per program with the chunks' rows arriving by TMA
+      into shared memory; on an H200 at 8K tokens both passes 1.099 -> 0.784 ms at batch 2 and 0.595 -> 0.458 ms
+      at batch 1, round 18 of benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU when d_inner is
+      a multiple of 128 and d_state of 4, Triton otherwise). The forward under `jax.vjp`, which stores states for
+      the backward, and the backward are Triton in every case.
+    mosaic_chunk: steps per TMA copy (T) in the Mosaic GPU kernels (the largest divisor of the segment length up
+      to it; 16 was the fastest of 16 / 32 / 64 on an H200).
+    mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -143,6 +153,9 @@ class SelectiveScanConfig:
   prefetch: bool = False
   pack_bc: bool = True
   fast_math: bool = True
+  fwd_lowering: str = "auto"
+  mosaic_chunk: int = 16
+  mosaic_stages: int = 2
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -170,6 +183,9 @@ class _Meta:
   z_start: int  # the gate is columns [z_start, z_start + e) of z (read in place; a multiple of both blocks)
   interpret: bool
   fast_math: bool  # `SelectiveScanConfig.fast_math`
+  mosaic: bool = False  # pass 1 and the plain pass 2 in Mosaic GPU (`SelectiveScanConfig.fwd_lowering`)
+  mosaic_chunk: int = 16
+  mosaic_stages: int = 2
 
   @property
   def ragged(self):
@@ -658,6 +674,11 @@ def _segment_states(meta, u, delta, A, B, delta_bias):
   b, lp, e = u.shape
   n = A.shape[-1]
   f32 = jnp.float32
+  if meta.mosaic:
+    A2 = A.astype(f32).T * _LOG2E
+    return pallas_mosaic.segment_states(
+      meta, u, delta, A2, B, delta_bias, T=meta.mosaic_chunk, stages=meta.mosaic_stages
+    )
   ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A.astype(f32).T * _LOG2E)]
   ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
   outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
@@ -674,6 +695,11 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   n = A.shape[-1]
   f32 = jnp.float32
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
+  if meta.mosaic and not save:
+    h0t = jnp.swapaxes(h0, 1, 2)
+    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages)
+    y, h_last = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
+    return y, jnp.swapaxes(h_last, 1, 2), None
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
@@ -834,6 +860,23 @@ def _segments(l, b, e, cfg):
   return _padded_segments(l, want, cfg.unroll)
 
 
+def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bool:
+  """Whether pass 1 and the plain pass 2 run in Mosaic GPU (see `SelectiveScanConfig.fwd_lowering`)."""
+  if cfg.fwd_lowering not in ("auto", "triton", "mosaic"):
+    raise ValueError(f"fwd_lowering must be 'auto', 'triton' or 'mosaic', not {cfg.fwd_lowering!r}")
+  fits = e % pallas_mosaic.E_BLOCK == 0 and n % 4 == 0
+  if cfg.fwd_lowering == "mosaic":
+    if not fits or interpret:
+      raise ValueError(
+        f"fwd_lowering='mosaic' needs d_inner a multiple of {pallas_mosaic.E_BLOCK}, d_state a multiple of 4 and a "
+        f"compiled run; got d_inner={e}, d_state={n}, interpret={interpret}. Use 'auto' to fall back to Triton."
+      )
+    return True
+  if cfg.fwd_lowering == "triton" or interpret or not fits or jax.default_backend() != "gpu":
+    return False
+  return getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+
+
 def selective_scan_pallas(
   u: jax.Array,  # (b, l, e)
   delta: jax.Array,  # (b, l, e)
@@ -881,7 +924,8 @@ def selective_scan_pallas(
   meta = _Meta(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
-    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math,
+    cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
+    cfg.mosaic_stages,
   )  # fmt: skip
 
   def pad_l(a):

@@ -1,0 +1,122 @@
+"""The selective scan's Mosaic GPU forward kernels: their CUDA lowering on any machine, their outputs on a GPU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_jax.ops.selective_scan import pallas_triton as pt
+from mamba_jax.ops.selective_scan.reference import selective_scan_reference
+from tests.conftest import float64, rel_err, result_types
+
+# Few programs, so that a few hundred tokens span several segments; 128 channels per Mosaic GPU program.
+CFG = pt.SelectiveScanConfig(target_programs=8, fwd_lowering="mosaic")
+ON_HOPPER = jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+_GPU = pytest.mark.skipif(not ON_HOPPER, reason="the Mosaic GPU kernels run only on a Hopper GPU")
+
+
+def _inputs(seed=0, b=2, l=300, e=256, n=16, dtype=jnp.bfloat16, drop=()):
+  k = jax.random.split(jax.random.PRNGKey(seed), 9)
+  r = lambda i, shape: jax.random.normal(k[i], shape, jnp.float32)  # noqa: E731
+  inp = dict(
+    u=r(0, (b, l, e)).astype(dtype),
+    delta=(r(1, (b, l, e)) * 0.5 - 1.0).astype(dtype),
+    A=-jnp.exp(r(2, (e, n)) * 0.5),
+    B=r(3, (b, l, n)).astype(dtype),
+    C=r(4, (b, l, n)).astype(dtype),
+    D=r(5, (e,)),
+    z=r(6, (b, l, e)).astype(dtype),
+    delta_bias=r(7, (e,)) * 0.3,
+    initial_state=r(8, (b, e, n)),
+  )
+  return {k: (None if k in drop else v) for k, v in inp.items()}
+
+
+def _lowered(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text().splitlines()
+
+
+def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stores_states_in_triton():
+  """Runs Mosaic GPU's lowering (no GPU needed). The plain forward: pass 1 and pass 2 in Mosaic GPU, no Triton
+  call. The gradient: pass 1 in Mosaic GPU, the state-storing forward and the backward's two kernels in Triton."""
+  inp = _inputs()
+  args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+  f = lambda *a: pt.selective_scan_pallas(*a, True, config=CFG)  # noqa: E731
+  lines = _lowered(f, *args)
+  mosaic = [ln for ln in lines if "custom_call @mosaic_gpu" in ln]
+  assert len(mosaic) == 2 and not any("__gpu$xla.gpu.triton" in ln for ln in lines)
+  b, l, e = inp["u"].shape
+  n = inp["A"].shape[1]
+  seg, S = pt._segments(l, b, e, CFG)
+  assert S > 1 and seg * S > l  # several segments and a padded tail
+  pass1 = [f"tensor<{b}x{S}x{n}x{e}xf32>", f"tensor<{b}x{S}x{e}xf32>"]
+  assert result_types(mosaic[0].rsplit("-> ", 1)[-1]) == pass1
+
+  grad_lines = _lowered(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2)), *args)
+  assert sum("custom_call @mosaic_gpu" in ln for ln in grad_lines) == 1
+  assert sum("__gpu$xla.gpu.triton" in ln for ln in grad_lines) == 3
+
+
+def test_mosaic_lowering_refuses_shapes_it_cannot_run():
+  inp = _inputs(e=64)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    pt.selective_scan_pallas(**inp, config=CFG)
+  with pytest.raises(ValueError, match="fwd_lowering must be"):
+    pt.selective_scan_pallas(**_inputs(), config=dataclasses.replace(CFG, fwd_lowering="cuda"))
+
+
+def test_auto_picks_triton_off_hopper_and_for_small_channel_counts():
+  cfg = dataclasses.replace(CFG, fwd_lowering="auto")
+  assert not pt._use_mosaic(cfg, 64, 16, False)  # d_inner not a multiple of 128
+  assert not pt._use_mosaic(cfg, 256, 16, True)  # the interpreter
+  assert pt._use_mosaic(cfg, 256, 16, False) == ON_HOPPER
+
+
+def _reference(inp, **kw):
+  with float64():
+    arrays = {k: None if v is None else np.asarray(v, np.float64) for k, v in inp.items()}
+    y, h = selective_scan_reference(**arrays, **kw)
+    return np.asarray(y), np.asarray(h)
+
+
+CASES = {
+  "all": dict(),  # ragged length, several segments, every option
+  "plain": dict(drop=("D", "z", "delta_bias", "initial_state"), l=256),
+  "one segment": dict(l=48, b=1),
+  "float32": dict(dtype=jnp.float32, drop=("z",)),
+}
+
+
+@_GPU
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_forward_matches_float64_reference_and_triton(name, chunk):
+  """Fresh inputs per case; y and the last state against a float64 sequential scan, and against the Triton
+  kernels' outputs on the same inputs (the same algorithm: equal to float32 rounding)."""
+  spec = dict(CASES[name])
+  inp = _inputs(seed=hash((name, chunk)) % 1000, **spec)
+  kw = dict(delta_softplus=True, return_last_state=True)
+  cfg = dataclasses.replace(CFG, mosaic_chunk=chunk)
+  y, h = pt.selective_scan_pallas(**inp, **kw, config=cfg)
+  y_t, h_t = pt.selective_scan_pallas(**inp, **kw, config=dataclasses.replace(cfg, fwd_lowering="triton"))
+  y_ref, h_ref = _reference(inp, **kw)
+  assert y.shape == inp["u"].shape and y.dtype == inp["u"].dtype and h.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+  tol = 1e-2 if inp["u"].dtype == jnp.bfloat16 else 1e-4  # y rounds to the inputs' dtype
+  assert rel_err(y, y_ref) < tol
+  assert rel_err(h, h_ref) < 1e-4
+  assert rel_err(h, h_t) < 1e-5
+  assert rel_err(y, y_t) < (1e-2 if inp["u"].dtype == jnp.bfloat16 else 1e-5)
+
+
+@_GPU
+def test_gate_read_in_place_from_the_wider_in_proj_output():
+  inp = _inputs(l=512)  # divides into whole segments: the gate is read in place
+  b, l, e = inp["u"].shape
+  wide = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(5), (b, l, e)).astype(inp["z"].dtype), inp["z"]], -1)
+  kw = dict(delta_softplus=True)
+  y_wide = pt.selective_scan_pallas(**{**inp, "z": wide}, z_start=e, **kw, config=CFG)
+  y = pt.selective_scan_pallas(**inp, **kw, config=CFG)
+  np.testing.assert_array_equal(np.asarray(y_wide, np.float32), np.asarray(y, np.float32))
