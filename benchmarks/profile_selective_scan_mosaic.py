@@ -73,7 +73,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--lens", default="8192")
   ap.add_argument("--batches", default="1,2")
-  ap.add_argument("--variants", default="32:2,16:2,64:2,32:3", help="Mosaic T:stages pairs")
+  ap.add_argument("--variants", default="32:2,16:2,64:2,32:3", help="Mosaic T:stages[:channels per thread]")
   ap.add_argument("--out", default=None, help="append JSON rows here")
   a = ap.parse_args()
   e, n = 4096, 16
@@ -100,12 +100,12 @@ def main():
       margs1 = (x["u"], x["delta"], A2, x["B"], x["delta_bias"])
       margs2 = (x["u"], x["delta"], A2, x["B"], x["C"], x["D"], x["z"], x["delta_bias"], jnp.swapaxes(h0, 1, 2), seg_t)
       for v in a.variants.split(","):
-        T, st = map(int, v.split(":"))
-        name = f"mosaic T={T} stages={st}"
+        T, st, cpt = (list(map(int, v.split(":"))) + [1])[:3]
+        name = f"mosaic T={T} stages={st} channels/thread={cpt}"
         try:
           times, seg_m, (y_m, hl_m) = _time(
-            functools.partial(pm.segment_states, meta, T=T, stages=st),
-            functools.partial(pm.fwd_main, meta, T=T, stages=st),
+            functools.partial(pm.segment_states, meta, T=T, stages=st, cpt=cpt),
+            functools.partial(pm.fwd_main, meta, T=T, stages=st, cpt=cpt),
             margs1,
             margs2,
           )

@@ -91,14 +91,14 @@ CASES = {
 
 @_GPU
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_forward_matches_float64_reference_and_triton(name, chunk):
+@pytest.mark.parametrize("chunk, cpt", [(16, 1), (32, 1), (16, 2)])
+def test_forward_matches_float64_reference_and_triton(name, chunk, cpt):
   """Fresh inputs per case; y and the last state against a float64 sequential scan, and against the Triton
   kernels' outputs on the same inputs (the same algorithm: equal to float32 rounding)."""
   spec = dict(CASES[name])
-  inp = _inputs(seed=hash((name, chunk)) % 1000, **spec)
+  inp = _inputs(seed=hash((name, chunk, cpt)) % 1000, **spec)
   kw = dict(delta_softplus=True, return_last_state=True)
-  cfg = dataclasses.replace(CFG, mosaic_chunk=chunk)
+  cfg = dataclasses.replace(CFG, mosaic_chunk=chunk, mosaic_channels_per_thread=cpt)
   y, h = pt.selective_scan_pallas(**inp, **kw, config=cfg)
   y_t, h_t = pt.selective_scan_pallas(**inp, **kw, config=dataclasses.replace(cfg, fwd_lowering="triton"))
   y_ref, h_ref = _reference(inp, **kw)

@@ -28,17 +28,21 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
 
-E_BLOCK = 128  # channels per program: one per thread of the warpgroup
+E_BLOCK = 128  # channels per program with one channel per thread of the warpgroup (`channels_per_thread` 1)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _SERIES_BELOW = -3.0
-_ROW = plgpu.Layout.WG_STRIDED((E_BLOCK,), vec_size=1)  # an (e,) row, one channel per thread
 _PARAMS = dict(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True)
 
 
+def _row_layout(E):
+  """An (e,) row of E = 128 c channels, channels [c i, c i + c) in thread i."""
+  return plgpu.Layout.WG_STRIDED((E,), vec_size=E // 128)
+
+
 def _load_row(ref):
-  """An (e,) row of a shared- or global-memory ref into registers, element i in thread i."""
-  return plgpu.load(ref, (), layout=_ROW, optimized=False)
+  """An (e,) row of a shared- or global-memory ref into registers (`_row_layout`)."""
+  return plgpu.load(ref, (), layout=_row_layout(ref.shape[-1]), optimized=False)
 
 
 def _softplus_fast(x):
@@ -61,7 +65,7 @@ def _delta(raw, bias, seg0_t, meta):
   return d
 
 
-def _kernel(*refs, meta, T, stages, write_y):
+def _kernel(*refs, meta, T, stages, write_y, E):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1: B alone,
     (b, l, n)), [D (e,)], [z (b, l, width)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (b, n, e) and,
@@ -84,8 +88,8 @@ def _kernel(*refs, meta, T, stages, write_y):
   n = a2_g.shape[0]
 
   ei, si, bi = lax.axis_index("e"), lax.axis_index("s"), lax.axis_index("b")
-  e0 = pl.multiple_of(ei * E_BLOCK, E_BLOCK)
-  cols = pl.ds(e0, E_BLOCK)
+  e0 = pl.multiple_of(ei * E, E)
+  cols = pl.ds(e0, E)
   seg0 = si * meta.seg_len
   K = meta.seg_len // T
   ins = [(u_g, u_s, 0), (dl_g, dl_s, 0), (bc_g, bc_s, None)]
@@ -95,7 +99,7 @@ def _kernel(*refs, meta, T, stages, write_y):
   def fetch(k, slot):
     rows = pl.ds(seg0 + k * T, T)
     for g, s, off in ins:
-      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E_BLOCK)]
+      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E)]
       plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
 
   for k in range(min(stages, K)):
@@ -104,7 +108,7 @@ def _kernel(*refs, meta, T, stages, write_y):
   A2 = [_load_row(a2_g.at[k, cols]) for k in range(n)]
   bias = _load_row(bias_g.at[cols]).astype(jnp.float32) if bias_g is not None else None
   Dv = _load_row(d_g.at[cols]).astype(jnp.float32) if d_g is not None else None
-  zero = plgpu.layout_cast(jnp.zeros((E_BLOCK,), jnp.float32), _ROW)  # a splat would change the carry's layout
+  zero = plgpu.layout_cast(jnp.zeros((E,), jnp.float32), _row_layout(E))  # a splat would change the carry's layout
   if write_y:
     h = tuple(_load_row(h0_g.at[bi, k, cols]) for k in range(n))
     if hl_g is not None:
@@ -173,39 +177,40 @@ def _chunk(seg_len, want):
   return 1
 
 
-def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages):
+def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt):
   b, lp, e = ins[0].shape
+  E = E_BLOCK * cpt
   ring = lambda width, dt: plgpu.SMEM((stages, T, width), dt)  # noqa: E731
-  scratch = [ring(E_BLOCK, ins[0].dtype), ring(E_BLOCK, ins[1].dtype)]
+  scratch = [ring(E, ins[0].dtype), ring(E, ins[1].dtype)]
   if has_z:
-    scratch.append(ring(E_BLOCK, dtype))
+    scratch.append(ring(E, dtype))
   scratch.append(ring(bc_width, jnp.float32))
-  scratch.append(plgpu.SMEM((2, T, E_BLOCK), out_type[0].dtype) if write_y else plgpu.SMEM((1,), jnp.float32))
+  scratch.append(plgpu.SMEM((2, T, E), out_type[0].dtype) if write_y else plgpu.SMEM((1,), jnp.float32))
   scratch.append(plgpu.Barrier(num_arrivals=3 + has_z, num_barriers=stages))
   call = plgpu.kernel(
-    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y),
+    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y, E=E),
     out_type=out_type,
     scratch_types=scratch,
-    grid=(e // E_BLOCK, meta.S, b),
+    grid=(e // E, meta.S, b),
     grid_names=("e", "s", "b"),
     compiler_params=plgpu.CompilerParams(**_PARAMS),
   )
   return call(*ins)
 
 
-def segment_states(meta, u, delta, A2, B, delta_bias, *, T=32, stages=2):
+def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1):
   """Pass 1 from the padded inputs: (h_out (b, s, n, e), dsum (b, s, e)) float32, as `pallas_triton`'s.
-  A2 = A^T log2(e) (n, e) float32."""
+  A2 = A^T log2(e) (n, e) float32; T steps per copy, `stages` buffers, `cpt` channels per thread."""
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T)
   ins = [u, delta, A2, B.astype(jnp.float32)] + ([delta_bias] if meta.has_bias else [])
   f32 = jnp.float32
   out = [jax.ShapeDtypeStruct((b, meta.S, n, e), f32), jax.ShapeDtypeStruct((b, meta.S, e), f32)]
-  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T)))
+  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T), cpt))
 
 
-def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=32, stages=2):
+def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1):
   """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32). h0 (b, n, e) float32;
   seg: pass 1's outputs (None with one segment)."""
   b, lp, e = u.shape
@@ -218,7 +223,7 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=32, stage
   ins += [h0] + ([] if seg is None else list(seg))
   out = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((b, n, e), jnp.float32)]
   zdt = z.dtype if z is not None else u.dtype
-  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, _stages(stages, meta.seg_len // T)))
+  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, _stages(stages, meta.seg_len // T), cpt))
 
 
 def _stages(want, K):

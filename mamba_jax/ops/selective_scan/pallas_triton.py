@@ -131,6 +131,8 @@ class SelectiveScanConfig:
     mosaic_chunk: steps per TMA copy (T) in the Mosaic GPU kernels (the largest divisor of the segment length up
       to it; 16 was the fastest of 16 / 32 / 64 on an H200).
     mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
+    mosaic_channels_per_thread: channels per thread in the Mosaic GPU kernels (128 times it per program): each
+      step's 2n B / C scalars are read once for that many channels.
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -156,6 +158,7 @@ class SelectiveScanConfig:
   fwd_lowering: str = "auto"
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
+  mosaic_channels_per_thread: int = 1
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -186,6 +189,7 @@ class _Meta:
   mosaic: bool = False  # pass 1 and the plain pass 2 in Mosaic GPU (`SelectiveScanConfig.fwd_lowering`)
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
+  mosaic_cpt: int = 1  # `SelectiveScanConfig.mosaic_channels_per_thread`
 
   @property
   def ragged(self):
@@ -697,7 +701,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
   if meta.mosaic and not save:
     h0t = jnp.swapaxes(h0, 1, 2)
-    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages)
+    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt)
     y, h_last = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
     return y, jnp.swapaxes(h_last, 1, 2), None
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
@@ -864,12 +868,14 @@ def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bo
   """Whether pass 1 and the plain pass 2 run in Mosaic GPU (see `SelectiveScanConfig.fwd_lowering`)."""
   if cfg.fwd_lowering not in ("auto", "triton", "mosaic"):
     raise ValueError(f"fwd_lowering must be 'auto', 'triton' or 'mosaic', not {cfg.fwd_lowering!r}")
-  fits = e % pallas_mosaic.E_BLOCK == 0 and n % 4 == 0
+  block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
+  fits = e % block == 0 and n % 4 == 0
   if cfg.fwd_lowering == "mosaic":
     if not fits or interpret:
       raise ValueError(
-        f"fwd_lowering='mosaic' needs d_inner a multiple of {pallas_mosaic.E_BLOCK}, d_state a multiple of 4 and a "
-        f"compiled run; got d_inner={e}, d_state={n}, interpret={interpret}. Use 'auto' to fall back to Triton."
+        f"fwd_lowering='mosaic' needs d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a "
+        f"multiple of 4 and a compiled run; got d_inner={e}, d_state={n}, interpret={interpret}. Use 'auto' to fall "
+        "back to Triton."
       )
     return True
   if cfg.fwd_lowering == "triton" or interpret or not fits or jax.default_backend() != "gpu":
@@ -925,7 +931,7 @@ def selective_scan_pallas(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
-    cfg.mosaic_stages,
+    cfg.mosaic_stages, cfg.mosaic_channels_per_thread,
   )  # fmt: skip
 
   def pad_l(a):
