@@ -5,7 +5,8 @@
 #   STEP=tests the selective-scan tests (Triton and Mosaic GPU), compiled on the GPU.
 #   STEP=cal   bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS at each of CAL_LENS (8192), default
 #              config (Mosaic GPU forward kernels on Hopper); then, when CAL_AB is set, the SPSA iteration with the
-#              Triton forward kernels ({"fwd_lowering": "triton"}) and the default again (A/B/A in one lease).
+#              Triton forward kernels ({"fwd_lowering": "triton"}) and the default again (A/B/A in one lease), or
+#              with each of CAL_AB_CONFIGS (JSON SelectiveScanConfig overrides, space-separated).
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=sweep ...
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee -a $OUT/device.txt
@@ -28,7 +29,7 @@ cal)
       | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt
   done
   if [ -n "$CAL_AB" ]; then
-    for c in '{"fwd_lowering":"triton"}' '{}'; do
+    for c in ${CAL_AB_CONFIGS:-'{"fwd_lowering":"triton"}' '{}'}; do
       timeout ${CAL_S:-300} python benchmarks/bench_calibrate.py --lengths 8192 --iters ${CAL_ITERS:-3} \
         --models ${CAL_MODELS:-mamba-1.4b} --methods spsa --selective-scan-config "$c" --json $OUT/calibrate.jsonl 2>&1 \
         | grep -v "Warning\|warn" | tee -a $OUT/calibrate.txt

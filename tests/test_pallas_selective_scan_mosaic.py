@@ -96,7 +96,7 @@ def test_forward_matches_float64_reference_and_triton(name, chunk, cpt):
   """Fresh inputs per case; y and the last state against a float64 sequential scan, and against the Triton
   kernels' outputs on the same inputs (the same algorithm: equal to float32 rounding)."""
   spec = dict(CASES[name])
-  inp = _inputs(seed=hash((name, chunk, cpt)) % 1000, **spec)
+  inp = _inputs(seed=10 * list(CASES).index(name) + chunk + cpt, **spec)
   kw = dict(delta_softplus=True, return_last_state=True)
   cfg = dataclasses.replace(CFG, mosaic_chunk=chunk, mosaic_channels_per_thread=cpt)
   y, h = pt.selective_scan_pallas(**inp, **kw, config=cfg)
