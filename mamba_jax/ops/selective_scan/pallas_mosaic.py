@@ -15,7 +15,23 @@ loads close to their use (the Triton kernels' top stall, scans.md round 7). y le
   * `fwd_main`: pass 2, chains the end states of the segments before its own, walks its segment from the true
     incoming state and writes y (with D u and the z gate) and the last segment's end state (b, n, e).
 
-Both take the padded inputs of `pallas_triton` and return what its `_segment_states` / plain `_forward` return.
+Both take the padded inputs of `pallas_triton` and return what its `_segment_states` / plain `_forward` return, to
+float32 rounding (so that the Triton forward under `jax.vjp` can take this pass 1's segment states).
+
+Details:
+  * Lane semantics with every array's layout given: (e,) rows in `WG_STRIDED` layout, thread i holding channel i
+    (or channels [c i, c i + c) with c channels per thread); B_t and C_t as scalar shared-memory loads, the same
+    address in every lane (a broadcast), float32 so that no unpacking follows.
+  * exp2, log2 and the gate's division lower to `ex2.approx`, `lg2.approx` and an approximate reciprocal
+    (`approx_math`), as the Triton kernels' inline PTX does; the softplus is always the fast one (Triton's
+    `fast_math=True`, the default). Multiplies and adds may contract into FMAs.
+  * No automatic barriers (`unsafe_no_auto_barriers`): each thread reads and writes only its own channels' shared
+    memory, and the two places where threads hand memory to the copy engine or take it back have explicit
+    barriers (`commit_smem`, a proxy fence and a warpgroup barrier): after a chunk's steps (every thread is done
+    with the ring slot that the next copy refills and has written its y rows), and after the wait for the y tile
+    written two chunks ago (only the copies' issuing thread waits).
+  * Measured on an H200 at 8K tokens (benchmarks/results/scans.md, round 18): T = 16 and 8 equal, 32 and 64
+    slower; 2 buffers faster than 1, 3 equal; 2 channels per thread slower.
 """
 
 import functools
