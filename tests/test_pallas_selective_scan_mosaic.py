@@ -59,6 +59,24 @@ def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stor
   assert sum("__gpu$xla.gpu.triton" in ln for ln in grad_lines) == 3
 
 
+def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
+  """Chunk, buffers and channels per thread reach pass 1 and pass 2 alike (lowered, no GPU needed)."""
+  from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
+
+  seen = []
+  real = pallas_mosaic._call
+
+  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt):
+    seen.append((write_y, T, stages, cpt))
+    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt)
+
+  monkeypatch.setattr(pallas_mosaic, "_call", spy)
+  cfg = dataclasses.replace(CFG, mosaic_chunk=8, mosaic_stages=3, mosaic_channels_per_thread=2)
+  inp = _inputs(l=512)
+  _lowered(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
+  assert sorted(seen) == [(False, 8, 3, 2), (True, 8, 3, 2)], seen
+
+
 def test_mosaic_lowering_refuses_shapes_it_cannot_run():
   inp = _inputs(e=64)
   with pytest.raises(ValueError, match="multiple of 128"):

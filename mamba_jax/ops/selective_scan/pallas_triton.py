@@ -681,12 +681,11 @@ def _segment_states(meta, u, delta, A, B, delta_bias):
   b, lp, e = u.shape
   n = A.shape[-1]
   f32 = jnp.float32
+  A2 = A.astype(f32).T * _LOG2E  # (n, e)
   if meta.mosaic:
-    A2 = A.astype(f32).T * _LOG2E
-    return pallas_mosaic.segment_states(
-      meta, u, delta, A2, B, delta_bias, T=meta.mosaic_chunk, stages=meta.mosaic_stages
-    )
-  ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A.astype(f32).T * _LOG2E)]
+    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt)
+    return pallas_mosaic.segment_states(meta, u, delta, A2, B, delta_bias, **kw)
+  ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
   outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
   outs += [("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))]
