@@ -13,6 +13,21 @@ def softplus(x: jax.Array) -> jax.Array:
   return jnp.where(x > SOFTPLUS_THRESHOLD, x, jax.nn.softplus(x))
 
 
+_SERIES_BELOW = -3.0  # `softplus_from_exp2`: ln(1 + t) from its series where t = e^x < e^-3
+
+
+def softplus_from_exp2(x: jax.Array, exp2, log2) -> jax.Array:
+  """Softplus from base-2 exponential and logarithm functions (the kernels pass their approximate hardware ones,
+  `ex2.approx` and `lg2.approx`): ~12 instructions where libdevice's log1pf alone is ~30. ln(1 + t), t = e^x, is
+  lg2(1 + t) ln 2 where softplus is at least ~0.05 (lg2.approx's absolute error, ~2^-22, is then under 4e-6 of it)
+  and the series t - t^2/2 + ... - t^6/6 below (truncation under 1e-7 of t): relative error within ~4e-6 at any x."""
+  xc = jnp.minimum(x, SOFTPLUS_THRESHOLD)
+  t = exp2(xc * math.log2(math.e))  # e^x
+  lg = log2(1.0 + t)
+  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t / 6)))))
+  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(xc < _SERIES_BELOW, series, lg * math.log(2.0)))
+
+
 def process_dt(
   dt: jax.Array,
   dt_bias: jax.Array | None,

@@ -42,12 +42,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
+from mamba_jax.ops._dt import softplus_from_exp2
 
 E_BLOCK = 128  # channels per program with one channel per thread of the warpgroup (`channels_per_thread` 1)
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_SERIES_BELOW = -3.0
 _PARAMS = dict(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True)
 
 
@@ -61,21 +59,12 @@ def _load_row(ref):
   return plgpu.load(ref, (), layout=_row_layout(ref.shape[-1]), optimized=False)
 
 
-def _softplus_fast(x):
-  """`pallas_triton._softplus_fast`: lg2(1 + e^x) ln 2 (approximate ex2 / lg2), a series below x = -3."""
-  xc = jnp.minimum(x, SOFTPLUS_THRESHOLD)
-  t = jnp.exp2(xc * _LOG2E)
-  lg = jnp.log2(1.0 + t) * _LN2
-  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t / 6)))))
-  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(xc < _SERIES_BELOW, series, lg))
-
-
 def _delta(raw, bias, seg0_t, meta):
   """delta at one step from its raw (e,) row: bias, softplus, and zero past the true length."""
   x = raw.astype(jnp.float32)
   if bias is not None:
     x = x + bias
-  d = _softplus_fast(x) if meta.softplus else x
+  d = softplus_from_exp2(x, jnp.exp2, jnp.log2) if meta.softplus else x  # approximate ex2 / lg2 (approx_math)
   if meta.ragged:
     d = d * (seg0_t < meta.l).astype(jnp.float32)
   return d

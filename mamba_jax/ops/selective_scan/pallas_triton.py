@@ -82,7 +82,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD
+from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD, softplus_from_exp2
 from mamba_jax.ops._remat import SELECTIVE_SCAN_SEGMENT_STATES
 from mamba_jax.ops.selective_scan import pallas_mosaic
 from mamba_jax.ops.selective_scan.reference import check_gate_columns, gate_columns
@@ -256,20 +256,10 @@ def _softplus(x):
   return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.log1p(jnp.exp(jnp.minimum(x, SOFTPLUS_THRESHOLD))))
 
 
-_SERIES_BELOW = -3.0  # `_softplus_fast`: ln(1 + t) from its series where t = e^x < e^-3
-
-
 def _softplus_fast(x, interpret):
-  """Softplus (float32 (e,) rows) from `ex2.approx` and `lg2.approx`: ~12 instructions where libdevice's log1pf
-  alone is ~30 (a polynomial with its special cases as selects). ln(1 + t), t = e^x, is lg2(1 + t) ln 2 where
-  softplus is at least ~0.05 (lg2.approx's absolute error, ~2^-22, is then under 4e-6 of it) and the series
-  t - t^2/2 + ... - t^6/6 below (truncation under 1e-7 of t): relative error within ~4e-6 at any x."""
-  xc = jnp.minimum(x, SOFTPLUS_THRESHOLD)
-  t = _exp2(xc * _LOG2E, interpret)  # e^x
-  one_t = 1.0 + t
-  lg = jnp.log2(one_t) if interpret else _ptx("lg2.approx.ftz.f32 $0, $1;", one_t)
-  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t / 6)))))
-  return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(xc < _SERIES_BELOW, series, lg * _LN2))
+  """Softplus (float32 (e,) rows) from `ex2.approx` and `lg2.approx` (`_dt.softplus_from_exp2`)."""
+  lg2 = jnp.log2 if interpret else functools.partial(_ptx, "lg2.approx.ftz.f32 $0, $1;")
+  return softplus_from_exp2(x, functools.partial(_exp2, interpret=interpret), lg2)
 
 
 def _lane_xor(x, m, interpret):
