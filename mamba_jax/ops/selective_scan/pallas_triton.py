@@ -83,6 +83,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import SOFTPLUS_THRESHOLD, softplus_from_exp2
+from mamba_jax.ops._lowering import use_mosaic
 from mamba_jax.ops._remat import SELECTIVE_SCAN_SEGMENT_STATES
 from mamba_jax.ops.selective_scan import pallas_mosaic
 from mamba_jax.ops.selective_scan.reference import check_gate_columns, gate_columns
@@ -858,21 +859,12 @@ def _segments(l, b, e, cfg):
 
 def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bool:
   """Whether pass 1 and the plain pass 2 run in Mosaic GPU (see `SelectiveScanConfig.fwd_lowering`)."""
-  if cfg.fwd_lowering not in ("auto", "triton", "mosaic"):
-    raise ValueError(f"fwd_lowering must be 'auto', 'triton' or 'mosaic', not {cfg.fwd_lowering!r}")
   block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
-  fits = e % block == 0 and n % 4 == 0
-  if cfg.fwd_lowering == "mosaic":
-    if not fits or interpret:
-      raise ValueError(
-        f"fwd_lowering='mosaic' needs d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a "
-        f"multiple of 4 and a compiled run; got d_inner={e}, d_state={n}, interpret={interpret}. Use 'auto' to fall "
-        "back to Triton."
-      )
-    return True
-  if cfg.fwd_lowering == "triton" or interpret or not fits or jax.default_backend() != "gpu":
-    return False
-  return getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+  needs = (
+    f"d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a multiple of 4 and a compiled run; "
+    f"got d_inner={e}, d_state={n}, interpret={interpret}"
+  )
+  return use_mosaic(cfg.fwd_lowering, "fwd_lowering", e % block == 0 and n % 4 == 0, interpret, needs)
 
 
 def selective_scan_pallas(

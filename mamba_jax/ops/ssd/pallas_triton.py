@@ -60,6 +60,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mamba_jax.ops._dt import process_dt
 from mamba_jax.ops._kernel_refs import split_refs
+from mamba_jax.ops._lowering import use_mosaic
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 
@@ -769,20 +770,12 @@ def _bwd_segments(nc: int, b: int, h: int, target_programs: int, fwd_segments: i
 
 def _use_mosaic_fwd(cfg: SSDConfig, T: int, p: int, n: int, dtype, interpret: bool) -> bool:
   """Whether the plain forward's main kernel runs in Mosaic GPU (see `SSDConfig.fwd_main_lowering`)."""
-  if cfg.fwd_main_lowering not in ("auto", "triton", "mosaic"):
-    raise ValueError(f"fwd_main_lowering must be 'auto', 'triton' or 'mosaic', not {cfg.fwd_main_lowering!r}")
   fits = T == 64 and p % 64 == 0 and n % 64 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  if cfg.fwd_main_lowering == "mosaic":
-    if not fits or interpret:
-      raise ValueError(
-        "fwd_main_lowering='mosaic' needs 64-token chunks (block_t=64), bf16/fp16 inputs, head dim and state "
-        f"multiples of 64 and a compiled run; got block_t={T}, p={p}, n={n}, {jnp.dtype(dtype)}, "
-        f"interpret={interpret}. Use 'auto' to fall back to Triton."
-      )
-    return True
-  if cfg.fwd_main_lowering == "triton" or interpret or not fits or jax.default_backend() != "gpu":
-    return False
-  return getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+  needs = (
+    "64-token chunks (block_t=64), bf16/fp16 inputs, head dim and state multiples of 64 and a compiled run; got "
+    f"block_t={T}, p={p}, n={n}, {jnp.dtype(dtype)}, interpret={interpret}"
+  )
+  return use_mosaic(cfg.fwd_main_lowering, "fwd_main_lowering", fits, interpret, needs)
 
 
 def _bwd_partials(cfg: SSDConfig, dtype, heads_per_program: int) -> str:
