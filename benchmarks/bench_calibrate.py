@@ -105,6 +105,15 @@ def bench_one(model, method: str, length: int, args, after=None) -> dict:
   }
 
 
+def override_selective_scan_config(text: str | None) -> dict | None:
+  """Applies `--selective-scan-config` (JSON overrides of the selective scan's default config); returns them."""
+  overrides = json.loads(text) if text else None
+  if overrides:
+    pallas_triton.DEFAULT_CONFIG = dataclasses.replace(pallas_triton.DEFAULT_CONFIG, **overrides)
+    print(f"selective scan config: {pallas_triton.DEFAULT_CONFIG}", flush=True)
+  return overrides
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths (CPU smoke run)")
@@ -128,10 +137,7 @@ def main(argv=None) -> int:
     help="JSON overrides of the selective scan's default SelectiveScanConfig (A/B runs of its kernels in a model)",
   )
   args = p.parse_args(argv)
-  scan_overrides = json.loads(args.selective_scan_config) if args.selective_scan_config else None
-  if scan_overrides:
-    pallas_triton.DEFAULT_CONFIG = dataclasses.replace(pallas_triton.DEFAULT_CONFIG, **scan_overrides)
-    print(f"selective scan config: {pallas_triton.DEFAULT_CONFIG}", flush=True)
+  scan_overrides = override_selective_scan_config(args.selective_scan_config)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {dtype.name}", flush=True)

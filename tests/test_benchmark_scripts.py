@@ -27,19 +27,23 @@ def _run(script: str, *args) -> str:
 
 def test_bench_calibrate_tiny(tmp_path):
   out = tmp_path / "rows.jsonl"
-  _run("bench_calibrate.py", "--tiny", "--models", "mamba-1.4b", "--lengths", 32, "--methods", "forward,spsa",
-       "--iters", 1, "--json", out)  # fmt: skip
+  stdout = _run("bench_calibrate.py", "--tiny", "--models", "mamba-1.4b", "--lengths", 32, "--methods", "forward,spsa",
+                "--iters", 1, "--json", out, "--selective-scan-config", '{"mosaic_chunk": 8}')  # fmt: skip
+  assert "mosaic_chunk=8" in stdout  # the overridden config, as the script prints it
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["method"] for r in rows] == ["forward", "spsa"]
   for r in rows:
     assert "error" not in r, r
     assert r["seconds"] > 0 and r["stack_per_step"] is False
+    assert r["selective_scan_config"] == {"mosaic_chunk": 8}
 
 
 @pytest.mark.slow  # a smoke test of a profiling script; bench_calibrate's runs by default
 def test_profile_model_tiny():
   """Also the old layer scan (`--stack-per-step`), which profile_model passes through to bench_calibrate."""
   stdout = _run(
-    "profile_model.py", "--tiny", "--models", "mamba2-1.3b", "--length", 32, "--methods", "forward", "--stack-per-step"
-  )
+    "profile_model.py", "--tiny", "--models", "mamba2-1.3b", "--length", 32, "--methods", "forward", "--stack-per-step",
+    "--selective-scan-config", '{"fwd_lowering": "triton"}',
+  )  # fmt: skip
   assert "## mamba2-1.3b forward 32 tokens" in stdout
+  assert "fwd_lowering='triton'" in stdout
