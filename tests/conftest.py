@@ -46,24 +46,34 @@ def _result_types_text(line: str) -> str:
   return line.rsplit("-> ", 1)[-1]
 
 
+_CALL_MARKS = {"triton": "__gpu$xla.gpu.triton", "mosaic": "custom_call @mosaic_gpu"}
+
+
+def _is_triton(line: str) -> bool:
+  return _CALL_MARKS["triton"] in line
+
+
+def _is_kernel(line: str) -> bool:
+  return any(mark in line for mark in _CALL_MARKS.values())
+
+
+def kernel_calls(fn, *args) -> dict[str, list[str]]:
+  """{"triton": [...], "mosaic": [...]}: the result types of every Triton and every Mosaic GPU call in jit(fn)'s
+  CUDA lowering at `args` (shapes), each in program order, as written after `->` in the lowered text:
+  "tensor<...>" for one result, "(tensor<...>, ...)" for several."""
+  lines = _cuda_lowering(fn, *args).splitlines()
+  return {kind: [_result_types_text(ln) for ln in lines if mark in ln] for kind, mark in _CALL_MARKS.items()}
+
+
 def triton_call_results(fn, *args) -> list[str]:
-  """The result types of every Triton call in jit(fn)'s CUDA lowering at `args` (shapes), in program order, as
-  written after `->` in the lowered text: "tensor<...>" for one result, "(tensor<...>, ...)" for several."""
-  return [_result_types_text(ln) for ln in _cuda_lowering(fn, *args).splitlines() if "__gpu$xla.gpu.triton" in ln]
+  """The Triton calls of `kernel_calls`."""
+  return kernel_calls(fn, *args)["triton"]
 
 
 def kernel_call_results(fn, *args) -> list[str]:
   """`triton_call_results` counting the Mosaic GPU calls too (on a Hopper GPU the selective scan's plain forward
-  kernels are Mosaic GPU by default; on the CPU, Triton)."""
+  kernels are Mosaic GPU by default; on the CPU, Triton), in program order."""
   return [_result_types_text(ln) for ln in _cuda_lowering(fn, *args).splitlines() if _is_kernel(ln)]
-
-
-def _is_triton(line: str) -> bool:
-  return "__gpu$xla.gpu.triton" in line
-
-
-def _is_kernel(line: str) -> bool:
-  return _is_triton(line) or "custom_call @mosaic_gpu" in line
 
 
 def live_triton_call_results(fn, *args, match=_is_triton) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from mamba_jax.ops.selective_scan import pallas_triton as pt
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
-from tests.conftest import float64, rel_err, result_types
+from tests.conftest import float64, kernel_calls, rel_err, result_types
 
 # Few programs, so that a few hundred tokens span several segments; 128 channels per Mosaic GPU program.
 CFG = pt.SelectiveScanConfig(target_programs=8, fwd_lowering="mosaic")
@@ -34,29 +34,24 @@ def _inputs(seed=0, b=2, l=300, e=256, n=16, dtype=jnp.bfloat16, drop=()):
   return {k: (None if k in drop else v) for k, v in inp.items()}
 
 
-def _lowered(fn, *args):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text().splitlines()
-
-
 def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stores_states_in_triton():
   """Runs Mosaic GPU's lowering (no GPU needed). The plain forward: pass 1 and pass 2 in Mosaic GPU, no Triton
   call. The gradient: pass 1 in Mosaic GPU, the state-storing forward and the backward's two kernels in Triton."""
   inp = _inputs()
   args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
   f = lambda *a: pt.selective_scan_pallas(*a, True, config=CFG)  # noqa: E731
-  lines = _lowered(f, *args)
-  mosaic = [ln for ln in lines if "custom_call @mosaic_gpu" in ln]
-  assert len(mosaic) == 2 and not any("__gpu$xla.gpu.triton" in ln for ln in lines)
+  calls = kernel_calls(f, *args)
+  assert len(calls["mosaic"]) == 2 and not calls["triton"]
   b, l, e = inp["u"].shape
   n = inp["A"].shape[1]
   seg, S = pt._segments(l, b, e, CFG)
   assert S > 1 and seg * S > l  # several segments and a padded tail
   pass1 = [f"tensor<{b}x{S}x{n}x{e}xf32>", f"tensor<{b}x{S}x{e}xf32>"]
-  assert result_types(mosaic[0].rsplit("-> ", 1)[-1]) == pass1
+  assert result_types(calls["mosaic"][0]) == pass1
 
-  grad_lines = _lowered(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2)), *args)
-  assert sum("custom_call @mosaic_gpu" in ln for ln in grad_lines) == 1
-  assert sum("__gpu$xla.gpu.triton" in ln for ln in grad_lines) == 3
+  grad_calls = kernel_calls(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2)), *args)
+  assert len(grad_calls["mosaic"]) == 1
+  assert len(grad_calls["triton"]) == 3
 
 
 def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
@@ -73,7 +68,7 @@ def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
   monkeypatch.setattr(pallas_mosaic, "_call", spy)
   cfg = dataclasses.replace(CFG, mosaic_chunk=8, mosaic_stages=3, mosaic_channels_per_thread=2)
   inp = _inputs(l=512)
-  _lowered(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
+  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
   assert sorted(seen) == [(False, 8, 3, 2), (True, 8, 3, 2)], seen
 
 
