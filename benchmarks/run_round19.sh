@@ -1,7 +1,8 @@
 #!/bin/bash
 # Round 19 (an H200): where mamba-1.4b's 8K SPSA iteration and gradient step spend their time, and what helps.
-#   STEP=prof      profile_model.py --hlo for PROF_METHODS (spsa,grad) with the default config, then, when PROF_AB
-#                  is set, PROF_AB_METHODS (grad) with each JSON SelectiveScanConfig override of PROF_AB_CONFIGS.
+#   STEP=prof      profile_model.py --hlo for PROF_METHODS (spsa,grad) with the default config.
+#   STEP=profab    profile_model.py for PROF_AB_METHODS (grad) with each JSON SelectiveScanConfig override of
+#                  PROF_AB_CONFIGS (the Triton forward kernels by default).
 #   STEP=cmdbuf    bench_calibrate.py's SPSA iteration under each XLA_FLAGS of CMDBUF_FLAGS ('|'-separated; "-"
 #                  for none), to see what XLA's command buffers (CUDA graphs) do to the gaps between kernels.
 #   STEP=cal       bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS (spsa,grad) at CAL_LENS (8192).
@@ -18,14 +19,14 @@ case "$step" in
 prof)
   timeout ${PROF_S:-300} python benchmarks/profile_model.py --models $M --length 8192 --methods ${PROF_METHODS:-spsa,grad} \
     --hlo --top ${PROF_TOP:-30} --json $OUT/profile.jsonl 2>&1 | grep -v "Warning\|warn" | cut -c1-700 | tee -a $OUT/profile.txt
-  if [ -n "$PROF_AB" ]; then
+  ;;
+profab)
     for c in ${PROF_AB_CONFIGS:-'{"fwd_lowering":"triton"}'}; do
       echo "### config $c" | tee -a $OUT/profile.txt
       timeout ${PROF_S:-300} python benchmarks/profile_model.py --models $M --length 8192 --methods ${PROF_AB_METHODS:-grad} \
         --top ${PROF_TOP:-30} --selective-scan-config "$c" --json $OUT/profile.jsonl 2>&1 | grep -v "Warning\|warn" \
         | cut -c1-700 | tee -a $OUT/profile.txt
     done
-  fi
   ;;
 cmdbuf)
   IFS='|' read -ra FLAGS <<< "${CMDBUF_FLAGS:--|--xla_gpu_enable_command_buffer=|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL}"
