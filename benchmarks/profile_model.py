@@ -40,8 +40,9 @@ def _group(name: str) -> str:
   return "other"
 
 
-def kernel_times(trace_dir: str) -> dict[str, float]:
-  """Seconds per kernel name over the device planes of the newest trace under `trace_dir`."""
+def kernel_times(trace_dir: str, counts: dict[str, int] | None = None) -> dict[str, float]:
+  """Seconds per kernel name over the device planes of the newest trace under `trace_dir`; `counts`, when given,
+  receives the number of launches per name."""
   from jax.profiler import ProfileData
 
   files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
@@ -58,6 +59,8 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
         continue
       for event in line.events:
         totals[event.name] += event.duration_ns * 1e-9
+        if counts is not None:
+          counts[event.name] = counts.get(event.name, 0) + 1
   if not totals:  # say what the trace holds instead of printing empty tables
     for plane in data.planes:
       print(f"  plane {plane.name}: lines {[line.name for line in plane.lines][:12]}", flush=True)
@@ -124,7 +127,9 @@ def profile(model, method: str, length: int, calls: int, args) -> dict:
       with jax.profiler.trace(d):
         for _ in range(calls):
           jax.block_until_ready(fn(*call_args))
-      holder["kernels"] = {k: v / calls for k, v in kernel_times(d).items()}
+      counts = {}
+      holder["kernels"] = {k: v / calls for k, v in kernel_times(d, counts).items()}
+      holder["launches"] = {k: c / calls for k, c in counts.items()}
     holder["hlo"] = fn.as_text() if args.hlo else ""
 
   timing = bench_one(model, method, length, args, after=run_traced)
@@ -134,7 +139,10 @@ def profile(model, method: str, length: int, calls: int, args) -> dict:
     groups[_group(name)] += sec
   top = sorted(kernels, key=lambda k: -kernels[k])[: args.top]
   sources = fusion_sources(holder["hlo"], top) if args.hlo else {}
-  return {**timing, "wall_s": timing["seconds"], "kernels": kernels, "groups": dict(groups), "sources": sources}
+  return {
+    **timing, "wall_s": timing["seconds"], "kernels": kernels, "launches": holder["launches"], "groups": dict(groups),
+    "sources": sources,
+  }  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -169,9 +177,10 @@ def main(argv=None) -> int:
       print("| group | ms per call | share |\n|---|---|---|")
       for g, sec in sorted(r["groups"].items(), key=lambda kv: -kv[1]):
         print(f"| {g} | {sec * 1e3:.2f} | {sec / max(total, 1e-12):.0%} |")
-      print("| kernel | group | ms per call |\n|---|---|---|")
+      print("| kernel | group | ms per call | launches per call | us per launch |\n|---|---|---|---|---|")
       for k, sec in sorted(r["kernels"].items(), key=lambda kv: -kv[1])[: args.top]:
-        print(f"| `{k[:90]}` | {_group(k)} | {sec * 1e3:.3f} |")
+        n = r["launches"].get(k, 0)
+        print(f"| `{k[:90]}` | {_group(k)} | {sec * 1e3:.3f} | {n:g} | {sec * 1e6 / max(n, 1e-9):.1f} |")
       for k, src in r["sources"].items():
         print(f"  {k}: {src[:400]}")
       if args.json:

@@ -8,6 +8,9 @@
 #   STEP=cal       bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS (spsa,grad) at CAL_LENS (8192).
 #   STEP=sweep     profile_selective_scan_mosaic.py for SWEEP_VARIANTS at 8K, batches 2 and 1.
 #   STEP=conv      bench of the causal conv kernel alone (benchmarks/profile_conv.py) when present.
+#   STEP=calab     bench_calibrate.py's CALAB_METHODS (spsa) with each JSON SelectiveScanConfig override of CALAB_CONFIGS.
+#   STEP=sass      the Mosaic GPU selective-scan kernels' PTX and ptxas report (MOSAIC_GPU_DUMP_*), gzipped (the
+#                  device has no nvdisasm: assemble the PTX elsewhere for SASS).
 #   STEP=tests     the compiled GPU tests of TEST_FILES.
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=prof ...
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -52,6 +55,18 @@ sweep)
   ;;
 conv)
   timeout ${CONV_S:-200} python benchmarks/profile_conv.py --out $OUT/conv.jsonl 2>&1 | grep -v Warning | tee -a $OUT/conv.txt
+  ;;
+calab)
+  for c in ${CALAB_CONFIGS:-'{}' '{"target_programs":1056}'}; do
+    timeout ${CAL_S:-200} python benchmarks/bench_calibrate.py --lengths 8192 --iters ${CAL_ITERS:-5} --models $M \
+      --methods ${CALAB_METHODS:-spsa} --selective-scan-config "$c" --json $OUT/calab.jsonl 2>&1 \
+      | grep -v "Warning\|warn" | tail -4 | tee -a $OUT/calab.txt
+  done
+  ;;
+sass)
+  MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout ${SASS_S:-150} python benchmarks/profile_selective_scan_mosaic.py \
+    --lens 8192 --batches 2 --variants ${SASS_VARIANTS:-16:2} --out $OUT/sass_sweep.jsonl > $OUT/sass.txt 2>&1
+  grep -v Warning $OUT/sass.txt | grep -v "^\s*/\*[0-9a-f]*\*/" | tail -5; gzip -f $OUT/sass.txt; ls -la $OUT
   ;;
 tests)
   timeout ${TEST_S:-300} python -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
