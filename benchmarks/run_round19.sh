@@ -11,6 +11,7 @@
 #   STEP=calab     bench_calibrate.py's CALAB_METHODS (spsa) with each JSON SelectiveScanConfig override of CALAB_CONFIGS.
 #   STEP=sass      the Mosaic GPU selective-scan kernels' PTX and ptxas report (MOSAIC_GPU_DUMP_*), gzipped (the
 #                  device has no nvdisasm: assemble the PTX elsewhere for SASS).
+#   STEP=remat     benchmarks/check_remat_calls.py: the selective-scan kernel calls of a tiny remat gradient step.
 #   STEP=tests     the compiled GPU tests of TEST_FILES.
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=prof ...
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -62,6 +63,9 @@ calab)
       --methods ${CALAB_METHODS:-spsa} --selective-scan-config "$c" --json $OUT/calab.jsonl 2>&1 \
       | grep -v "Warning\|warn" | tail -4 | tee -a $OUT/calab.txt
   done
+  ;;
+remat)
+  timeout ${REMAT_S:-120} python benchmarks/check_remat_calls.py 2>&1 | grep -v "Warning\|warn" | tee -a $OUT/remat.txt
   ;;
 sass)
   MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 timeout ${SASS_S:-150} python benchmarks/profile_selective_scan_mosaic.py \
