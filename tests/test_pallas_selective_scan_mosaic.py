@@ -72,6 +72,50 @@ def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
   assert sorted(seen) == [(False, 8, 3, 2), (True, 8, 3, 2)], seen
 
 
+def _primitive_counts(eqns, counts=None):
+  """{primitive name: equations} over some equations and every jaxpr nested in their parameters."""
+  counts = {} if counts is None else counts
+  for eqn in eqns:
+    counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+    for value in eqn.params.values():
+      for v in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(v, "jaxpr", v)
+        if hasattr(inner, "eqns"):
+          _primitive_counts(inner.eqns, counts)
+  return counts
+
+
+# What a `plgpu.kernel` call is in a jaxpr: a pallas_call, or (jax 0.10) a custom_vmap_call around an mpmd_map.
+_KERNEL_PRIMITIVES = ("pallas_call", "custom_vmap_call", "mpmd_map")
+
+
+def test_kernels_divide_only_in_the_gate():
+  """Under approx_math every division is a special-function reciprocal, in the units that bound these kernels.
+  The softplus must not divide (its series by 6, jnp.log2's log(x) / log(2): one each per step until round 19);
+  pass 2's gate, z / (1 + e^-z), divides once per step (T of them per chunk's unrolled steps)."""
+  inp = _inputs()
+  args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+  jaxpr = jax.make_jaxpr(lambda *a: pt.selective_scan_pallas(*a, True, config=CFG))(*args).jaxpr
+  kernels = []
+
+  def find(j):
+    for eqn in j.eqns:
+      if eqn.primitive.name in _KERNEL_PRIMITIVES:  # the outermost one that holds a kernel
+        kernels.append(_primitive_counts([eqn]))
+        continue
+      for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(v, "jaxpr", v)
+          if hasattr(inner, "eqns"):
+            find(inner)
+
+  find(jaxpr)
+  assert len(kernels) == 2, kernels
+  pass1, pass2 = kernels
+  assert pass1.get("exp2", 0) > 0 and "div" not in pass1, pass1
+  assert pass2.get("div") == CFG.mosaic_chunk, pass2
+
+
 def test_mosaic_lowering_refuses_shapes_it_cannot_run():
   inp = _inputs(e=64)
   with pytest.raises(ValueError, match="multiple of 128"):

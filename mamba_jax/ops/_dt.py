@@ -24,7 +24,9 @@ def softplus_from_exp2(x: jax.Array, exp2, log2) -> jax.Array:
   xc = jnp.minimum(x, SOFTPLUS_THRESHOLD)
   t = exp2(xc * math.log2(math.e))  # e^x
   lg = log2(1.0 + t)
-  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t / 6)))))
+  # Constant coefficients, no division: under Mosaic GPU's approx_math `t / 6` became a `div.full.f32` (a
+  # special-function reciprocal) in every step of both forward passes (their PTX, round 19).
+  series = t * (1.0 - t * (1 / 2 - t * (1 / 3 - t * (1 / 4 - t * (1 / 5 - t * (1 / 6))))))
   return jnp.where(x > SOFTPLUS_THRESHOLD, x, jnp.where(xc < _SERIES_BELOW, series, lg * math.log(2.0)))
 
 

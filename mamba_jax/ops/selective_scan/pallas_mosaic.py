@@ -59,12 +59,18 @@ def _load_row(ref):
   return plgpu.load(ref, (), layout=_row_layout(ref.shape[-1]), optimized=False)
 
 
+def _log2(x):
+  """log2 without a division: `jnp.log2` is log(x) / log(2), whose division costs a special-function reciprocal
+  per step under approx_math (the kernels' PTX, round 19); log(x) lowers to `lg2.approx` times ln 2."""
+  return jnp.log(x) * _LOG2E
+
+
 def _delta(raw, bias, seg0_t, meta):
   """delta at one step from its raw (e,) row: bias, softplus, and zero past the true length."""
   x = raw.astype(jnp.float32)
   if bias is not None:
     x = x + bias
-  d = softplus_from_exp2(x, jnp.exp2, jnp.log2) if meta.softplus else x  # approximate ex2 / lg2 (approx_math)
+  d = softplus_from_exp2(x, jnp.exp2, _log2) if meta.softplus else x  # approximate ex2 / lg2 (approx_math)
   if meta.ragged:
     d = d * (seg0_t < meta.l).astype(jnp.float32)
   return d
