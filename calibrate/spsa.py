@@ -17,6 +17,7 @@ import optax
 
 from calibrate.objective import objective_value, scale_loss
 from calibrate.scales import projection
+from mamba_jax.ops.selective_scan import pallas_triton as selective_scan_kernels
 
 PERTURBATIONS = ("rademacher", "gaussian")
 SCHEDULES = ("cosine", "constant")
@@ -49,6 +50,20 @@ def make_optimizer(
   else:
     raise ValueError(f"optimizer={name!r} is not one of ('sgd', 'adam', 'adamw')")
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
+def vmapped_pair_scan_overrides() -> dict:
+  """How the vmapped pair's forward sets the Mamba1 selective scan's kernels (the Pallas ones; others ignore it).
+
+  Each kernel launch of the vmapped forward runs both points, but the kernels see one point's batch and aim their
+  segment count at `target_programs` for it: the pair launches twice the programs of one forward. Aiming at half
+  gives each launch the unvmapped default's program count (at 8K tokens, 32 segments of 256 steps instead of 64 of
+  128: fewer end states to chain in pass 2). Mosaic GPU chunks of 8 steps went with it in the measurement:
+  mamba-1.4b's 8K SPSA iteration on an H200 took 117.7-118.1 ms (two leases) against 119.6-122.4 ms with the
+  defaults, and 120.0 ms with the halved target alone (benchmarks/results/calibrate.md, round 19).
+  """
+  cfg = selective_scan_kernels.DEFAULT_CONFIG
+  return dict(target_programs=max(1, cfg.target_programs // 2), mosaic_chunk=8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +139,8 @@ class SPSA:
     if self.cfg.pair == "sequential":
       return self._nll(s_plus, rest, ids, stacked_layers), self._nll(s_minus, rest, ids, stacked_layers)
     both = jax.tree.map(lambda a, b: jnp.stack([a, b]), s_plus, s_minus)
-    nll = jax.vmap(self._nll, in_axes=(0, None, None, None))(both, rest, ids, stacked_layers)  # (2,)
+    with selective_scan_kernels.default_config_overrides(**vmapped_pair_scan_overrides()):
+      nll = jax.vmap(self._nll, in_axes=(0, None, None, None))(both, rest, ids, stacked_layers)  # (2,)
     return nll[0], nll[1]
 
   def _step(self, scales, opt_state, step, rest, ids, stacked_layers=None):

@@ -224,3 +224,32 @@ def test_remat_gradient_step_stores_scan_states_once():
   cfg = model.cfg
   stored = f"tensor<1x{256 // DEFAULT_CONFIG.unroll_bwd}x{cfg.d_state}x{cfg.d_inner}xf32>"  # (b, l / K, n, e)
   assert sum(result_types(r)[-1] == stored for r in results) == 1, results
+
+
+def test_vmapped_pair_aims_the_selective_scan_at_the_launch_not_one_point(monkeypatch):
+  """The vmapped pair traces its Pallas selective scans with half the target programs (each launch runs both
+  points) and 8-step Mosaic GPU chunks; the sequential pair and anything traced after keep the defaults."""
+  from mamba_jax.ops.selective_scan import pallas_triton as pt  # noqa: PLC0415
+
+  seen = []
+  real = pt._segments
+
+  def spy(l, b, e, cfg):
+    seen.append((cfg.target_programs, pt.DEFAULT_CONFIG.mosaic_chunk))
+    return real(l, b, e, cfg)
+
+  monkeypatch.setattr(pt, "_segments", spy)
+  default = pt.DEFAULT_CONFIG
+  model = MambaLM(MambaConfig.tiny("mamba1", n_layer=1), scan_impl="pallas", rngs=nnx.Rngs(0))
+  attach_scales(model, "A", "linear", "layer")
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  ids = jax.random.randint(jax.random.key(0), (1, 32), 0, 100)
+  tx = make_optimizer("sgd", make_schedule("constant", 0.01))
+  by_pair = {}
+  for pair in ("vmap", "sequential"):
+    spsa = SPSA(graphdef, tx, SPSAConfig(pair=pair))
+    jax.eval_shape(spsa._step, scales, spsa.init(scales), 0, rest, ids)
+    by_pair[pair], seen[:] = set(seen), []
+  assert by_pair["vmap"] == {(default.target_programs // 2, 8)}, by_pair
+  assert by_pair["sequential"] == {(default.target_programs, default.mosaic_chunk)}, by_pair
+  assert pt.DEFAULT_CONFIG is default

@@ -72,6 +72,7 @@ Design:
     offsets for arrays above 4 GiB; in-kernel row indices stay below the segment length.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -166,6 +167,22 @@ class SelectiveScanConfig:
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
+
+
+@contextlib.contextmanager
+def default_config_overrides(**changes):
+  """Within the block, `selective_scan_pallas` calls that pass no config use `DEFAULT_CONFIG` with `changes`.
+
+  The config is read when a call is traced, so use it around the tracing (inside a jitted function's body), e.g.
+  `calibrate.spsa`'s vmapped pair. Not thread-safe: it swaps the module's default for the block's duration.
+  """
+  global DEFAULT_CONFIG
+  saved = DEFAULT_CONFIG
+  DEFAULT_CONFIG = dataclasses.replace(saved, **changes)
+  try:
+    yield DEFAULT_CONFIG
+  finally:
+    DEFAULT_CONFIG = saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -933,4 +950,4 @@ def selective_scan_pallas(
   return (y, h) if return_last_state else y
 
 
-__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "selective_scan_pallas"]
+__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "default_config_overrides", "selective_scan_pallas"]
