@@ -72,16 +72,21 @@ def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
   assert sorted(seen) == [(False, 8, 3, 2), (True, 8, 3, 2)], seen
 
 
+def _nested_eqns(eqn):
+  """The equations of every jaxpr directly in `eqn`'s parameters (a scan's body, a kernel's, a cond's branches)."""
+  for value in eqn.params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      inner = getattr(v, "jaxpr", v)
+      if hasattr(inner, "eqns"):
+        yield from inner.eqns
+
+
 def _primitive_counts(eqns, counts=None):
-  """{primitive name: equations} over some equations and every jaxpr nested in their parameters."""
+  """{primitive name: equations} over some equations and every jaxpr nested in them."""
   counts = {} if counts is None else counts
   for eqn in eqns:
     counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-    for value in eqn.params.values():
-      for v in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(v, "jaxpr", v)
-        if hasattr(inner, "eqns"):
-          _primitive_counts(inner.eqns, counts)
+    _primitive_counts(_nested_eqns(eqn), counts)
   return counts
 
 
@@ -98,18 +103,14 @@ def test_kernels_divide_only_in_the_gate():
   jaxpr = jax.make_jaxpr(lambda *a: pt.selective_scan_pallas(*a, True, config=CFG))(*args).jaxpr
   kernels = []
 
-  def find(j):
-    for eqn in j.eqns:
+  def find(eqns):
+    for eqn in eqns:
       if eqn.primitive.name in _KERNEL_PRIMITIVES:  # the outermost one that holds a kernel
         kernels.append(_primitive_counts([eqn]))
-        continue
-      for value in eqn.params.values():
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-          inner = getattr(v, "jaxpr", v)
-          if hasattr(inner, "eqns"):
-            find(inner)
+      else:
+        find(_nested_eqns(eqn))
 
-  find(jaxpr)
+  find(jaxpr.eqns)
   assert len(kernels) == 2, kernels
   pass1, pass2 = kernels
   assert pass1.get("exp2", 0) > 0 and "div" not in pass1, pass1
