@@ -7,7 +7,6 @@
 #                  for none), to see what XLA's command buffers (CUDA graphs) do to the gaps between kernels.
 #   STEP=cal       bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS (spsa,grad) at CAL_LENS (8192).
 #   STEP=sweep     profile_selective_scan_mosaic.py for SWEEP_VARIANTS at 8K, batches 2 and 1.
-#   STEP=conv      bench of the causal conv kernel alone (benchmarks/profile_conv.py) when present.
 #   STEP=calab     bench_calibrate.py's CALAB_METHODS (spsa) with each JSON SelectiveScanConfig override of CALAB_CONFIGS.
 #   STEP=sass      the Mosaic GPU selective-scan kernels' PTX and ptxas report (MOSAIC_GPU_DUMP_*), gzipped (the
 #                  device has no nvdisasm: assemble the PTX elsewhere for SASS).
@@ -53,9 +52,6 @@ sweep)
   timeout ${SWEEP_S:-250} python benchmarks/profile_selective_scan_mosaic.py --lens 8192 --batches ${SWEEP_BATCHES:-2,1} \
     --variants ${SWEEP_VARIANTS:-16:2} --out $OUT/sweep.jsonl 2>&1 | grep --line-buffered -v Warning | cut -c1-600 \
     | tee -a $OUT/sweep.txt
-  ;;
-conv)
-  timeout ${CONV_S:-200} python benchmarks/profile_conv.py --out $OUT/conv.jsonl 2>&1 | grep -v Warning | tee -a $OUT/conv.txt
   ;;
 calab)
   for c in ${CALAB_CONFIGS:-'{}' '{"target_programs":1056}'}; do
