@@ -8,7 +8,6 @@ the selective scan's default config but few target programs (several segments at
 """
 
 import collections
-import dataclasses
 import re
 import tempfile
 
@@ -25,21 +24,24 @@ from mamba_jax.ops.selective_scan import pallas_triton as pt
 from mamba_jax.scales import CalibrationScale, attach_scales
 
 
-def _pallas_eqns(jaxpr, out, depth=0):
+def _pallas_eqns(jaxpr, out):
+  """(name, effects) of every pallas_call equation in `jaxpr` and the jaxprs nested in its equations."""
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
       out.append((eqn.params.get("name_and_src_info", ""), eqn.effects))
     for v in eqn.params.values():
-      inner = getattr(v, "jaxpr", None)
-      if inner is not None and hasattr(inner, "eqns"):
-        _pallas_eqns(inner, out, depth + 1)
-      elif hasattr(v, "eqns"):
-        _pallas_eqns(v, out, depth + 1)
+      inner = getattr(v, "jaxpr", v)
+      if hasattr(inner, "eqns"):
+        _pallas_eqns(inner, out)
   return out
 
 
 def main():
-  pt.DEFAULT_CONFIG = dataclasses.replace(pt.DEFAULT_CONFIG, target_programs=8)
+  with pt.default_config_overrides(target_programs=8):
+    _check()
+
+
+def _check():
   cfg = MambaConfig.tiny("mamba1", d_model=64, n_layer=2)
   model = MambaLM(cfg, param_dtype=jnp.bfloat16, remat=True, rngs=nnx.Rngs(0))
   attach_scales(model, "A", "linear", "layer")
