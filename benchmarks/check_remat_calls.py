@@ -1,12 +1,15 @@
 """How many selective-scan kernel calls a rematerialised gradient step runs, at each stage: the jaxpr (and the
 pallas_call equations' effects), the lowered module, XLA's optimised module, and the launches a profiler sees.
 
-  PYTHONPATH=. python benchmarks/check_remat_calls.py        # on a Hopper GPU (Mosaic GPU forward kernels)
+  PYTHONPATH=. python benchmarks/check_remat_calls.py [--no-barrier]   # on a Hopper GPU (Mosaic GPU forward kernels)
+
+--no-barrier: without `SelectiveScanConfig.barrier_segment_states` (what rounds 16-19 ran).
 
 A tiny Mamba1 model (d_inner 128, 2 layers, remat, the layer scan) and `calibrate.gradient.Gradient`'s step, with
 the selective scan's default config but few target programs (several segments at 512 tokens).
 """
 
+import argparse
 import collections
 import re
 import tempfile
@@ -37,7 +40,10 @@ def _pallas_eqns(jaxpr, out):
 
 
 def main():
-  with pt.default_config_overrides(target_programs=8):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--no-barrier", action="store_true", help="barrier_segment_states=False")
+  args = ap.parse_args()
+  with pt.default_config_overrides(target_programs=8, barrier_segment_states=not args.no_barrier):
     _check()
 
 
@@ -68,6 +74,7 @@ def _check():
       comp = m.group(1)
     if 'custom_call_target="mosaic_gpu' in ln:
       per[comp] += 1
+      print(f"  in {comp}: {ln.strip()[:240]}")
   print(f"optimised HLO: Mosaic GPU custom calls per computation {dict(per)}")
   jax.block_until_ready(compiled(*args))
   with tempfile.TemporaryDirectory() as d:

@@ -20,6 +20,11 @@ def _stack(states):
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
+def add_residual(residual: jax.Array, hidden: jax.Array) -> jax.Array:
+  """residual + hidden, added in float32 and kept in the residual's dtype (float32 when `residual_in_fp32`)."""
+  return (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype)
+
+
 class Block(nnx.Module):
   """x + Mixer(RMSNorm(x)), the residual stream kept in float32 when `residual_in_fp32`."""
 
@@ -28,15 +33,18 @@ class Block(nnx.Module):
     mixer_cls = Mamba1Mixer if cfg.arch == "mamba1" else Mamba2Mixer
     self.mixer = mixer_cls(cfg, dtype=dtype, param_dtype=param_dtype, scan_impl=scan_impl, rngs=rngs)
 
+  def mix(self, residual: jax.Array, compute_dtype, *, return_cache: bool = False):
+    """Mixer(RMSNorm(residual)): what the block adds to the residual stream (and the cache with `return_cache`)."""
+    return self.mixer(self.norm(residual, compute_dtype), return_cache=return_cache)
+
   def __call__(self, residual: jax.Array, compute_dtype, *, return_cache: bool = False):
-    out = self.mixer(self.norm(residual, compute_dtype), return_cache=return_cache)
+    out = self.mix(residual, compute_dtype, return_cache=return_cache)
     hidden, cache = out if return_cache else (out, None)
-    residual = (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype)
-    return residual, cache
+    return add_residual(residual, hidden), cache
 
   def step(self, residual: jax.Array, cache: MixerCache, compute_dtype):
     hidden, cache = self.mixer.step(self.norm(residual, compute_dtype), cache)
-    return (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype), cache
+    return add_residual(residual, hidden), cache
 
 
 class Backbone(nnx.Module):
@@ -119,7 +127,12 @@ class MambaLM(nnx.Module):
     stacked_layers: `stack_layers()` of this model's weights, computed once by the caller (layer scan only). The
       blocks' other variables (calibration scales) are still read from the blocks on every call.
     """
-    residual = self._embed(input_ids)
+    # The carry is (residual stream, the previous block's output): each block adds its predecessor's output and
+    # then normalises, as mamba_ssm's fused add + norm does, so that the add and the RMSNorm sit in one loop
+    # iteration, where XLA fuses them (carrying the sum instead puts them on the two sides of the loop's boundary:
+    # two kernels and one more float32 read of the stream per layer). The first block adds the embedding to zeros.
+    hidden = self.backbone.embedding(input_ids).astype(self.dtype)
+    residual = jnp.zeros(hidden.shape, F32 if self.cfg.residual_in_fp32 else self.dtype)
     layers = list(self.backbone.layers)
     if self.uses_layer_scan:
       graphdef = nnx.graphdef(layers[0])
@@ -130,7 +143,7 @@ class MambaLM(nnx.Module):
         stacked = (_stack([nnx.state(layer) for layer in layers]),)
       else:
         stacked = (stacked_layers, _stack([nnx.state(layer, nnx.Not(nnx.Param)) for layer in layers]))
-      residual, _ = jax.lax.scan(self._block_fn(graphdef), residual, stacked)
+      (residual, hidden), _ = jax.lax.scan(self._block_fn(graphdef), (residual, hidden), stacked)
     else:
       if stacked_layers is not None:
         raise ValueError(
@@ -139,22 +152,29 @@ class MambaLM(nnx.Module):
         )
       for layer in layers:
         graphdef, state = nnx.split(layer)
-        residual, _ = self._block_fn(graphdef)(residual, (state,))
-    return self.backbone.norm_f(residual, self.dtype)
+        (residual, hidden), _ = self._block_fn(graphdef)((residual, hidden), (state,))
+    return self.backbone.norm_f(add_residual(residual, hidden), self.dtype)
 
   def _block_fn(self, graphdef):
-    """A pure (residual, block state) -> (residual, None) function, rematerialised when `remat` is set.
+    """A pure ((residual, previous output), block state) -> ((residual, output), None) function; the block's
+    norm and mixer are rematerialised when `remat` is set (the add needs nothing saved for its gradient).
 
     Pure functions of the state (rather than calls on the live modules) work at any trace level: inside jax.grad,
     lax.scan or vmap over a model closed over from outside.
     """
 
-    def block(residual, states):  # states: a tuple of States that together hold the block's variables
-      return nnx.merge(graphdef, *states)(residual, self.dtype)[0], None
+    def mix(residual, states):  # states: a tuple of States that together hold the block's variables
+      return nnx.merge(graphdef, *states).mix(residual, self.dtype)
 
     # The policy keeps a few small named results of the forward pass (ops.REMAT_SAVED: the selective scan's
     # segment states) instead of recomputing them in the backward pass.
-    return jax.checkpoint(block, policy=ops.remat_policy()) if self.remat else block
+    mix = jax.checkpoint(mix, policy=ops.remat_policy()) if self.remat else mix
+
+    def block(carry, states):
+      residual = add_residual(*carry)
+      return (residual, mix(residual, states)), None
+
+    return block
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """(..., d) final-normed hidden states -> (..., v) logits."""

@@ -138,6 +138,11 @@ class SelectiveScanConfig:
     mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
     mosaic_channels_per_thread: channels per thread in the Mosaic GPU kernels (128 times it per program): each
       step's 2n B / C scalars are read once for that many channels.
+    barrier_segment_states: pass 1's outputs reach their users (pass 2, and under `jax.checkpoint` the saved
+      residuals) through `lax.optimization_barrier`. Without it, in a rematerialised gradient over the layer scan,
+      XLA's dynamic-slice fusion put the Mosaic GPU pass 1 in a fusion that writes the stacked residual and kept a
+      clone for pass 2: two pass-1 launches per layer (the custom call has side effects, so the copy stays;
+      benchmarks/results/calibrate.md, rounds 19-20). The barrier is free at run time.
 
   Defaults: forward 128 channels x 4 warps (one channel per thread) with 2112 target programs, which keeps
   the segment count of rounds 3-9's 256 x 8 with 1056: on an H200 (round 10, one lease) stream 0.603 / 2.148 /
@@ -164,6 +169,7 @@ class SelectiveScanConfig:
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
   mosaic_channels_per_thread: int = 1
+  barrier_segment_states: bool = True
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -944,6 +950,8 @@ def selective_scan_pallas(
   # remat does) keeps them from the forward pass, so the backward's recomputation runs pass 2 only.
   # Its inputs are cut from differentiation (a pallas_call has no JVP); `_core`'s VJP is the whole scan's.
   seg = _segment_states(meta, *jax.lax.stop_gradient((u, delta, A, B, delta_bias)))
+  if seg is not None and cfg.barrier_segment_states:
+    seg = jax.lax.optimization_barrier(seg)  # no fusion may take (and clone) the pass-1 call: see the config
   seg = None if seg is None else checkpoint_name(seg, SELECTIVE_SCAN_SEGMENT_STATES)
   y, h = _core(meta, u, delta, A, B, C, D, z, delta_bias, h0, seg)
   y = y[:, :l] if pad else y

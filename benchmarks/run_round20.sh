@@ -1,0 +1,54 @@
+#!/bin/bash
+# Round 20 (an H200): the gradient step's extra Mosaic GPU launch (pass 1's optimization barrier) and the fused
+# residual add + RMSNorm of the layer scan, on mamba-1.4b at 8K.
+#   STEP=remat     benchmarks/check_remat_calls.py with and without the barrier (REMAT_ARGS: "-" for none).
+#   STEP=cal       bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS (spsa,grad) at CAL_LENS (8192).
+#   STEP=calab     bench_calibrate.py's CALAB_METHODS (grad) with each JSON SelectiveScanConfig of CALAB_CONFIGS.
+#   STEP=base      bench_calibrate.py's BASE_METHODS (spsa) on the session's base commit (the device's git HEAD,
+#                  extracted to /tmp/base): the A/B against this tree in one lease.
+#   STEP=prof      profile_model.py for PROF_METHODS (spsa) with the default config.
+#   STEP=tests     the compiled GPU tests of TEST_FILES.
+# Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=...
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee -a $OUT/device.txt
+echo "commit ${GIT_COMMIT:-unknown} (base $(git rev-parse --short HEAD 2>/dev/null))" | tee -a $OUT/device.txt
+M=${CAL_MODELS:-mamba-1.4b}
+bench() {  # bench DIR TAG METHODS [extra args...]
+  local dir=$1 tag=$2 methods=$3; shift 3
+  echo "### $tag" | tee -a $OUT/calibrate.txt
+  (cd $dir && PYTHONPATH=. timeout ${CAL_S:-240} python benchmarks/bench_calibrate.py --lengths 8192 \
+    --iters ${CAL_ITERS:-5} --models $M --methods $methods --json $OUT/calibrate_$tag.jsonl "$@" 2>&1 \
+    | grep -v "Warning\|warn" | tail -6 | tee -a $OUT/calibrate.txt)
+}
+for step in ${STEPS:-remat}; do
+case "$step" in
+remat)
+  for a in ${REMAT_ARGS:-- --no-barrier}; do
+    [ "$a" = "-" ] && a=""
+    echo "### check_remat_calls $a" | tee -a $OUT/remat.txt
+    timeout ${REMAT_S:-120} python benchmarks/check_remat_calls.py $a 2>&1 | grep -v "Warning\|warn" | cut -c1-300 \
+      | tee -a $OUT/remat.txt
+  done
+  ;;
+cal)
+  bench . head ${CAL_METHODS:-spsa,grad}
+  ;;
+calab)
+  for c in ${CALAB_CONFIGS:-'{"barrier_segment_states":false}'}; do
+    bench . "calab" ${CALAB_METHODS:-grad} --selective-scan-config "$c"
+  done
+  ;;
+base)
+  rm -rf /tmp/base && mkdir -p /tmp/base && git archive HEAD | tar -x -C /tmp/base
+  bench /tmp/base base ${BASE_METHODS:-spsa}
+  ;;
+prof)
+  timeout ${PROF_S:-300} python benchmarks/profile_model.py --models $M --length 8192 --methods ${PROF_METHODS:-spsa} \
+    --hlo --top ${PROF_TOP:-30} --json $OUT/profile.jsonl 2>&1 | grep -v "Warning\|warn" | cut -c1-400 | tee -a $OUT/profile.txt
+  ;;
+tests)
+  timeout ${TEST_S:-300} python -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
+    2>&1 | tail -15 | tee -a $OUT/tests.txt
+  ;;
+esac
+done
