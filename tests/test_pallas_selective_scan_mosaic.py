@@ -1,6 +1,7 @@
 """The selective scan's Mosaic GPU forward kernels: their CUDA lowering on any machine, their outputs on a GPU."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,24 +35,30 @@ def _inputs(seed=0, b=2, l=300, e=256, n=16, dtype=jnp.bfloat16, drop=()):
   return {k: (None if k in drop else v) for k, v in inp.items()}
 
 
-def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stores_states_in_triton():
+@pytest.mark.parametrize("vjp", ["triton", "mosaic"])
+def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stores_states(vjp):
   """Runs Mosaic GPU's lowering (no GPU needed). The plain forward: pass 1 and pass 2 in Mosaic GPU, no Triton
-  call. The gradient: pass 1 in Mosaic GPU, the state-storing forward and the backward's two kernels in Triton."""
+  call. The gradient: pass 1 in Mosaic GPU, the state-storing forward in `vjp_fwd_lowering`'s (with the states
+  every K steps among its results) and the backward's two kernels in Triton."""
   inp = _inputs()
   args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-  f = lambda *a: pt.selective_scan_pallas(*a, True, config=CFG)  # noqa: E731
+  cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp)
+  f = lambda *a: pt.selective_scan_pallas(*a, True, config=cfg)  # noqa: E731
   calls = kernel_calls(f, *args)
   assert len(calls["mosaic"]) == 2 and not calls["triton"]
   b, l, e = inp["u"].shape
   n = inp["A"].shape[1]
-  seg, S = pt._segments(l, b, e, CFG)
+  seg, S = pt._segments(l, b, e, cfg)
   assert S > 1 and seg * S > l  # several segments and a padded tail
   pass1 = [f"tensor<{b}x{S}x{n}x{e}xf32>", f"tensor<{b}x{S}x{e}xf32>"]
   assert result_types(calls["mosaic"][0]) == pass1
 
   grad_calls = kernel_calls(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2)), *args)
-  assert len(grad_calls["mosaic"]) == 1
-  assert len(grad_calls["triton"]) == 3
+  assert len(grad_calls["mosaic"]) == (2 if vjp == "mosaic" else 1)
+  assert len(grad_calls["triton"]) == (2 if vjp == "mosaic" else 3)
+  h_sub = f"tensor<{b}x{seg * S // cfg.unroll_bwd}x{n}x{e}xf32>"
+  saving = grad_calls[vjp][1 if vjp == "mosaic" else 0]
+  assert result_types(saving)[-1] == h_sub
 
 
 def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
@@ -61,9 +68,9 @@ def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
   seen = []
   real = pallas_mosaic._call
 
-  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt):
+  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False):
     seen.append((write_y, T, stages, cpt))
-    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt)
+    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=save)
 
   monkeypatch.setattr(pallas_mosaic, "_call", spy)
   cfg = dataclasses.replace(CFG, mosaic_chunk=8, mosaic_stages=3, mosaic_channels_per_thread=2)
@@ -213,3 +220,32 @@ def test_remat_layer_scan_gradient_runs_each_mosaic_pass_once_per_layer():
   g = grad(As)
   g_triton = _remat_layer_scan_grad(dataclasses.replace(CFG, fwd_lowering="triton"))[0](As)
   assert bool(jnp.all(jnp.isfinite(g))) and rel_err(g, g_triton) < 1e-4
+
+
+@_GPU
+@pytest.mark.parametrize("name", ["all", "plain", "float32"])
+def test_gradients_with_the_mosaic_state_storing_forward_match_triton_and_float64(name):
+  """The backward reads the states the Mosaic GPU forward stored under `jax.vjp`: the gradients equal those with
+  the Triton one to float32 rounding, and the float64 reference's to the inputs' precision."""
+  inp = _inputs(seed=70 + list(CASES).index(name), **CASES[name])
+  names = [k for k, v in inp.items() if v is not None]
+  ct = jax.random.normal(jax.random.PRNGKey(3), inp["u"].shape, jnp.float32)
+
+  def loss(scan, *arrays):
+    y, h = scan(**dict(zip(names, arrays, strict=True)), delta_softplus=True, return_last_state=True)
+    return jnp.sum(y.astype(ct.dtype) * ct) + jnp.sum(h)
+
+  def grads(vjp):
+    cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp)
+    scan = lambda **kw: pt.selective_scan_pallas(**kw, config=cfg)  # noqa: E731
+    return jax.jit(jax.grad(functools.partial(loss, scan), argnums=tuple(range(len(names)))))(*[inp[k] for k in names])
+
+  g_mosaic, g_triton = grads("mosaic"), grads("triton")
+  with float64():
+    arrays = [np.asarray(inp[k], np.float64) for k in names]
+    ct = np.asarray(ct, np.float64)
+    g_ref = jax.grad(functools.partial(loss, selective_scan_reference), argnums=tuple(range(len(names))))(*arrays)
+  tol = 2e-2 if inp["u"].dtype == jnp.bfloat16 else 1e-3
+  for k, gm, gt, gr in zip(names, g_mosaic, g_triton, g_ref, strict=True):
+    assert rel_err(gm, gt) < 1e-4, k
+    assert rel_err(gm, np.asarray(gr)) < tol, k

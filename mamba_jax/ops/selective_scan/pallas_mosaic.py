@@ -13,7 +13,9 @@ loads close to their use (the Triton kernels' top stall, scans.md round 7). y le
 
   * `segment_states`: pass 1, each segment's end state from zero (b, s, n, e) and its sum of delta (b, s, e).
   * `fwd_main`: pass 2, chains the end states of the segments before its own, walks its segment from the true
-    incoming state and writes y (with D u and the z gate) and the last segment's end state (b, n, e).
+    incoming state and writes y (with D u and the z gate) and the last segment's end state (b, n, e); with
+    `save` (the forward under `jax.vjp`) also the state before every K-th step (b, l / K, n, e), the rows
+    backward's (`pallas_triton._bwd_rows_kernel`) input, stored from registers.
 
 Both take the padded inputs of `pallas_triton` and return what its `_segment_states` / plain `_forward` return, to
 float32 rounding (so that the Triton forward under `jax.vjp` can take this pass 1's segment states).
@@ -76,12 +78,13 @@ def _delta(raw, bias, seg0_t, meta):
   return d
 
 
-def _kernel(*refs, meta, T, stages, write_y, E):
+def _kernel(*refs, meta, T, stages, write_y, save, E):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1: B alone,
     (b, l, n)), [D (e,)], [z (b, l, width)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (b, n, e) and,
     with several segments, h_loc (b, s, n, e) and dsum (b, s, e) from pass 1.
-  out: `write_y`: y (b, l, e), h_last (b, n, e); else h_out (b, s, n, e), dsum (b, s, e).
+  out: `write_y`: y (b, l, e), h_last (b, n, e), [h_sub (b, l / K, n, e) with `save`, K = `meta.unroll_bwd`
+    dividing T]; else h_out (b, s, n, e), dsum (b, s, e).
   scratch: the u, delta, [z] and BC rings, the out tiles, the ring's barriers."""
   refs = list(refs)
   take = lambda cond=True: refs.pop(0) if cond else None  # noqa: E731
@@ -92,6 +95,7 @@ def _kernel(*refs, meta, T, stages, write_y, E):
   h0_g = take(write_y)
   hl_g, ds_g = take(write_y and meta.S > 1), take(write_y and meta.S > 1)
   out0, out1 = take(), take()
+  h_sub = take(save)
   u_s, dl_s = take(), take()
   z_s = take(write_y and meta.has_z)
   bc_s, o_s, bar = take(), take(), take()
@@ -103,6 +107,7 @@ def _kernel(*refs, meta, T, stages, write_y, E):
   cols = pl.ds(e0, E)
   seg0 = si * meta.seg_len
   K = meta.seg_len // T
+  K_save = meta.unroll_bwd
   ins = [(u_g, u_s, 0), (dl_g, dl_s, 0), (bc_g, bc_s, None)]
   if z_s is not None:
     ins.append((z_g, z_s, meta.z_start))
@@ -141,6 +146,10 @@ def _kernel(*refs, meta, T, stages, write_y, E):
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the tile written two chunks ago has left ...
       plgpu.commit_smem()  # ... before any thread rewrites it (the copies' issuing thread waited)
     for j in range(T):
+      if save and j % K_save == 0:  # the state before step k T + j
+        row = (seg0 + k * T + j) // K_save
+        for m in range(n):
+          h_sub[bi, row, m, cols] = h[m]
       u = _load_row(u_s.at[slot, j]).astype(jnp.float32)
       d = _delta(_load_row(dl_s.at[slot, j]), bias, seg0 + k * T + j, meta)
       du = d * u
@@ -188,7 +197,16 @@ def _chunk(seg_len, want):
   return 1
 
 
-def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt):
+def _chunk_of(seg_len, want, multiple):
+  """The chunk length T: the largest divisor of the segment length up to `want` that is a multiple of
+  `multiple` (which divides the segment length), at least `multiple`."""
+  for T in range(max(want, multiple) // multiple * multiple, 0, -multiple):
+    if seg_len % T == 0:
+      return T
+  return multiple
+
+
+def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False):
   b, lp, e = ins[0].shape
   E = E_BLOCK * cpt
   ring = lambda width, dt: plgpu.SMEM((stages, T, width), dt)  # noqa: E731
@@ -199,7 +217,7 @@ def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt):
   scratch.append(plgpu.SMEM((2, T, E), out_type[0].dtype) if write_y else plgpu.SMEM((1,), jnp.float32))
   scratch.append(plgpu.Barrier(num_arrivals=3 + has_z, num_barriers=stages))
   call = plgpu.kernel(
-    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y, E=E),
+    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y, save=save, E=E),
     out_type=out_type,
     scratch_types=scratch,
     grid=(e // E, meta.S, b),
@@ -221,20 +239,23 @@ def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1):
   return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T), cpt))
 
 
-def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1):
-  """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32). h0 (b, n, e) float32;
-  seg: pass 1's outputs (None with one segment)."""
+def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False):
+  """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32[, h_sub (b, l / K, n, e)
+  float32 the state before every K = `meta.unroll_bwd`-th step, with `save`]). h0 (b, n, e) float32; seg: pass
+  1's outputs (None with one segment). With `save`, T is a multiple of K."""
   b, lp, e = u.shape
   n = A2.shape[0]
-  T = _chunk(meta.seg_len, T)
+  T = _chunk_of(meta.seg_len, T, meta.unroll_bwd) if save else _chunk(meta.seg_len, T)
   ins = [u, delta, A2, jnp.concatenate([B, C], axis=-1).astype(jnp.float32)]
   ins += [D] if meta.has_d else []
   ins += [z] if meta.has_z else []
   ins += [delta_bias] if meta.has_bias else []
   ins += [h0] + ([] if seg is None else list(seg))
   out = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((b, n, e), jnp.float32)]
+  out += [jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, n, e), jnp.float32)] if save else []
   zdt = z.dtype if z is not None else u.dtype
-  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, _stages(stages, meta.seg_len // T), cpt))
+  stages = _stages(stages, meta.seg_len // T)
+  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save))
 
 
 def _stages(want, K):

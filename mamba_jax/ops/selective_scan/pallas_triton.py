@@ -131,8 +131,11 @@ class SelectiveScanConfig:
       (Pallas Mosaic GPU, `pallas_mosaic.py`: the same work per program with the chunks' rows arriving by TMA
       into shared memory; on an H200 at 8K tokens both passes 1.099 -> 0.784 ms at batch 2 and 0.595 -> 0.458 ms
       at batch 1, round 18 of benchmarks/results/scans.md) or "auto" (Mosaic GPU on a Hopper GPU when d_inner is
-      a multiple of 128 and d_state of 4, Triton otherwise). The forward under `jax.vjp`, which stores states for
-      the backward, and the backward are Triton in every case.
+      a multiple of 128 and d_state of 4, Triton otherwise). The backward is Triton in every case.
+    vjp_fwd_lowering: the forward under `jax.vjp` (pass 2 that also stores the state every K steps for the
+      backward; under `jax.checkpoint` the backward's recomputation): "triton", "mosaic" (`pallas_mosaic.fwd_main`
+      with `save`, needs `bwd_rows` as well as what `fwd_lowering` needs) or "auto" (Mosaic GPU on a Hopper GPU
+      where it can run).
     mosaic_chunk: steps per TMA copy (T) in the Mosaic GPU kernels (the largest divisor of the segment length up
       to it; 16 was the fastest of 16 / 32 / 64 on an H200).
     mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
@@ -166,6 +169,7 @@ class SelectiveScanConfig:
   pack_bc: bool = True
   fast_math: bool = True
   fwd_lowering: str = "auto"
+  vjp_fwd_lowering: str = "auto"
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
   mosaic_channels_per_thread: int = 1
@@ -217,6 +221,7 @@ class _Meta:
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
   mosaic_cpt: int = 1  # `SelectiveScanConfig.mosaic_channels_per_thread`
+  mosaic_vjp: bool = False  # the forward under `jax.vjp` in Mosaic GPU (`SelectiveScanConfig.vjp_fwd_lowering`)
 
   @property
   def ragged(self):
@@ -715,11 +720,11 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   n = A.shape[-1]
   f32 = jnp.float32
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
-  if meta.mosaic and not save:
+  if meta.mosaic_vjp if save else meta.mosaic:
     h0t = jnp.swapaxes(h0, 1, 2)
-    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt)
-    y, h_last = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
-    return y, jnp.swapaxes(h_last, 1, 2), None
+    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, save=save)
+    res = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
+    return res[0], jnp.swapaxes(res[1], 1, 2), res[2] if save else None
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
@@ -890,6 +895,17 @@ def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bo
   return use_mosaic(cfg.fwd_lowering, "fwd_lowering", e % block == 0 and n % 4 == 0, interpret, needs)
 
 
+def _use_mosaic_vjp(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bool:
+  """Whether the forward under `jax.vjp` runs in Mosaic GPU (see `SelectiveScanConfig.vjp_fwd_lowering`)."""
+  block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
+  fits = e % block == 0 and n % 4 == 0 and cfg.bwd_rows
+  needs = (
+    f"d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a multiple of 4, bwd_rows and a "
+    f"compiled run; got d_inner={e}, d_state={n}, bwd_rows={cfg.bwd_rows}, interpret={interpret}"
+  )
+  return use_mosaic(cfg.vjp_fwd_lowering, "vjp_fwd_lowering", fits, interpret, needs)
+
+
 def selective_scan_pallas(
   u: jax.Array,  # (b, l, e)
   delta: jax.Array,  # (b, l, e)
@@ -938,7 +954,7 @@ def selective_scan_pallas(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
-    cfg.mosaic_stages, cfg.mosaic_channels_per_thread,
+    cfg.mosaic_stages, cfg.mosaic_channels_per_thread, _use_mosaic_vjp(cfg, e, n, interpret),
   )  # fmt: skip
 
   def pad_l(a):
