@@ -377,7 +377,8 @@ def test_remat_stores_states_once():
   args += (S((e,), jnp.float32), S((b, l, e), bf), S((e,), jnp.float32))
 
   def f(*a):
-    return pt.selective_scan_pallas(*a, True, config=dataclasses.replace(pt.DEFAULT_CONFIG, fwd_lowering="triton"))
+    triton = dict(fwd_lowering="triton", vjp_fwd_lowering="triton", adjoint_lowering="triton")
+    return pt.selective_scan_pallas(*a, True, config=dataclasses.replace(pt.DEFAULT_CONFIG, **triton))
 
   stored = f"tensor<{b}x{l // pt.DEFAULT_CONFIG.unroll_bwd}x{n}x{e}xf32>"  # (b, l / K, n, e)
   S_ = pt._segments(l, b, e, pt.DEFAULT_CONFIG)[1]

@@ -38,11 +38,12 @@ def _inputs(seed=0, b=2, l=300, e=256, n=16, dtype=jnp.bfloat16, drop=()):
 @pytest.mark.parametrize("vjp", ["triton", "mosaic"])
 def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stores_states(vjp):
   """Runs Mosaic GPU's lowering (no GPU needed). The plain forward: pass 1 and pass 2 in Mosaic GPU, no Triton
-  call. The gradient: pass 1 in Mosaic GPU, the state-storing forward in `vjp_fwd_lowering`'s (with the states
-  every K steps among its results) and the backward's two kernels in Triton."""
+  call. The gradient: pass 1 in Mosaic GPU; the state-storing forward (the states every K steps among its
+  results) and the backward's pass 1 (each segment's adjoint) in `vjp`'s lowering; the backward's pass 2 in
+  Triton."""
   inp = _inputs()
   args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-  cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp)
+  cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp, adjoint_lowering=vjp)
   f = lambda *a: pt.selective_scan_pallas(*a, True, config=cfg)  # noqa: E731
   calls = kernel_calls(f, *args)
   assert len(calls["mosaic"]) == 2 and not calls["triton"]
@@ -54,11 +55,11 @@ def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stor
   assert result_types(calls["mosaic"][0]) == pass1
 
   grad_calls = kernel_calls(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2)), *args)
-  assert len(grad_calls["mosaic"]) == (2 if vjp == "mosaic" else 1)
-  assert len(grad_calls["triton"]) == (2 if vjp == "mosaic" else 3)
-  h_sub = f"tensor<{b}x{seg * S // cfg.unroll_bwd}x{n}x{e}xf32>"
-  saving = grad_calls[vjp][1 if vjp == "mosaic" else 0]
-  assert result_types(saving)[-1] == h_sub
+  assert len(grad_calls["mosaic"]) == (3 if vjp == "mosaic" else 1)
+  assert len(grad_calls["triton"]) == (1 if vjp == "mosaic" else 3)
+  saving, adjoints = grad_calls[vjp][-3:-1] if vjp == "triton" else grad_calls[vjp][1:]
+  assert result_types(saving)[-1] == f"tensor<{b}x{seg * S // cfg.unroll_bwd}x{n}x{e}xf32>"
+  assert result_types(adjoints) == [f"tensor<{b}x{S}x{n}x{e}xf32>"]
 
 
 def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
@@ -211,22 +212,24 @@ def _mosaic_calls_in_optimised_hlo(fn, *args):
 
 
 @_GPU
-def test_remat_layer_scan_gradient_runs_each_mosaic_pass_once_per_layer():
-  """Under the model's remat over a layer scan, the forward loop's body runs pass 1 and pass 2 once each (the
-  backward's recomputation takes the saved segment states). Without `barrier_segment_states`, XLA (jax 0.11.2)
-  put pass 1 into a dynamic-slice fusion writing the saved residual and kept a clone for pass 2: 3 calls."""
+def test_remat_layer_scan_gradient_runs_each_mosaic_kernel_once_per_layer():
+  """Under the model's remat over a layer scan, each loop body runs each of its Mosaic GPU kernels once: the
+  forward's pass 1 and pass 2, the backward's recomputation (which takes the saved segment states) and its pass 1.
+  Without `barrier_segment_states`, XLA (jax 0.11.2) put the forward's pass 1 into a dynamic-slice fusion writing
+  the saved residual and kept a clone for pass 2: one call more."""
   grad, As = _remat_layer_scan_grad(CFG)
-  assert _mosaic_calls_in_optimised_hlo(grad, As) == 2
+  assert _mosaic_calls_in_optimised_hlo(grad, As) == 4
   g = grad(As)
-  g_triton = _remat_layer_scan_grad(dataclasses.replace(CFG, fwd_lowering="triton"))[0](As)
+  triton = dataclasses.replace(CFG, fwd_lowering="triton", vjp_fwd_lowering="triton", adjoint_lowering="triton")
+  g_triton = _remat_layer_scan_grad(triton)[0](As)
   assert bool(jnp.all(jnp.isfinite(g))) and rel_err(g, g_triton) < 1e-4
 
 
 @_GPU
 @pytest.mark.parametrize("name", ["all", "plain", "float32"])
-def test_gradients_with_the_mosaic_state_storing_forward_match_triton_and_float64(name):
-  """The backward reads the states the Mosaic GPU forward stored under `jax.vjp`: the gradients equal those with
-  the Triton one to float32 rounding, and the float64 reference's to the inputs' precision."""
+def test_gradients_with_the_mosaic_vjp_kernels_match_triton_and_float64(name):
+  """The state-storing forward and the backward's pass 1 in Mosaic GPU: the gradients equal those with the Triton
+  kernels to float32 rounding, and the float64 reference's to the inputs' precision."""
   inp = _inputs(seed=70 + list(CASES).index(name), **CASES[name])
   names = [k for k, v in inp.items() if v is not None]
   ct = jax.random.normal(jax.random.PRNGKey(3), inp["u"].shape, jnp.float32)
@@ -236,7 +239,7 @@ def test_gradients_with_the_mosaic_state_storing_forward_match_triton_and_float6
     return jnp.sum(y.astype(ct.dtype) * ct) + jnp.sum(h)
 
   def grads(vjp):
-    cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp)
+    cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp, adjoint_lowering=vjp)
     scan = lambda **kw: pt.selective_scan_pallas(**kw, config=cfg)  # noqa: E731
     return jax.jit(jax.grad(functools.partial(loss, scan), argnums=tuple(range(len(names)))))(*[inp[k] for k in names])
 

@@ -12,6 +12,8 @@ loads close to their use (the Triton kernels' top stall, scans.md round 7). y le
 (t, 128) tile by TMA.
 
   * `segment_states`: pass 1, each segment's end state from zero (b, s, n, e) and its sum of delta (b, s, e).
+  * `segment_adjoints`: the backward's pass 1, each segment's adjoint carry from a zero adjoint at its end
+    (b, s, n, e), the chunks walked last first.
   * `fwd_main`: pass 2, chains the end states of the segments before its own, walks its segment from the true
     incoming state and writes y (with D u and the z gate) and the last segment's end state (b, n, e); with
     `save` (the forward under `jax.vjp`) also the state before every K-th step (b, l / K, n, e), the rows
@@ -189,6 +191,74 @@ def _kernel(*refs, meta, T, stages, write_y, save, E):
     out1[bi, si, cols] = dsum
 
 
+def _adjoint_kernel(*refs, meta, T, stages, E):
+  """Backward pass 1, one (channel block, segment, batch): walk the segment backwards from a zero adjoint, as
+  `pallas_triton._bwd_rows_kernel` with `full=False`: g_t = c_{t+1} + dy0_t C_t, c_t = a_t g_t, with
+  a_t = exp(delta_t A) and dy0 = dy * silu(z). Refs, in order:
+  in: delta, dy (b, l, e), A2 = A^T log2(e) (n, e) float32, C (b, l, n) float32, [z (b, l, width)],
+    [delta_bias (e,)].
+  out: c_out (b, s, n, e) float32, the adjoint carry out of the segment's first step.
+  scratch: the delta, dy, [z] and C rings, the ring's barriers. Chunks arrive last first."""
+  refs = list(refs)
+  take = lambda cond=True: refs.pop(0) if cond else None  # noqa: E731
+  dl_g, dy_g, a2_g, c_g = take(), take(), take(), take()
+  z_g = take(meta.has_z)
+  bias_g = take(meta.has_bias)
+  out = take()
+  dl_s, dy_s = take(), take()
+  z_s = take(meta.has_z)
+  c_s, bar = take(), take()
+  assert not refs, refs
+  n = a2_g.shape[0]
+
+  ei, si, bi = lax.axis_index("e"), lax.axis_index("s"), lax.axis_index("b")
+  e0 = pl.multiple_of(ei * E, E)
+  cols = pl.ds(e0, E)
+  seg0 = si * meta.seg_len
+  K = meta.seg_len // T
+  ins = [(dl_g, dl_s, 0), (dy_g, dy_s, 0), (c_g, c_s, None)]
+  if z_s is not None:
+    ins.append((z_g, z_s, meta.z_start))
+
+  def chunk_start(k):  # the k-th chunk fetched is the (K - 1 - k)-th of the segment
+    return seg0 + (K - 1 - k) * T
+
+  def fetch(k, slot):
+    rows = pl.ds(chunk_start(k), T)
+    for g, s, off in ins:
+      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E)]
+      plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
+
+  for k in range(min(stages, K)):
+    fetch(k, k)
+
+  A2 = [_load_row(a2_g.at[m, cols]) for m in range(n)]
+  bias = _load_row(bias_g.at[cols]).astype(jnp.float32) if bias_g is not None else None
+  zero = plgpu.layout_cast(jnp.zeros((E,), jnp.float32), _row_layout(E))
+
+  def body(k, c):
+    slot = lax.rem(k, stages)
+    plgpu.barrier_wait(bar.at[slot])
+    for j in reversed(range(T)):
+      d = _delta(_load_row(dl_s.at[slot, j]), bias, chunk_start(k) + j, meta)
+      dy0 = _load_row(dy_s.at[slot, j]).astype(jnp.float32)
+      if z_s is not None:
+        zt = _load_row(z_s.at[slot, j]).astype(jnp.float32)
+        dy0 = dy0 * zt / (1.0 + jnp.exp2(zt * -_LOG2E))
+      c = tuple(jnp.exp2(d * A2[m]) * (c[m] + dy0 * c_s[slot, j, m]) for m in range(n))
+    plgpu.commit_smem()  # every thread is done with this slot
+
+    @pl.when(k + stages < K)
+    def _():
+      fetch(k + stages, slot)
+
+    return c
+
+  c = lax.fori_loop(0, K, body, (zero,) * n)
+  for m in range(n):
+    out[bi, si, m, cols] = c[m]
+
+
 def _chunk(seg_len, want):
   """The chunk length T: the largest divisor of the segment length up to `want`."""
   for T in range(min(want, seg_len), 0, -1):
@@ -258,8 +328,32 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stage
   return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save))
 
 
+def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, cpt=1):
+  """Backward pass 1 from the padded inputs: each segment's adjoint carry from a zero adjoint at its end
+  (b, s, n, e) float32, as `pallas_triton`'s `selective_scan_bwd_segment_adjoints` with `bwd_rows`.
+  A2 = A^T log2(e) (n, e) float32; dy the cotangent of y (b, l, e)."""
+  b, lp, e = delta.shape
+  n = A2.shape[0]
+  T = _chunk(meta.seg_len, T)
+  stages = _stages(stages, meta.seg_len // T)
+  E = E_BLOCK * cpt
+  ins = [delta, dy, A2, C.astype(jnp.float32)] + ([z] if meta.has_z else []) + ([delta_bias] if meta.has_bias else [])
+  ring = lambda a: plgpu.SMEM((stages, T, E), a.dtype)  # noqa: E731
+  scratch = [ring(delta), ring(dy)] + ([ring(z)] if meta.has_z else [])
+  scratch += [plgpu.SMEM((stages, T, n), jnp.float32), plgpu.Barrier(num_arrivals=3 + meta.has_z, num_barriers=stages)]
+  call = plgpu.kernel(
+    functools.partial(_adjoint_kernel, meta=meta, T=T, stages=stages, E=E),
+    out_type=jax.ShapeDtypeStruct((b, meta.S, n, e), jnp.float32),
+    scratch_types=scratch,
+    grid=(e // E, meta.S, b),
+    grid_names=("e", "s", "b"),
+    compiler_params=plgpu.CompilerParams(**_PARAMS),
+  )
+  return call(*ins)
+
+
 def _stages(want, K):
   return max(1, min(want, K))
 
 
-__all__ = ["E_BLOCK", "fwd_main", "segment_states"]
+__all__ = ["E_BLOCK", "fwd_main", "segment_adjoints", "segment_states"]

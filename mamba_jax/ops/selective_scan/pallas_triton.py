@@ -136,6 +136,8 @@ class SelectiveScanConfig:
       backward; under `jax.checkpoint` the backward's recomputation): "triton", "mosaic" (`pallas_mosaic.fwd_main`
       with `save`, needs `bwd_rows` as well as what `fwd_lowering` needs) or "auto" (Mosaic GPU on a Hopper GPU
       where it can run).
+    adjoint_lowering: the backward's pass 1 (each segment's adjoint carry from zero): "triton", "mosaic"
+      (`pallas_mosaic.segment_adjoints`; what `vjp_fwd_lowering`'s "mosaic" needs) or "auto".
     mosaic_chunk: steps per TMA copy (T) in the Mosaic GPU kernels (the largest divisor of the segment length up
       to it; 16 was the fastest of 16 / 32 / 64 on an H200).
     mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
@@ -170,6 +172,7 @@ class SelectiveScanConfig:
   fast_math: bool = True
   fwd_lowering: str = "auto"
   vjp_fwd_lowering: str = "auto"
+  adjoint_lowering: str = "auto"
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
   mosaic_channels_per_thread: int = 1
@@ -222,6 +225,7 @@ class _Meta:
   mosaic_stages: int = 2
   mosaic_cpt: int = 1  # `SelectiveScanConfig.mosaic_channels_per_thread`
   mosaic_vjp: bool = False  # the forward under `jax.vjp` in Mosaic GPU (`SelectiveScanConfig.vjp_fwd_lowering`)
+  mosaic_adjoint: bool = False  # the backward's pass 1 in Mosaic GPU (`SelectiveScanConfig.adjoint_lowering`)
 
   @property
   def ragged(self):
@@ -785,10 +789,15 @@ def _core_bwd(meta, res, cts):
   if meta.S == 1:
     c_seg = lay(dh_last[:, None].astype(f32))
   else:
-    c_loc = _call(
-      kernel, meta, eb, meta.num_warps_bwd, ins + [("c_in", seg, jnp.zeros(seg_sd.shape, f32))],
-      [("c_out", seg, seg_sd)], "selective_scan_bwd_segment_adjoints", full=False,
-    )[0]  # fmt: skip
+    if meta.mosaic_adjoint:
+      kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt)
+      A2 = A.astype(f32).T * _LOG2E  # (n, e)
+      c_loc = pallas_mosaic.segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, **kw)
+    else:
+      c_loc = _call(
+        kernel, meta, eb, meta.num_warps_bwd, ins + [("c_in", seg, jnp.zeros(seg_sd.shape, f32))],
+        [("c_out", seg, seg_sd)], "selective_scan_bwd_segment_adjoints", full=False,
+      )[0]  # fmt: skip
 
     def step(c, inp):
       loc, dc = inp
@@ -895,15 +904,16 @@ def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bo
   return use_mosaic(cfg.fwd_lowering, "fwd_lowering", e % block == 0 and n % 4 == 0, interpret, needs)
 
 
-def _use_mosaic_vjp(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bool:
-  """Whether the forward under `jax.vjp` runs in Mosaic GPU (see `SelectiveScanConfig.vjp_fwd_lowering`)."""
+def _use_mosaic_vjp(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool, option="vjp_fwd_lowering") -> bool:
+  """Whether the forward under `jax.vjp` (or with `option` "adjoint_lowering", the backward's pass 1) runs in
+  Mosaic GPU (see `SelectiveScanConfig`)."""
   block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
   fits = e % block == 0 and n % 4 == 0 and cfg.bwd_rows
   needs = (
     f"d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a multiple of 4, bwd_rows and a "
     f"compiled run; got d_inner={e}, d_state={n}, bwd_rows={cfg.bwd_rows}, interpret={interpret}"
   )
-  return use_mosaic(cfg.vjp_fwd_lowering, "vjp_fwd_lowering", fits, interpret, needs)
+  return use_mosaic(getattr(cfg, option), option, fits, interpret, needs)
 
 
 def selective_scan_pallas(
@@ -955,6 +965,7 @@ def selective_scan_pallas(
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
     cfg.mosaic_stages, cfg.mosaic_channels_per_thread, _use_mosaic_vjp(cfg, e, n, interpret),
+    _use_mosaic_vjp(cfg, e, n, interpret, "adjoint_lowering"),
   )  # fmt: skip
 
   def pad_l(a):
