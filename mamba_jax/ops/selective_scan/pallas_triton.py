@@ -55,7 +55,9 @@ Design:
     calibrate.md round 16). The VJP is still the whole scan's; pass 1's outputs get zero cotangents.
   * On Hopper, pass 1 and the plain pass 2 (outside `jax.vjp`) run as Mosaic GPU kernels (`pallas_mosaic.py`,
     `SelectiveScanConfig.fwd_lowering`): the same work per program, with each chunk's rows brought into shared
-    memory by TMA; both passes 1.10 -> 0.78 ms at 8K tokens and batch 2 on an H200 (round 18, scans.md).
+    memory by TMA; both passes 1.10 -> 0.78 ms at 8K tokens and batch 2 on an H200 (round 18, scans.md). So do
+    the state-storing forward under `jax.vjp` (`vjp_fwd_lowering`) and the backward's pass 1 (`adjoint_lowering`,
+    round 20); the backward's pass 2 is Triton.
   * Tried and removed (round 16, scans.md): a one-pass forward parallel over time inside each program (a pair scan,
     `tt.scan`, per state over (T, E) tiles), 8-19x slower than the two passes.
   * The default backward (`bwd_rows`) holds state, adjoint and decay as n (e-block,) rows like the forward, one
