@@ -217,7 +217,7 @@ def test_remat_layer_scan_gradient_runs_each_mosaic_kernel_once_per_layer():
   forward's pass 1 and pass 2, the backward's recomputation (which takes the saved segment states) and its pass 1.
   Without `barrier_segment_states`, XLA (jax 0.11.2) put the forward's pass 1 into a dynamic-slice fusion writing
   the saved residual and kept a clone for pass 2: one call more."""
-  grad, As = _remat_layer_scan_grad(CFG)
+  grad, As = _remat_layer_scan_grad(dataclasses.replace(CFG, vjp_fwd_lowering="mosaic", adjoint_lowering="mosaic"))
   assert _mosaic_calls_in_optimised_hlo(grad, As) == 4
   g = grad(As)
   triton = dataclasses.replace(CFG, fwd_lowering="triton", vjp_fwd_lowering="triton", adjoint_lowering="triton")
