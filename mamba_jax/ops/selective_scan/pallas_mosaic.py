@@ -80,6 +80,30 @@ def _delta(raw, bias, seg0_t, meta):
   return d
 
 
+def _program(meta, E, T):
+  """This program's batch bi, segment si, first channel e0, channel columns, first row seg0, and chunk count K."""
+  ei, si, bi = lax.axis_index("e"), lax.axis_index("s"), lax.axis_index("b")
+  e0 = pl.multiple_of(ei * E, E)
+  seg0 = si * meta.seg_len
+  return bi, si, e0, pl.ds(e0, E), seg0, meta.seg_len // T
+
+
+def _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start):
+  """Issues the copies of the first `stages` chunks into the ring; returns fetch(k, slot), which copies the k-th
+  chunk (rows chunk_start(k) ... + T of batch bi) into ring slot `slot`, arriving on barrier `slot`.
+  ins: (gmem ref, smem ring, column offset of the E-channel block from e0, or None for whole rows)."""
+
+  def fetch(k, slot):
+    rows = pl.ds(chunk_start(k), T)
+    for g, s, off in ins:
+      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E)]
+      plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
+
+  for k in range(min(stages, K)):
+    fetch(k, k)
+  return fetch
+
+
 def _kernel(*refs, meta, T, stages, write_y, save, E):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1: B alone,
@@ -104,24 +128,13 @@ def _kernel(*refs, meta, T, stages, write_y, save, E):
   assert not refs, refs
   n = a2_g.shape[0]
 
-  ei, si, bi = lax.axis_index("e"), lax.axis_index("s"), lax.axis_index("b")
-  e0 = pl.multiple_of(ei * E, E)
-  cols = pl.ds(e0, E)
-  seg0 = si * meta.seg_len
-  K = meta.seg_len // T
+  bi, si, e0, cols, seg0, K = _program(meta, E, T)
   K_save = meta.unroll_bwd
   ins = [(u_g, u_s, 0), (dl_g, dl_s, 0), (bc_g, bc_s, None)]
   if z_s is not None:
     ins.append((z_g, z_s, meta.z_start))
 
-  def fetch(k, slot):
-    rows = pl.ds(seg0 + k * T, T)
-    for g, s, off in ins:
-      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E)]
-      plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
-
-  for k in range(min(stages, K)):
-    fetch(k, k)
+  fetch = _start_ring(ins, bar, bi, e0, E, T, stages, K, lambda k: seg0 + k * T)
 
   A2 = [_load_row(a2_g.at[k, cols]) for k in range(n)]
   bias = _load_row(bias_g.at[cols]).astype(jnp.float32) if bias_g is not None else None
@@ -211,11 +224,7 @@ def _adjoint_kernel(*refs, meta, T, stages, E):
   assert not refs, refs
   n = a2_g.shape[0]
 
-  ei, si, bi = lax.axis_index("e"), lax.axis_index("s"), lax.axis_index("b")
-  e0 = pl.multiple_of(ei * E, E)
-  cols = pl.ds(e0, E)
-  seg0 = si * meta.seg_len
-  K = meta.seg_len // T
+  bi, si, e0, cols, seg0, K = _program(meta, E, T)
   ins = [(dl_g, dl_s, 0), (dy_g, dy_s, 0), (c_g, c_s, None)]
   if z_s is not None:
     ins.append((z_g, z_s, meta.z_start))
@@ -223,14 +232,7 @@ def _adjoint_kernel(*refs, meta, T, stages, E):
   def chunk_start(k):  # the k-th chunk fetched is the (K - 1 - k)-th of the segment
     return seg0 + (K - 1 - k) * T
 
-  def fetch(k, slot):
-    rows = pl.ds(chunk_start(k), T)
-    for g, s, off in ins:
-      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E)]
-      plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
-
-  for k in range(min(stages, K)):
-    fetch(k, k)
+  fetch = _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start)
 
   A2 = [_load_row(a2_g.at[m, cols]) for m in range(n)]
   bias = _load_row(bias_g.at[cols]).astype(jnp.float32) if bias_g is not None else None
