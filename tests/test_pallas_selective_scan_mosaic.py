@@ -131,6 +131,8 @@ def test_mosaic_lowering_refuses_shapes_it_cannot_run():
     pt.selective_scan_pallas(**inp, config=CFG)
   with pytest.raises(ValueError, match="fwd_lowering must be"):
     pt.selective_scan_pallas(**_inputs(), config=dataclasses.replace(CFG, fwd_lowering="cuda"))
+  with pytest.raises(ValueError, match="adjoint_lowering='mosaic' needs .*bwd_rows"):
+    pt.selective_scan_pallas(**_inputs(), config=dataclasses.replace(CFG, adjoint_lowering="mosaic", bwd_rows=False))
 
 
 def test_auto_picks_triton_off_hopper_and_for_small_channel_counts():

@@ -261,15 +261,7 @@ def _adjoint_kernel(*refs, meta, T, stages, E):
     out[bi, si, m, cols] = c[m]
 
 
-def _chunk(seg_len, want):
-  """The chunk length T: the largest divisor of the segment length up to `want`."""
-  for T in range(min(want, seg_len), 0, -1):
-    if seg_len % T == 0:
-      return T
-  return 1
-
-
-def _chunk_of(seg_len, want, multiple):
+def _chunk(seg_len, want, multiple=1):
   """The chunk length T: the largest divisor of the segment length up to `want` that is a multiple of
   `multiple` (which divides the segment length), at least `multiple`."""
   for T in range(max(want, multiple) // multiple * multiple, 0, -multiple):
@@ -317,7 +309,7 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stage
   1's outputs (None with one segment). With `save`, T is a multiple of K."""
   b, lp, e = u.shape
   n = A2.shape[0]
-  T = _chunk_of(meta.seg_len, T, meta.unroll_bwd) if save else _chunk(meta.seg_len, T)
+  T = _chunk(meta.seg_len, T, meta.unroll_bwd if save else 1)
   ins = [u, delta, A2, jnp.concatenate([B, C], axis=-1).astype(jnp.float32)]
   ins += [D] if meta.has_d else []
   ins += [z] if meta.has_z else []

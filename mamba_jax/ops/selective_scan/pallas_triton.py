@@ -899,25 +899,18 @@ def _segments(l, b, e, cfg):
   return _padded_segments(l, want, cfg.unroll)
 
 
-def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool) -> bool:
-  """Whether pass 1 and the plain pass 2 run in Mosaic GPU (see `SelectiveScanConfig.fwd_lowering`)."""
+def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool, option: str = "fwd_lowering") -> bool:
+  """Whether the kernels that `option` chooses the lowering of run in Mosaic GPU: "fwd_lowering" (pass 1 and the
+  plain pass 2), "vjp_fwd_lowering" or "adjoint_lowering" (see `SelectiveScanConfig`). The latter two write the
+  rows backward's layouts, so they also need `bwd_rows`."""
   block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
+  rows = option == "fwd_lowering" or cfg.bwd_rows
   needs = (
-    f"d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a multiple of 4 and a compiled run; "
-    f"got d_inner={e}, d_state={n}, interpret={interpret}"
+    f"d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a multiple of 4"
+    f"{'' if option == 'fwd_lowering' else ', bwd_rows'} and a compiled run; got d_inner={e}, d_state={n}, "
+    f"bwd_rows={cfg.bwd_rows}, interpret={interpret}"
   )
-  return use_mosaic(cfg.fwd_lowering, "fwd_lowering", e % block == 0 and n % 4 == 0, interpret, needs)
-
-
-def _use_mosaic_vjp(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool, option="vjp_fwd_lowering") -> bool:
-  """Whether the forward under `jax.vjp` (or with `option` "adjoint_lowering", the backward's pass 1) runs in
-  Mosaic GPU (see `SelectiveScanConfig`)."""
-  block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
-  fits = e % block == 0 and n % 4 == 0 and cfg.bwd_rows
-  needs = (
-    f"d_inner a multiple of {block} (128 x mosaic_channels_per_thread), d_state a multiple of 4, bwd_rows and a "
-    f"compiled run; got d_inner={e}, d_state={n}, bwd_rows={cfg.bwd_rows}, interpret={interpret}"
-  )
+  fits = e % block == 0 and n % 4 == 0 and rows
   return use_mosaic(getattr(cfg, option), option, fits, interpret, needs)
 
 
@@ -969,8 +962,8 @@ def selective_scan_pallas(
     l, seg, S, cfg.unroll, eb, cfg.unroll_bwd, eb_bwd, D is not None, z is not None, delta_bias is not None,
     delta_softplus, cfg.num_warps, cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch,
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
-    cfg.mosaic_stages, cfg.mosaic_channels_per_thread, _use_mosaic_vjp(cfg, e, n, interpret),
-    _use_mosaic_vjp(cfg, e, n, interpret, "adjoint_lowering"),
+    cfg.mosaic_stages, cfg.mosaic_channels_per_thread, _use_mosaic(cfg, e, n, interpret, "vjp_fwd_lowering"),
+    _use_mosaic(cfg, e, n, interpret, "adjoint_lowering"),
   )  # fmt: skip
 
   def pad_l(a):
