@@ -7,7 +7,9 @@
 #   STEP=base      bench_calibrate.py's BASE_METHODS (spsa) on the session's base commit (the device's git HEAD,
 #                  extracted to /tmp/base): the A/B against this tree in one lease.
 #   STEP=prof      profile_model.py for PROF_METHODS (spsa) with the default config.
-#   STEP=tests     the compiled GPU tests of TEST_FILES.
+#   STEP=tests     the compiled GPU tests of TEST_FILES (-k TEST_K when set), each test's outcome listed; give
+#                  TEST_S >= 400 for the vjp kernels' tests (TEST_K="remat_layer_scan or mosaic_vjp"): in round 20
+#                  each compiled case took ~45 s, and 170-200 s limits killed the run before any result came back.
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=...
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee -a $OUT/device.txt
@@ -47,8 +49,8 @@ prof)
     --hlo --top ${PROF_TOP:-30} --json $OUT/profile.jsonl 2>&1 | grep -v "Warning\|warn" | cut -c1-400 | tee -a $OUT/profile.txt
   ;;
 tests)
-  timeout ${TEST_S:-300} python -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
-    2>&1 | tail -15 | tee -a $OUT/tests.txt
+  timeout ${TEST_S:-300} python -m pytest -q -rA -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
+    ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -40 | tee -a $OUT/tests.txt
   ;;
 esac
 done
