@@ -1,4 +1,5 @@
-"""The selective scan's Mosaic GPU forward kernels: their CUDA lowering on any machine, their outputs on a GPU."""
+"""The selective scan's Mosaic GPU kernels (the forward's two passes, the state-storing forward, the backward's
+pass 1): their CUDA lowering on any machine, their outputs and gradients on a GPU."""
 
 import dataclasses
 import functools

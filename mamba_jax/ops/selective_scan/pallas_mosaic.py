@@ -1,4 +1,4 @@
-"""The Mamba1 selective scan's two forward kernels in Pallas Mosaic GPU (Hopper: TMA copies into a shared-memory ring).
+"""The Mamba1 selective scan's kernels in Pallas Mosaic GPU (Hopper: TMA copies into a shared-memory ring).
 
 Shape legend: b batch, l length (padded to s * L_s), s segments, L_s segment length, t steps of a chunk (T of them),
 e inner channels (d_inner; 128 per program), n state.
