@@ -19,8 +19,9 @@ loads close to their use (the Triton kernels' top stall, scans.md round 7). y le
     `save` (the forward under `jax.vjp`) also the state before every K-th step (b, l / K, n, e), the rows
     backward's (`pallas_triton._bwd_rows_kernel`) input, stored from registers.
 
-Both take the padded inputs of `pallas_triton` and return what its `_segment_states` / plain `_forward` return, to
-float32 rounding (so that the Triton forward under `jax.vjp` can take this pass 1's segment states).
+Each takes the padded inputs of `pallas_triton` and returns what its Triton counterpart returns (`_segment_states`,
+`_forward`, the rows backward's segment adjoints), to float32 rounding, so that the two lowerings mix: the Triton
+forward under `jax.vjp` can take this pass 1's segment states, the Triton backward these stored states.
 
 Details:
   * Lane semantics with every array's layout given: (e,) rows in `WG_STRIDED` layout, thread i holding channel i
