@@ -6,7 +6,8 @@
 #   STEP=calab     bench_calibrate.py's CALAB_METHODS (grad) with each JSON SelectiveScanConfig of CALAB_CONFIGS.
 #   STEP=base      bench_calibrate.py's BASE_METHODS (spsa) on the session's base commit (the device's git HEAD,
 #                  extracted to /tmp/base): the A/B against this tree in one lease.
-#   STEP=prof      profile_model.py for PROF_METHODS (spsa) with the default config.
+#   STEP=prof      profile_model.py for PROF_METHODS (spsa) with the default config, or PROF_CONFIG's JSON
+#                  SelectiveScanConfig overrides when set (round 21).
 #   STEP=tests     the compiled GPU tests of TEST_FILES (-k TEST_K when set), each test's outcome listed; give
 #                  TEST_S >= 400 for the vjp kernels' tests (TEST_K="remat_layer_scan or mosaic_vjp"): in round 20
 #                  each compiled case took ~45 s, and 170-200 s limits killed the run before any result came back.
@@ -46,7 +47,7 @@ base)
   ;;
 prof)
   timeout ${PROF_S:-300} python benchmarks/profile_model.py --models $M --length 8192 --methods ${PROF_METHODS:-spsa} \
-    --hlo --top ${PROF_TOP:-30} --json $OUT/profile.jsonl 2>&1 | grep -v "Warning\|warn" | cut -c1-400 | tee -a $OUT/profile.txt
+    --hlo --top ${PROF_TOP:-30} --json $OUT/profile.jsonl ${PROF_CONFIG:+--selective-scan-config "$PROF_CONFIG"} 2>&1 | grep -v "Warning\|warn" | cut -c1-400 | tee -a $OUT/profile.txt
   ;;
 tests)
   timeout ${TEST_S:-300} python -m pytest -q -rA -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
