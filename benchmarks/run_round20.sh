@@ -11,6 +11,9 @@
 #   STEP=tests     the compiled GPU tests of TEST_FILES (-k TEST_K when set), each test's outcome listed; give
 #                  TEST_S >= 400 for the vjp kernels' tests (TEST_K="remat_layer_scan or mosaic_vjp"): in round 20
 #                  each compiled case took ~45 s, and 170-200 s limits killed the run before any result came back.
+#   STEP=ptests    each pytest selection of the ;-separated PTESTS (node ids or "FILE -k EXPR") in its own process,
+#                  all at once (compiles in parallel; no GPU memory preallocation), each stopped after PTEST_S (480);
+#                  outputs streamed to /tmp and gathered into $OUT/ptests.txt (round 21).
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 STEPS=...
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader | tee -a $OUT/device.txt
@@ -52,6 +55,18 @@ prof)
 tests)
   timeout ${TEST_S:-300} python -m pytest -q -rA -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
     ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -40 | tee -a $OUT/tests.txt
+  ;;
+ptests)
+  IFS=';' read -ra sel <<< "$PTESTS"
+  for i in "${!sel[@]}"; do
+    (eval "XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${PTEST_S:-480} python -m pytest -q -rA --durations=5 \
+      -p no:cacheprovider ${sel[$i]}" > /tmp/ptest_$i.txt 2>&1; echo "rc $?" >> /tmp/ptest_$i.txt) &
+  done
+  wait
+  for i in "${!sel[@]}"; do
+    echo "### ${sel[$i]}" >> $OUT/ptests.txt; grep -v "Warning\|warn" /tmp/ptest_$i.txt | tail -30 >> $OUT/ptests.txt
+  done
+  tail -c 6000 $OUT/ptests.txt
   ;;
 esac
 done
