@@ -284,17 +284,20 @@ def test_gate_columns_out_of_range():
     _pallas(**{**inp, "z": _wide_gate(inp["z"], 0, 2 * e)})
 
 
-def test_gate_in_place_lowering_has_no_copy():
-  """At the model's shapes the wide gate lowers without a slice of z (the copy z_start exists to avoid)."""
+@pytest.mark.parametrize("lowering", ["triton", "mosaic"])
+def test_gate_in_place_lowering_has_no_copy(lowering):
+  """At the model's shapes the wide gate lowers without a slice of z (the copy z_start exists to avoid), in either
+  lowering of the forward's two kernels (named: on a Hopper GPU "auto" would pick Mosaic GPU, elsewhere Triton)."""
   b, l, e, n = 1, 4096, 4096, 16
   S = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
   base = (S((b, l, e), bf), S((b, l, e), jnp.float32), S((e, n), jnp.float32), S((b, l, n), bf), S((b, l, n), bf))
   base += (S((e,), jnp.float32),)
+  cfg = dataclasses.replace(pt.DEFAULT_CONFIG, fwd_lowering=lowering)
 
   def lowered(z_shape, z_start):
     def f(*a):
-      return pt.selective_scan_pallas(*a[:6], a[6], a[7], True, z_start=z_start)
+      return pt.selective_scan_pallas(*a[:6], a[6], a[7], True, z_start=z_start, config=cfg)
 
     args = (*base, S(z_shape, bf), S((e,), jnp.float32))
     try:
@@ -305,7 +308,8 @@ def test_gate_in_place_lowering_has_no_copy():
       raise
 
   in_place = lowered((b, l, 2 * e), e)
-  assert in_place.count("__gpu$xla.gpu.triton") == 2
+  mark = {"triton": "__gpu$xla.gpu.triton", "mosaic": "custom_call @mosaic_gpu"}[lowering]
+  assert in_place.count(mark) == 2
   assert "stablehlo.slice" not in in_place
   sliced = lowered((b, l, 2 * e), 8)  # not a whole number of channel blocks: sliced first
   assert "stablehlo.slice" in sliced
@@ -412,7 +416,8 @@ def test_model_remat_runs_segment_states_once_per_layer():
   e = cfg.d_inner
   S = pt._segments(1024, 1, e, pt.DEFAULT_CONFIG)[1]
   assert S > 1
-  results = live_kernel_call_results(jax.grad(loss), scales, ids)
+  with pt.default_config_overrides(fwd_lowering="triton"):  # the same kernels on any machine (Mosaic GPU: see
+    results = live_kernel_call_results(jax.grad(loss), scales, ids)  # test_pallas_selective_scan_mosaic.py)
   pass1 = [f"tensor<1x{S}x{cfg.d_state}x{e}xf32>", f"tensor<1x{S}x{e}xf32>"]
   assert sum(result_types(r) == pass1 for r in results) == cfg.n_layer, results
 

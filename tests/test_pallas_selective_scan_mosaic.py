@@ -253,5 +253,7 @@ def test_gradients_with_the_mosaic_vjp_kernels_match_triton_and_float64(name):
     g_ref = jax.grad(functools.partial(loss, selective_scan_reference), argnums=tuple(range(len(names))))(*arrays)
   tol = 2e-2 if inp["u"].dtype == jnp.bfloat16 else 1e-3
   for k, gm, gt, gr in zip(names, g_mosaic, g_triton, g_ref, strict=True):
-    assert rel_err(gm, gt) < 1e-4, k
+    # float32 gradients agree to float32 rounding; bf16 ones (those of bf16 inputs) round the same float32 sums,
+    # so a few entries land one bf16 step (2^-8 relative) apart: on an H200, delta's 9.4e-4 in the "plain" case.
+    assert rel_err(gm, gt) < (4e-3 if gm.dtype == jnp.bfloat16 else 1e-4), k
     assert rel_err(gm, np.asarray(gr)) < tol, k
