@@ -11,6 +11,7 @@
 #   STEP=tests     the compiled GPU tests of TEST_FILES (-k TEST_K when set), each test's outcome listed; give
 #                  TEST_S >= 400 for the vjp kernels' tests (TEST_K="remat_layer_scan or mosaic_vjp"): in round 20
 #                  each compiled case took ~45 s, and 170-200 s limits killed the run before any result came back.
+#   STEP=conv      bench_causal_conv.py (the conv's backward kernel against XLA's derivative) at CONV_LENS (8192).
 #   STEP=ptests    each pytest selection of the ;-separated PTESTS (node ids or "FILE -k EXPR") in its own process,
 #                  all at once (compiles in parallel; no GPU memory preallocation), each stopped after PTEST_S (480);
 #                  outputs streamed to /tmp and gathered into $OUT/ptests.txt (round 21).
@@ -55,6 +56,10 @@ prof)
 tests)
   timeout ${TEST_S:-300} python -m pytest -q -rA -p no:cacheprovider ${TEST_FILES:-tests/test_pallas_selective_scan_mosaic.py} \
     ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -40 | tee -a $OUT/tests.txt
+  ;;
+conv)
+  timeout ${CONV_S:-90} python benchmarks/bench_causal_conv.py --lens ${CONV_LENS:-8192} --out $OUT/causal_conv.jsonl \
+    2>&1 | grep -v "Warning\|warn" | tee -a $OUT/conv.txt
   ;;
 ptests)
   IFS=';' read -ra sel <<< "$PTESTS"

@@ -84,3 +84,70 @@ def test_dispatch_and_bad_input():
   assert rel_err(got, _numpy_reference(src, weight, bias, 8, 24, True)) < 1e-5
   with pytest.raises(ValueError, match="do not match"):
     pt.causal_conv1d_pallas(src, weight, bias, start=32, width=24, interpret=True)  # past the last column
+
+
+# (b, l, source width, window start, window width, conv width): lengths below, at and past the backward's
+# 128-row block (ragged tail), several blocks, conv widths 2-4.
+BWD_CASES = [
+  (2, 5, 32, 0, 32, 4),
+  (1, 128, 64, 0, 64, 4),
+  (2, 300, 112, 32, 48, 4),
+  (3, 70, 64, 0, 32, 2),
+  (1, 257, 48, 16, 16, 3),
+]
+
+
+@pytest.mark.parametrize("b,l,d,start,width,k", BWD_CASES)
+@pytest.mark.parametrize("silu,with_bias", [(True, True), (False, False)])
+def test_backward_kernel_matches_the_formulas_derivative(b, l, d, start, width, k, silu, with_bias):
+  """The backward kernel's d(src), d(weight), d(bias) against jax.vjp of the XLA formula, float32; d(src) is zero
+  outside the window."""
+  src, weight, bias = _inputs(b, l, d, width, k, seed=b + l + k)
+  bias = bias if with_bias else None
+  g = jax.random.normal(jax.random.PRNGKey(l), (b, l, width), jnp.float32)
+  kw = dict(start=start, width=width, silu=silu)
+  args = (src, weight) + ((bias,) if with_bias else ())
+
+  def pallas(s, w, *bb):
+    return pt.causal_conv1d_pallas(s, w, *(bb or (None,)), **kw, interpret=INTERPRET)
+
+  def xla(s, w, *bb):
+    return causal_conv1d_xla(s, w, *(bb or (None,)), **kw)
+
+  got = jax.vjp(pallas, *args)[1](g)
+  want = jax.vjp(xla, *args)[1](g)
+  for name, a, e in zip(("src", "weight", "bias"), got, want, strict=False):
+    assert a.shape == e.shape and a.dtype == e.dtype, name
+    assert rel_err(a, e) < 1e-5, name
+  outside = np.concatenate([np.asarray(got[0])[..., :start], np.asarray(got[0])[..., start + width :]], -1)
+  assert not outside.any()
+
+
+def test_backward_kernel_bf16():
+  """bf16 inputs and cotangent (the model's): d(src) in bf16 to its rounding, the weight's float32 sums close."""
+  src, weight, bias = _inputs(2, 200, 64, 64, dtype=jnp.bfloat16, seed=5)
+  g = jax.random.normal(jax.random.PRNGKey(9), (2, 200, 64), jnp.float32).astype(jnp.bfloat16)
+  got = jax.vjp(lambda s, w, bb: pt.causal_conv1d_pallas(s, w, bb, interpret=INTERPRET), src, weight, bias)[1](g)
+  want = jax.vjp(lambda s, w, bb: causal_conv1d_xla(s, w, bb), src, weight, bias)[1](g)
+  assert got[0].dtype == jnp.bfloat16
+  assert rel_err(got[0], want[0]) < 1e-2
+  assert rel_err(got[1], want[1]) < 1e-3 and rel_err(got[2], want[2]) < 1e-3
+
+
+def test_gradient_lowers_to_the_forward_and_backward_kernels():
+  """On CUDA the gradient runs the two Triton kernels (the forward's output feeds nothing the backward needs, but
+  jax.vjp computes it) and no XLA derivative of the formula (CI has no GPU: the CUDA lowering runs on the CPU)."""
+  src, weight, bias = _inputs(1, 256, 128, 128)
+
+  def loss(s, w, bb):
+    return jnp.sum(pt.causal_conv1d_pallas(s, w, bb) ** 2)
+
+  try:
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(src, weight, bias).lower(lowering_platforms=("cuda",))
+  except Exception as err:  # jaxlib without the Triton dialect
+    if "triton" in str(err).lower() and "not" in str(err).lower():
+      pytest.skip(f"no Triton lowering in this jaxlib: {err}")
+    raise
+  text = text.as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2
+  assert "causal_conv1d_bwd" in text

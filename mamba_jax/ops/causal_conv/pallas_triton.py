@@ -1,4 +1,4 @@
-"""Depthwise causal conv1d (+ SiLU) as a Pallas GPU kernel (Triton lowering); the backward is XLA's.
+"""Depthwise causal conv1d (+ SiLU) and its backward as Pallas GPU kernels (Triton lowering).
 
 Shape legend: b batch, l length, d the source's width, c window channels, t rows per program, w channels per
 program, k conv width.
@@ -12,7 +12,17 @@ benchmarks/results/calibrate.md): 0.080 ms per layer against 0.095 ms for XLA's 
 Rows before 0 and at or beyond l are masked in the loads, and stores beyond l are masked: any length works.
 The interpreter (CPU tests) cannot load from negative row offsets (its dynamic slices clamp), so there the source
 is first padded with k - 1 zero rows and no load starts below row 0; the GPU path masks instead.
-The backward differentiates the XLA formula (`causal_conv1d_xla`); it runs only under gradient calibration.
+
+The backward (`_bwd_kernel`, under gradient calibration) is a kernel too: each program walks its BWD_BLOCK_T rows of
+one w-channel stripe step by step, one channel per thread, its last k - 1 inputs and pre-activation gradients held
+in registers, so the pre-activation (for the SiLU's derivative) is recomputed once per row and dx, this block's
+share of dweight and dbias come out of one pass over x and the output's cotangent g:
+  dpre[t] = g[t] silu'(pre[t]),  dx[t] = sum_i weight[i] dpre[t + k - 1 - i],
+  dweight[i] = sum_t dpre[t] x[t - k + 1 + i],  dbias = sum_t dpre[t].
+A program's last k - 1 rows of dpre (the halo of the next block) are recomputed by both; the partial sums over row
+blocks and batches are added by XLA. Before it (rounds 2-20) the backward was XLA's derivative of the formula: on an
+H200, mamba-1.4b's 8K gradient step spent 7.7 ms in the fusion that wrote the in_proj output's gradient from it and
+5.2 ms in the one before it (benchmarks/results/calibrate.md, round 21).
 """
 
 import dataclasses
@@ -23,14 +33,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mamba_jax.ops._reference_vjp import reference_vjp
-from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
+from mamba_jax.ops.causal_conv.reference import window_bounds
 
 F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 MIN_BLOCK_W = 16
 MAX_BLOCK_W = 128
 BLOCK_T = 64
+BWD_BLOCK_T = 128  # rows per backward program (k - 1 of them recomputed as the next block's halo)
+BWD_UNROLL = 8  # backward steps per loop iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +120,120 @@ def _forward(meta: _Meta, src, weight, bias):
   )(*args)
 
 
-def _reference(meta: _Meta, src, weight, bias):
-  return causal_conv1d_xla(src, weight, bias, start=meta.start, width=meta.width, silu=meta.silu)
+def _bwd_kernel(*refs, T, U, k, l, silu, has_bias):
+  """One (row block, channel block, batch) of the backward. Refs: x the source's (l, w) column stripe, g the
+  output's cotangent (l, w), weight (k, w) and [bias (w,)] in the math dtype -> dx (t, w) rows [t0, t0 + t), and this
+  block's partial dweight (k, w) and dbias (w,) (the rows it owns: [t0, t0 + t) below l).
+
+  Steps r = t0 ... t0 + t + k - 2: each loads x[r] and g[r], recomputes pre[r] from the window of the last k
+  inputs, and forms dpre[r]; from r = t0 + k - 1 on, dx[r - k + 1] takes the window of the last k dpre."""
+  x_ref, g_ref, w_ref = refs[:3]
+  b_ref = refs[3] if has_bias else None
+  dx_ref, dw_ref, db_ref = refs[-3:]
+  w = dx_ref.shape[-1]
+  t0 = pl.program_id(0) * T
+  acc_dt = w_ref.dtype
+  wts = [w_ref[i, :] for i in range(k)]  # k x (w,)
+  bias = b_ref[...] if has_bias else None
+  zero = jnp.zeros((w,), acc_dt)
+
+  def row(ref, r):  # ref[r] in the math dtype, zero outside [0, l)
+    v = ref[jnp.clip(r, 0, l - 1), :].astype(acc_dt)
+    return jnp.where((r >= 0) & (r < l), v, 0.0)
+
+  def step(r, xs, dps, dw, db):
+    """Row r: xs = x[r - k + 1 .. r - 1], dps = dpre[r - k + 1 .. r - 1] in, the windows moved on by one and the
+    sums out, with dx[r - k + 1]."""
+    xs = xs + [row(x_ref, r)]
+    pre = sum(wts[i] * xs[i] for i in range(k))
+    if has_bias:
+      pre = pre + bias
+    dp = row(g_ref, r)
+    if silu:
+      sg = 1.0 / (1.0 + jnp.exp(-pre))
+      dp = dp * sg * (1.0 + pre * (1.0 - sg))
+    dps = dps + [dp]
+    dp_own = jnp.where(r < t0 + T, dp, 0.0)  # the halo rows' sums are the next block's
+    dw = [dw[i] + dp_own * xs[i] for i in range(k)]
+    db = db + dp_own
+    dx = sum(wts[i] * dps[k - 1 - i] for i in range(k))
+    return xs[1:], dps[1:], dw, db, dx
+
+  xs = [row(x_ref, t0 - k + 1 + i) for i in range(k - 1)]
+  dps, dw, db = [zero] * (k - 1), [zero] * k, zero  # dpre before t0: no dx of this block reads it
+  for r in range(k - 1):  # the first k - 1 rows: no dx yet (row t0's reaches k - 1 rows ahead)
+    xs, dps, dw, db, _ = step(t0 + r, xs, dps, dw, db)
+
+  def body(it, carry):
+    xs, dps, dw, db = carry
+    for u in range(U):
+      j = it * U + u
+      xs, dps, dw, db, dx = step(t0 + j + k - 1, list(xs), list(dps), list(dw), db)
+      dx_ref[j, :] = dx.astype(dx_ref.dtype)  # row t0 + j (the output has whole blocks of rows)
+    return tuple(xs), tuple(dps), tuple(dw), db
+
+  _, _, dw, db = jax.lax.fori_loop(0, T // U, body, (tuple(xs), tuple(dps), tuple(dw), db))
+  for i in range(k):
+    dw_ref[i, :] = dw[i]
+  db_ref[...] = db
 
 
-_conv = reference_vjp(_forward, _reference)
+def _backward(meta: _Meta, src, weight, bias, g):
+  """(dsrc (b, l, d) in src's dtype, zero outside the window; dweight (k, c), dbias (c,) in the math dtype (float32,
+  float64 for float64 inputs)) from the output's cotangent g (b, l, c)."""
+  b, l, d = src.shape
+  acc_dt = jnp.promote_types(src.dtype, F32)
+  k = weight.shape[0]
+  c = meta.width
+  w = block_width(meta.start, c)
+  nt = pl.cdiv(l, BWD_BLOCK_T)
+  col0 = meta.start // w
+  stripe = lambda c0: pl.BlockSpec((_SQ, l, w), lambda ti, ci, bi: (bi, 0, c0 + ci))  # noqa: E731
+  in_specs = [stripe(col0), stripe(0), pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci))]
+  args = [src, g, weight.astype(acc_dt)]
+  if meta.has_bias:
+    in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
+    args.append(bias.astype(acc_dt))
+  kernel = functools.partial(_bwd_kernel, T=BWD_BLOCK_T, U=BWD_UNROLL, k=k, l=l, silu=meta.silu, has_bias=meta.has_bias)
+  dx, dw, db = pl.pallas_call(
+    kernel,
+    out_shape=[
+      jax.ShapeDtypeStruct((b, nt * BWD_BLOCK_T, c), src.dtype),
+      jax.ShapeDtypeStruct((b, nt, k, c), acc_dt),
+      jax.ShapeDtypeStruct((b, nt, c), acc_dt),
+    ],
+    grid=(nt, c // w, b),
+    in_specs=in_specs,
+    out_specs=[
+      pl.BlockSpec((_SQ, BWD_BLOCK_T, w), lambda ti, ci, bi: (bi, ti, ci)),
+      pl.BlockSpec((_SQ, _SQ, k, w), lambda ti, ci, bi: (bi, ti, 0, ci)),
+      pl.BlockSpec((_SQ, _SQ, w), lambda ti, ci, bi: (bi, ti, ci)),
+    ],
+    compiler_params=plgpu.CompilerParams(num_warps=max(1, w // 32), num_stages=1),
+    interpret=meta.interpret,
+    name="causal_conv1d_bwd",
+  )(*args)
+  dx = dx[:, :l] if nt * BWD_BLOCK_T != l else dx
+  dsrc = jnp.pad(dx, ((0, 0), (0, 0), (meta.start, d - meta.start - c)))
+  return dsrc, dw.sum(axis=(0, 1)), db.sum(axis=(0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv(meta: _Meta, src, weight, bias):
+  return _forward(meta, src, weight, bias)
+
+
+def _conv_fwd(meta, src, weight, bias):
+  return _forward(meta, src, weight, bias), (src, weight, bias)
+
+
+def _conv_bwd(meta, saved, g):
+  src, weight, bias = saved
+  dsrc, dw, db = _backward(meta, src, weight, bias, g)
+  return dsrc.astype(src.dtype), dw.astype(weight.dtype), db.astype(bias.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def causal_conv1d_pallas(

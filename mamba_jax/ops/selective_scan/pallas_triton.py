@@ -57,7 +57,8 @@ Design:
     `SelectiveScanConfig.fwd_lowering`): the same work per program, with each chunk's rows brought into shared
     memory by TMA; both passes 1.10 -> 0.78 ms at 8K tokens and batch 2 on an H200 (round 18, scans.md). So do
     the state-storing forward under `jax.vjp` (`vjp_fwd_lowering`) and the backward's pass 1 (`adjoint_lowering`,
-    round 20) when asked for (not yet the default); the backward's pass 2 is Triton.
+    round 20; the default since round 21, when their compiled tests passed on an H200); the backward's pass 2 is
+    Triton.
   * Tried and removed (round 16, scans.md): a one-pass forward parallel over time inside each program (a pair scan,
     `tt.scan`, per state over (T, E) tiles), 8-19x slower than the two passes.
   * The default backward (`bwd_rows`) holds state, adjoint and decay as n (e-block,) rows like the forward, one
@@ -140,9 +141,9 @@ class SelectiveScanConfig:
       where it can run).
     adjoint_lowering: the backward's pass 1 (each segment's adjoint carry from zero): "triton", "mosaic"
       (`pallas_mosaic.segment_adjoints`; what `vjp_fwd_lowering`'s "mosaic" needs) or "auto".
-      Both default to "triton" until their compiled GPU tests have run (round 20 timed them but ran out of device
-      time before the tests: test_pallas_selective_scan_mosaic.py). With both "auto", mamba-1.4b's 8K gradient
-      step took 248.8 / 246.2 ms on an H200, against 269.2 ms with both "triton" (calibrate.md, round 20).
+      Both "auto" by default since round 21 (their compiled GPU tests, test_pallas_selective_scan_mosaic.py,
+      passed on an H200). With both "auto", mamba-1.4b's 8K gradient step took 248.8 / 246.2 ms on an H200,
+      against 269.2 ms with both "triton" (calibrate.md, round 20).
     mosaic_chunk: steps per TMA copy (T) in the Mosaic GPU kernels (the largest divisor of the segment length up
       to it; 16 was the fastest of 16 / 32 / 64 on an H200).
     mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
@@ -176,8 +177,8 @@ class SelectiveScanConfig:
   pack_bc: bool = True
   fast_math: bool = True
   fwd_lowering: str = "auto"
-  vjp_fwd_lowering: str = "triton"
-  adjoint_lowering: str = "triton"
+  vjp_fwd_lowering: str = "auto"
+  adjoint_lowering: str = "auto"
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
   mosaic_channels_per_thread: int = 1
