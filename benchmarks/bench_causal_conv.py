@@ -30,8 +30,9 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _case(name, d, start, width, l, b):
-  """The rows of one shape: each implementation's times, then their gradients' differences."""
+def _case(name, d, start, width, l, b, variants=("128:1",)):
+  """The rows of one shape: each implementation's times (the Pallas backward for each "rows per program:channels
+  per thread" variant), then their gradients' differences."""
   k = jax.random.split(jax.random.PRNGKey(0), 4)
   src = jax.random.normal(k[0], (b, l, d), jnp.float32).astype(jnp.bfloat16)
   w = 0.5 * jax.random.normal(k[1], (4, width), jnp.float32)
@@ -39,12 +40,15 @@ def _case(name, d, start, width, l, b):
   g = jax.random.normal(k[3], (b, l, width), jnp.float32).astype(jnp.bfloat16)
   other = jnp.ones((b, l, d), jnp.bfloat16)  # the source's gradient from its other users
   kw = dict(start=start, width=width)
-  impls = {
-    "pallas": lambda s, w_, b_: pt.causal_conv1d_pallas(s, w_, b_, **kw),
-    "xla": lambda s, w_, b_: causal_conv1d_xla(s, w_, b_, **kw),
-  }
+  # a fresh function per variant: jax caches traces by function, and the variant is read when tracing
+  impls = {f"pallas {v}": (lambda s, w_, b_: pt.causal_conv1d_pallas(s, w_, b_, **kw)) for v in variants[1:]}
+  impls["pallas"] = lambda s, w_, b_: pt.causal_conv1d_pallas(s, w_, b_, **kw)  # the default, last: the errors'
+  impls["xla"] = lambda s, w_, b_: causal_conv1d_xla(s, w_, b_, **kw)
+  default = (pt.BWD_BLOCK_T, pt.BWD_CHANNELS_PER_THREAD)
   rows, grads = [], {}
   for impl, fn in impls.items():
+    T, cpt = map(int, (impl.split(" ")[1] if " " in impl else variants[0]).split(":"))
+    pt.BWD_BLOCK_T, pt.BWD_CHANNELS_PER_THREAD = T, cpt
 
     def fwd_bwd(s, w_, b_, g_, o_, fn=fn):
       out, vjp = jax.vjp(fn, s, w_, b_)
@@ -65,6 +69,7 @@ def _case(name, d, start, width, l, b):
       )
     )
     print(json.dumps(rows[-1]), flush=True)
+  pt.BWD_BLOCK_T, pt.BWD_CHANNELS_PER_THREAD = default
   pairs = zip(("src", "w", "b"), grads["pallas"], grads["xla"], strict=True)
   rows.append(dict(shape=name, l=l, b=b, impl="pallas vs xla", **{f"err_{n}": _rel(p, x) for n, p, x in pairs}))
   print(json.dumps(rows[-1]), flush=True)
@@ -76,12 +81,13 @@ def main():
   ap.add_argument("--lens", default="8192")
   ap.add_argument("--batches", default="1")
   ap.add_argument("--out", default=None, help="append JSON rows here")
+  ap.add_argument("--bwd-variants", default="128:1", help="rows per program:channels per thread, the first the default")
   a = ap.parse_args()
   rows = []
   for name, (d, start, width) in SHAPES.items():
     for l in map(int, a.lens.split(",")):
       for b in map(int, a.batches.split(",")):
-        rows += _case(name, d, start, width, l, b)
+        rows += _case(name, d, start, width, l, b, tuple(a.bwd_variants.split(",")))
   if a.out:
     with open(a.out, "a") as f:
       for r in rows:

@@ -42,6 +42,7 @@ MAX_BLOCK_W = 128
 BLOCK_T = 64
 BWD_BLOCK_T = 128  # rows per backward program (k - 1 of them recomputed as the next block's halo)
 BWD_UNROLL = 8  # backward steps per loop iteration
+BWD_CHANNELS_PER_THREAD = 1  # the backward's warps: w / (32 x this)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +210,7 @@ def _backward(meta: _Meta, src, weight, bias, g):
       pl.BlockSpec((_SQ, _SQ, k, w), lambda ti, ci, bi: (bi, ti, 0, ci)),
       pl.BlockSpec((_SQ, _SQ, w), lambda ti, ci, bi: (bi, ti, ci)),
     ],
-    compiler_params=plgpu.CompilerParams(num_warps=max(1, w // 32), num_stages=1),
+    compiler_params=plgpu.CompilerParams(num_warps=max(1, w // (32 * BWD_CHANNELS_PER_THREAD)), num_stages=1),
     interpret=meta.interpret,
     name="causal_conv1d_bwd",
   )(*args)
