@@ -29,6 +29,7 @@ from calibrate.gradient import Gradient
 from calibrate.objective import frozen_layers, scale_loss
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM
+from mamba_jax.ops.causal_conv import pallas_triton as causal_conv_pallas
 from mamba_jax.ops.selective_scan import pallas_triton
 from mamba_jax.scales import CalibrationScale, attach_scales
 
@@ -114,6 +115,13 @@ def override_selective_scan_config(text: str | None) -> dict | None:
   return overrides
 
 
+def set_conv_backward(choice: str) -> None:
+  """Applies `--conv-backward`: the causal conv's Pallas backward kernel or XLA's derivative of the formula."""
+  causal_conv_pallas.BWD_KERNEL = choice == "pallas"
+  if choice != "pallas":
+    print(f"causal conv backward: {choice}", flush=True)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tiny", action="store_true", help="tiny shapes and lengths (CPU smoke run)")
@@ -136,8 +144,15 @@ def main(argv=None) -> int:
     default=None,
     help="JSON overrides of the selective scan's default SelectiveScanConfig (A/B runs of its kernels in a model)",
   )
+  p.add_argument(
+    "--conv-backward",
+    choices=("pallas", "xla"),
+    default="pallas",
+    help="the causal conv's backward on GPU: its kernel (default) or XLA's derivative of the formula (rounds 2-20)",
+  )
   args = p.parse_args(argv)
   scan_overrides = override_selective_scan_config(args.selective_scan_config)
+  set_conv_backward(args.conv_backward)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {dtype.name}", flush=True)

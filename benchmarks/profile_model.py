@@ -21,7 +21,7 @@ import tempfile
 import jax
 from flax import nnx
 
-from benchmarks.bench_calibrate import bench_one, model_config, override_selective_scan_config
+from benchmarks.bench_calibrate import bench_one, model_config, override_selective_scan_config, set_conv_backward
 from mamba_jax import MambaLM
 from mamba_jax.scales import attach_scales
 
@@ -160,8 +160,10 @@ def main(argv=None) -> int:
   p.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto", help="as python -m calibrate's")
   p.add_argument("--stack-per-step", action="store_true", help="as bench_calibrate.py's (rounds 2-10's layer scan)")
   p.add_argument("--selective-scan-config", default=None, help="as bench_calibrate.py's (JSON config overrides)")
+  p.add_argument("--conv-backward", choices=("pallas", "xla"), default="pallas", help="as bench_calibrate.py's")
   args = p.parse_args(argv)
   override_selective_scan_config(args.selective_scan_config)
+  set_conv_backward(args.conv_backward)
   args.iters, args.pair = 3, "vmap"
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   for name in args.models.split(","):

@@ -2,7 +2,8 @@
 # Round 20 (an H200): the gradient step's extra Mosaic GPU launch (pass 1's optimization barrier) and the fused
 # residual add + RMSNorm of the layer scan, on mamba-1.4b at 8K.
 #   STEP=remat     benchmarks/check_remat_calls.py with and without the barrier (REMAT_ARGS: "-" for none).
-#   STEP=cal       bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS (spsa,grad) at CAL_LENS (8192).
+#   STEP=cal       bench_calibrate.py for CAL_MODELS (mamba-1.4b) and CAL_METHODS (spsa,grad) at CAL_LENS (8192);
+#                  CAL_ARGS are passed to every bench_calibrate.py run (e.g. "--conv-backward xla", round 21).
 #   STEP=calab     bench_calibrate.py's CALAB_METHODS (grad) with each JSON SelectiveScanConfig of CALAB_CONFIGS.
 #   STEP=base      bench_calibrate.py's BASE_METHODS (spsa) on the session's base commit (the device's git HEAD,
 #                  extracted to /tmp/base): the A/B against this tree in one lease.
@@ -24,7 +25,7 @@ bench() {  # bench DIR TAG METHODS [extra args...]
   local dir=$1 tag=$2 methods=$3; shift 3
   echo "### $tag" | tee -a $OUT/calibrate.txt
   (cd $dir && PYTHONPATH=. timeout ${CAL_S:-240} python benchmarks/bench_calibrate.py --lengths 8192 \
-    --iters ${CAL_ITERS:-5} --models $M --methods $methods --json $OUT/calibrate_$tag.jsonl "$@" 2>&1 \
+    --iters ${CAL_ITERS:-5} --models $M --methods $methods --json $OUT/calibrate_$tag.jsonl $CAL_ARGS "$@" 2>&1 \
     | grep -v "Warning\|warn" | tail -6 | tee -a $OUT/calibrate.txt)
 }
 for step in ${STEPS:-remat}; do

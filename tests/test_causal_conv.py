@@ -134,9 +134,12 @@ def test_backward_kernel_bf16():
   assert rel_err(got[1], want[1]) < 1e-3 and rel_err(got[2], want[2]) < 1e-3
 
 
-def test_gradient_lowers_to_the_forward_and_backward_kernels():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_gradient_lowers_to_the_forward_and_backward_kernels(kernel, monkeypatch):
   """On CUDA the gradient runs the two Triton kernels (the forward's output feeds nothing the backward needs, but
-  jax.vjp computes it) and no XLA derivative of the formula (CI has no GPU: the CUDA lowering runs on the CPU)."""
+  jax.vjp computes it); with `BWD_KERNEL` off (the A/B switch of the benchmarks) only the forward's, the backward
+  being XLA's derivative of the formula (CI has no GPU: the CUDA lowering runs on the CPU)."""
+  monkeypatch.setattr(pt, "BWD_KERNEL", kernel)
   src, weight, bias = _inputs(1, 256, 128, 128)
 
   def loss(s, w, bb):
@@ -149,5 +152,11 @@ def test_gradient_lowers_to_the_forward_and_backward_kernels():
       pytest.skip(f"no Triton lowering in this jaxlib: {err}")
     raise
   text = text.as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 2
-  assert "causal_conv1d_bwd" in text
+  assert text.count("__gpu$xla.gpu.triton") == (2 if kernel else 1)
+  assert ("causal_conv1d_bwd" in text) == kernel
+  if not kernel:  # the switch's path run here: the formula's derivative
+    run = lambda s, w, bb: jnp.sum(pt.causal_conv1d_pallas(s, w, bb, interpret=INTERPRET) ** 2)  # noqa: E731
+    got = jax.grad(run, argnums=(0, 1, 2))(src, weight, bias)
+    want = jax.grad(lambda s, w, bb: jnp.sum(causal_conv1d_xla(s, w, bb) ** 2), argnums=(0, 1, 2))(src, weight, bias)
+    for a, e in zip(got, want, strict=True):
+      assert rel_err(a, e) < 1e-5

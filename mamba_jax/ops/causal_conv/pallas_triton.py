@@ -20,9 +20,11 @@ share of dweight and dbias come out of one pass over x and the output's cotangen
   dpre[t] = g[t] silu'(pre[t]),  dx[t] = sum_i weight[i] dpre[t + k - 1 - i],
   dweight[i] = sum_t dpre[t] x[t - k + 1 + i],  dbias = sum_t dpre[t].
 A program's last k - 1 rows of dpre (the halo of the next block) are recomputed by both; the partial sums over row
-blocks and batches are added by XLA. Before it (rounds 2-20) the backward was XLA's derivative of the formula: on an
-H200, mamba-1.4b's 8K gradient step spent 7.7 ms in the fusion that wrote the in_proj output's gradient from it and
-5.2 ms in the one before it (benchmarks/results/calibrate.md, round 21).
+blocks and batches are added by XLA. Before it (rounds 2-20) the backward was XLA's derivative of the formula. On an
+H200 at 8K tokens (round 21, bench_causal_conv.py: forward + backward, bf16, with the source's other columns'
+gradient added): mamba-1.4b's x window 0.422 -> 0.293 ms, mamba2-1.3b's x | B | C 0.462 -> 0.370 ms; in
+mamba-1.4b's gradient step (one channel per thread then) the two XLA fusions around the old backward (7.7 + 5.2 ms)
+became the kernel (7.9 ms), a pad-and-add fusion (3.9 ms) and an add (2.4 ms) (benchmarks/results/calibrate.md).
 """
 
 import dataclasses
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mamba_jax.ops.causal_conv.reference import window_bounds
+from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 
 F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -42,7 +44,12 @@ MAX_BLOCK_W = 128
 BLOCK_T = 64
 BWD_BLOCK_T = 128  # rows per backward program (k - 1 of them recomputed as the next block's halo)
 BWD_UNROLL = 8  # backward steps per loop iteration
-BWD_CHANNELS_PER_THREAD = 1  # the backward's warps: w / (32 x this)
+# The backward's warps are w / (32 x this). On an H200 at 8K tokens (bench_causal_conv.py, round 21), forward +
+# backward of mamba-1.4b's x window: 0.341 ms with 1 (4 warps), 0.328 with 2, 0.293 with 4 (one warp, 8-byte
+# loads), against 0.422 for XLA's; 256 or 64 rows per program no better (0.325-0.339).
+BWD_CHANNELS_PER_THREAD = 4
+BWD_KERNEL = True  # False: the backward is XLA's derivative of the formula (rounds 2-20), for A/B runs; read when
+# a gradient is traced (benchmarks/bench_calibrate.py --conv-backward xla)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +237,9 @@ def _conv_fwd(meta, src, weight, bias):
 
 def _conv_bwd(meta, saved, g):
   src, weight, bias = saved
+  if not BWD_KERNEL:
+    formula = lambda s, w, b: causal_conv1d_xla(s, w, b, start=meta.start, width=meta.width, silu=meta.silu)  # noqa: E731
+    return jax.vjp(formula, *saved)[1](g)
   dsrc, dw, db = _backward(meta, src, weight, bias, g)
   return dsrc.astype(src.dtype), dw.astype(weight.dtype), db.astype(bias.dtype)
 
