@@ -29,6 +29,7 @@ from calibrate.gradient import Gradient
 from calibrate.objective import frozen_layers, scale_loss
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM
+from mamba_jax.mamba1 import Mamba1Mixer
 from mamba_jax.ops.causal_conv import pallas_triton as causal_conv_pallas
 from mamba_jax.ops.selective_scan import pallas_triton
 from mamba_jax.scales import CalibrationScale, attach_scales
@@ -150,9 +151,15 @@ def main(argv=None) -> int:
     default="pallas",
     help="the causal conv's backward on GPU: its kernel (default) or XLA's derivative of the formula (rounds 2-20)",
   )
+  p.add_argument(
+    "--split-in-proj",
+    action="store_true",
+    help="Mamba1's in_proj as two products (Mamba1Mixer.split_in_proj), so its input gradient takes the halves apart",
+  )
   args = p.parse_args(argv)
   scan_overrides = override_selective_scan_config(args.selective_scan_config)
   set_conv_backward(args.conv_backward)
+  Mamba1Mixer.split_in_proj = args.split_in_proj
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {dtype.name}", flush=True)
@@ -176,6 +183,8 @@ def main(argv=None) -> int:
           "dtype": dtype.name,
           "layers": args.layers,
           "stack_per_step": args.stack_per_step,
+          **({"conv_backward": args.conv_backward} if args.conv_backward != "pallas" else {}),
+          **({"split_in_proj": True} if args.split_in_proj else {}),
           **({"selective_scan_config": scan_overrides} if scan_overrides else {}),
           **r,
         }

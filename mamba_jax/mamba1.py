@@ -18,6 +18,13 @@ from mamba_jax.scales import ScaleHooks
 class Mamba1Mixer(ScaleHooks, nnx.Module):
   """Selective SSM mixer with parameter names as in mamba_ssm (`A_log`, `D`, `dt_proj`, ...)."""
 
+  # The in_proj as two products, x = u W[:, :e] and z = u W[:, e:], instead of one (b, l, 2e) output that the conv
+  # and the scan read in place. Under a gradient the halves' cotangents then never meet: each product takes its
+  # own, where the one product's input gradient needs them padded and added into a (b, l, 2e) array first (a
+  # 3.9 ms fusion of mamba-1.4b's 8K gradient step on an H200, calibrate.md round 21). Read when tracing; off until
+  # timed (`benchmarks/bench_calibrate.py --split-in-proj` for the A/B). The weights and their names are the same.
+  split_in_proj = False
+
   def __init__(self, cfg: MambaConfig, *, dtype=None, param_dtype=F32, scan_impl: str = "auto", rngs: nnx.Rngs):
     e, n, r, d = cfg.d_inner, cfg.d_state, cfg.dt_rank_value, cfg.d_model
     lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -47,12 +54,29 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
     dt = dt_low @ self.dt_proj.kernel[...].astype(dt_low.dtype)  # the bias is added in float32 by the scan
     return dt, B, C
 
+  def _in_proj_halves(self, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x, z), each (b, l, e): the in_proj as two products (`split_in_proj`), in the dtype nnx.Linear computes in."""
+    lin, e = self.in_proj, self.cfg.d_inner
+    kernel = lin.kernel[...]
+    bias = lin.bias[...] if lin.bias is not None else None
+    dt = self.dtype or jnp.result_type(u, kernel, *([] if bias is None else [bias]))
+    halves = []
+    for cols in (slice(0, e), slice(e, 2 * e)):
+      y = jnp.dot(u.astype(dt), kernel[:, cols].astype(dt), precision=lin.precision)
+      halves.append(y if bias is None else y + bias[cols].astype(dt))
+    return halves[0], halves[1]
+
   @jax.named_scope("mamba1_mixer")
   def __call__(self, u: jax.Array, *, return_cache: bool = False):
     """u (b, l, d) -> (b, l, d); with `return_cache`, also the MixerCache after the last step."""
-    xz = self.in_proj(u)  # (b, l, 2e): x, then the gate z
-    e = xz.shape[-1] // 2
-    xc = self.conv1d(xz, start=0, silu=True, impl=self.scan_impl)  # reads x in place from the in_proj output
+    e = self.cfg.d_inner
+    if self.split_in_proj:
+      x, z = self._in_proj_halves(u)  # (b, l, e) each
+      z_start = None
+    else:
+      x = z = self.in_proj(u)  # (b, l, 2e): x, then the gate z, both read in place by the conv and the scan
+      z_start = e
+    xc = self.conv1d(x, start=0, silu=True, impl=self.scan_impl)  # x's first e columns
     dt, B, C = self._project(xc)
     dt_scale = self._scale("dt_scale", decode=False)
     if dt_scale is None:  # bias and softplus fused into the scan
@@ -66,8 +90,8 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
       B,
       C,
       D=self.D[...],
-      z=xz,
-      z_start=e,  # the Pallas scan reads the gate in place from the in_proj output
+      z=z,
+      z_start=z_start,  # the Pallas scan reads the gate in place from the in_proj output
       delta_bias=delta_bias,
       delta_softplus=delta_softplus,
       return_last_state=True,
@@ -75,7 +99,7 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
     )
     out = self.out_proj(y)
     if return_cache:
-      return out, MixerCache(CausalConv1d.state_from_inputs(xz[..., :e], self.cfg.d_conv), h)
+      return out, MixerCache(CausalConv1d.state_from_inputs(x[..., :e], self.cfg.d_conv), h)
     return out
 
   def init_cache(self, batch: int, dtype=F32) -> MixerCache:

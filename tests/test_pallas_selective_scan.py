@@ -439,3 +439,34 @@ def test_remat_gradients_equal_plain_gradients():
   remat = jax.grad(loss(True), argnums=tuple(range(len(names))))(*inp.values())
   for k, a, r in zip(names, plain, remat, strict=True):
     assert rel_err(r, a) < 1e-6, (k, rel_err(r, a))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_in_proj_gives_the_same_logits_and_scale_gradients(bias, monkeypatch):
+  """`Mamba1Mixer.split_in_proj` (the in_proj as two products): the one product's logits and gradients w.r.t. the
+  scales, and no (b, l, 2e) pad in the gradient (the halves' cotangents padded into one array for the product)."""
+  from mamba_jax.mamba1 import Mamba1Mixer  # noqa: PLC0415
+
+  cfg = MambaConfig.tiny("mamba1", d_model=48, n_layer=2, bias=bias)
+  model = MambaLM(cfg, rngs=nnx.Rngs(0))
+  attach_scales(model, "dt", "linear", "channel", init=0.8)
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  ids = jax.random.randint(jax.random.key(2), (2, 40), 0, cfg.vocab_size)
+  wide = f"tensor<2x40x{2 * cfg.d_inner}x"
+
+  def loss(scales):
+    return jnp.mean(nnx.merge(graphdef, scales, rest)(ids).astype(jnp.float32) ** 2)
+
+  def run(split):
+    monkeypatch.setattr(Mamba1Mixer, "split_in_proj", split)
+    value, grad = jax.jit(jax.value_and_grad(loss))(scales)
+    text = jax.jit(jax.grad(loss)).lower(scales).as_text()
+    pads = sum("stablehlo.pad" in ln and wide in ln.rsplit("->", 1)[-1] for ln in text.splitlines())
+    return value, grad, pads
+
+  value, grad, pads = run(False)
+  value_s, grad_s, pads_s = run(True)
+  assert pads > 0 and pads_s == 0, (pads, pads_s)
+  assert abs(float(value_s) - float(value)) <= 1e-6 * abs(float(value))
+  for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad), strict=True):
+    assert rel_err(a, b) < 1e-5
