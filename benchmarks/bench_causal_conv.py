@@ -13,8 +13,8 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks.rows import append_jsonl, rel_err
 from benchmarks.timing import stream_ms
 from mamba_jax.ops.causal_conv import pallas_triton as pt
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
@@ -23,11 +23,6 @@ from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
 # mamba2-1.3b's x | B | C in one window (columns [4096, 8448) of its 8512-wide z | x | B | C | dt output; the mixer
 # convolves the three as separate calls).
 SHAPES = {"mamba-1.4b x": (8192, 0, 4096), "mamba2-1.3b xBC": (8512, 4096, 4352)}
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _case(name, d, start, width, l, b, variants=("128:1",)):
@@ -71,7 +66,7 @@ def _case(name, d, start, width, l, b, variants=("128:1",)):
     print(json.dumps(rows[-1]), flush=True)
   pt.BWD_BLOCK_T, pt.BWD_CHANNELS_PER_THREAD = default
   pairs = zip(("src", "w", "b"), grads["pallas"], grads["xla"], strict=True)
-  rows.append(dict(shape=name, l=l, b=b, impl="pallas vs xla", **{f"err_{n}": _rel(p, x) for n, p, x in pairs}))
+  rows.append(dict(shape=name, l=l, b=b, impl="pallas vs xla", **{f"err_{n}": rel_err(p, x) for n, p, x in pairs}))
   print(json.dumps(rows[-1]), flush=True)
   return rows
 
@@ -88,10 +83,7 @@ def main():
     for l in map(int, a.lens.split(",")):
       for b in map(int, a.batches.split(",")):
         rows += _case(name, d, start, width, l, b, tuple(a.bwd_variants.split(",")))
-  if a.out:
-    with open(a.out, "a") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+  append_jsonl(a.out, rows)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks.rows import append_jsonl, rel_err
 from benchmarks.timing import stream_ms
 from mamba_jax.ops.selective_scan import pallas_mosaic as pm
 from mamba_jax.ops.selective_scan import pallas_triton as pt
@@ -43,11 +43,6 @@ def _meta(l, b, e, cfg):
     l, seg, S, cfg.unroll, cfg.block_e, cfg.unroll_bwd, cfg.block_e_bwd, True, True, True, True, cfg.num_warps,
     cfg.num_stages, cfg.num_warps_bwd, cfg.bwd_rows, cfg.prefetch, cfg.pack_bc, e, False, cfg.fast_math,
   )  # fmt: skip
-
-
-def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _sync(out):
@@ -110,19 +105,16 @@ def main():
             margs2,
           )
           errs = dict(
-            err_seg_vs_triton=max(_rel(seg_m[0], seg_t[0]), _rel(seg_m[1], seg_t[1])),
-            err_y_vs_triton=_rel(y_m, y_t),
-            err_h_vs_triton=_rel(jnp.swapaxes(hl_m, 1, 2), h_t),
+            err_seg_vs_triton=max(rel_err(seg_m[0], seg_t[0]), rel_err(seg_m[1], seg_t[1])),
+            err_y_vs_triton=rel_err(y_m, y_t),
+            err_h_vs_triton=rel_err(jnp.swapaxes(hl_m, 1, 2), h_t),
           )
           row = dict(l=l, b=b, impl=name, **times, **errs)
         except Exception as exc:  # noqa: BLE001 (a variant that does not compile is reported, the sweep goes on)
           row = dict(l=l, b=b, impl=name, error=f"{type(exc).__name__}: {str(exc)[:3000]}")
         print(json.dumps(row), flush=True)
         rows.append(row)
-  if a.out:
-    with open(a.out, "a") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+  append_jsonl(a.out, rows)
 
 
 if __name__ == "__main__":
