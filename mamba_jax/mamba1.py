@@ -91,7 +91,7 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
       C,
       D=self.D[...],
       z=z,
-      z_start=z_start,  # the Pallas scan reads the gate in place from the in_proj output
+      z_start=z_start,  # the Pallas scan reads the gate in place from the in_proj output (unless split)
       delta_bias=delta_bias,
       delta_softplus=delta_softplus,
       return_last_state=True,

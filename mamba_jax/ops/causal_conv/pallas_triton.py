@@ -14,9 +14,9 @@ The interpreter (CPU tests) cannot load from negative row offsets (its dynamic s
 is first padded with k - 1 zero rows and no load starts below row 0; the GPU path masks instead.
 
 The backward (`_bwd_kernel`, under gradient calibration) is a kernel too: each program walks its BWD_BLOCK_T rows of
-one w-channel stripe step by step, one channel per thread, its last k - 1 inputs and pre-activation gradients held
-in registers, so the pre-activation (for the SiLU's derivative) is recomputed once per row and dx, this block's
-share of dweight and dbias come out of one pass over x and the output's cotangent g:
+one w-channel stripe step by step, BWD_CHANNELS_PER_THREAD channels per thread, the last k - 1 inputs and
+pre-activation gradients held in registers, so the pre-activation (for the SiLU's derivative) is recomputed once
+per row and dx, this block's share of dweight and dbias come out of one pass over x and the output's cotangent g:
   dpre[t] = g[t] silu'(pre[t]),  dx[t] = sum_i weight[i] dpre[t + k - 1 - i],
   dweight[i] = sum_t dpre[t] x[t - k + 1 + i],  dbias = sum_t dpre[t].
 A program's last k - 1 rows of dpre (the halo of the next block) are recomputed by both; the partial sums over row
