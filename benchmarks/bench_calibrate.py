@@ -116,11 +116,13 @@ def override_selective_scan_config(text: str | None) -> dict | None:
   return overrides
 
 
-def set_conv_backward(choice: str) -> None:
-  """Applies `--conv-backward`: the causal conv's Pallas backward kernel or XLA's derivative of the formula."""
-  causal_conv_pallas.BWD_KERNEL = choice == "pallas"
-  if choice != "pallas":
-    print(f"causal conv backward: {choice}", flush=True)
+def apply_kernel_switches(args) -> None:
+  """Applies `--conv-backward` (the causal conv's Pallas backward kernel or XLA's derivative of the formula) and
+  `--split-in-proj` (`Mamba1Mixer.split_in_proj`); both are read when a step is traced."""
+  causal_conv_pallas.BWD_KERNEL = args.conv_backward == "pallas"
+  Mamba1Mixer.split_in_proj = args.split_in_proj
+  if args.conv_backward != "pallas" or args.split_in_proj:
+    print(f"causal conv backward: {args.conv_backward}, split in_proj: {args.split_in_proj}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -158,8 +160,7 @@ def main(argv=None) -> int:
   )
   args = p.parse_args(argv)
   scan_overrides = override_selective_scan_config(args.selective_scan_config)
-  set_conv_backward(args.conv_backward)
-  Mamba1Mixer.split_in_proj = args.split_in_proj
+  apply_kernel_switches(args)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {dtype.name}", flush=True)

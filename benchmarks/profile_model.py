@@ -21,9 +21,8 @@ import tempfile
 import jax
 from flax import nnx
 
-from benchmarks.bench_calibrate import bench_one, model_config, override_selective_scan_config, set_conv_backward
+from benchmarks.bench_calibrate import apply_kernel_switches, bench_one, model_config, override_selective_scan_config
 from mamba_jax import MambaLM
-from mamba_jax.mamba1 import Mamba1Mixer
 from mamba_jax.scales import attach_scales
 
 _GROUPS = [
@@ -165,8 +164,7 @@ def main(argv=None) -> int:
   p.add_argument("--split-in-proj", action="store_true", help="as bench_calibrate.py's")
   args = p.parse_args(argv)
   override_selective_scan_config(args.selective_scan_config)
-  set_conv_backward(args.conv_backward)
-  Mamba1Mixer.split_in_proj = args.split_in_proj
+  apply_kernel_switches(args)
   args.iters, args.pair = 3, "vmap"
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   for name in args.models.split(","):

@@ -235,11 +235,14 @@ def _conv_fwd(meta, src, weight, bias):
   return _forward(meta, src, weight, bias), (src, weight, bias)
 
 
+def _reference(meta: _Meta, src, weight, bias):
+  return causal_conv1d_xla(src, weight, bias, start=meta.start, width=meta.width, silu=meta.silu)
+
+
 def _conv_bwd(meta, saved, g):
   src, weight, bias = saved
   if not BWD_KERNEL:
-    formula = lambda s, w, b: causal_conv1d_xla(s, w, b, start=meta.start, width=meta.width, silu=meta.silu)  # noqa: E731
-    return jax.vjp(formula, *saved)[1](g)
+    return jax.vjp(functools.partial(_reference, meta), *saved)[1](g)
   dsrc, dw, db = _backward(meta, src, weight, bias, g)
   return dsrc.astype(src.dtype), dw.astype(weight.dtype), db.astype(bias.dtype)
 
