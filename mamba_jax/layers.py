@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba_jax import ops
+from mamba_jax.ops.add_norm.reference import rms_norm_xla
 
 F32 = jnp.float32
 
@@ -20,10 +21,12 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-    out_dtype = out_dtype or x.dtype
-    x32 = x.astype(F32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.weight[...].astype(F32)).astype(out_dtype)
+    return rms_norm_xla(x, self.weight[...], self.eps, out_dtype or x.dtype)
+
+  def add_and_norm(self, residual: jax.Array, hidden: jax.Array, out_dtype=None, impl: str = "auto"):
+    """(residual + hidden, this norm of it): the residual stream's add fused with the norm after it (a Pallas
+    kernel on GPU; `mamba_jax.ops.add_rms_norm`). The sum is added in float32 and kept in the residual's dtype."""
+    return ops.add_rms_norm(residual, hidden, self.weight[...], self.eps, out_dtype or hidden.dtype, impl=impl)
 
 
 class GatedRMSNorm(nnx.Module):

@@ -154,7 +154,8 @@ class MambaLM(nnx.Module):
       for layer in layers:
         graphdef, state = nnx.split(layer)
         (residual, hidden), _ = self._block_fn(graphdef)((residual, hidden), (state,))
-    return self.backbone.norm_f(add_residual(residual, hidden), self.dtype)
+    impl = layers[0].mixer.scan_impl
+    return self.backbone.norm_f.add_and_norm(residual, hidden, self.dtype, impl=impl)[1]
 
   def _block_fn(self, graphdef):
     """A pure ((residual, previous output), block state) -> ((residual, output), None) function; the block's
@@ -163,13 +164,24 @@ class MambaLM(nnx.Module):
     Pure functions of the state (rather than calls on the live modules) work at any trace level: inside jax.grad,
     lax.scan or vmap over a model closed over from outside.
     """
+    if not self.remat:
+      # The add and the norm as one kernel on GPU (`ops.add_rms_norm`): XLA runs them as two passes, the second
+      # reading back the float32 sum (calibrate.md, round 22).
+      def fused(carry, states):
+        block = nnx.merge(graphdef, *states)
+        residual, normed = block.norm.add_and_norm(*carry, self.dtype, impl=block.mixer.scan_impl)
+        return (residual, block.mixer(normed)), None
 
+      return fused
+
+    # Rematerialised: the checkpoint's input is the sum alone (the add stays outside it, in XLA), so the
+    # backward keeps one float32 array per block, as without the fused kernel; the norm is recomputed inside.
     def mix(residual, states):  # states: a tuple of States that together hold the block's variables
       return nnx.merge(graphdef, *states).mix(residual, self.dtype)
 
     # The policy keeps a few small named results of the forward pass (ops.REMAT_SAVED: the selective scan's
     # segment states) instead of recomputing them in the backward pass.
-    mix = jax.checkpoint(mix, policy=ops.remat_policy()) if self.remat else mix
+    mix = jax.checkpoint(mix, policy=ops.remat_policy())
 
     def block(carry, states):
       residual = add_residual(*carry)

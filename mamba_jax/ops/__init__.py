@@ -10,6 +10,7 @@ import math
 import jax
 
 from mamba_jax.ops._remat import REMAT_SAVED, remat_policy
+from mamba_jax.ops.add_norm.reference import add_rms_norm_xla
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 from mamba_jax.ops.gated_norm.reference import gated_rms_norm_xla
 from mamba_jax.ops.selective_scan.reference import gate_columns, selective_scan_reference
@@ -29,6 +30,8 @@ def _pallas_module(op: str):
       from mamba_jax.ops.causal_conv import pallas_triton as mod  # noqa: PLC0415
     elif op == "gated_norm":
       from mamba_jax.ops.gated_norm import pallas_triton as mod  # noqa: PLC0415
+    elif op == "add_norm":
+      from mamba_jax.ops.add_norm import pallas_triton as mod  # noqa: PLC0415
     else:
       from mamba_jax.ops.selective_scan import pallas_triton as mod  # noqa: PLC0415
   except ImportError:
@@ -233,7 +236,31 @@ def gated_rms_norm(
   return gated_rms_norm_xla(*args, z_start=z_start)
 
 
+def add_rms_norm(residual, hidden, weight, eps: float = 1e-5, out_dtype=None, *, impl: str = "auto"):
+  """The residual add and the RMSNorm after it (mamba_ssm's fused add + norm): (s, rmsnorm(s) * weight) with
+  s = residual + hidden added in float32 and kept in the residual's dtype.
+
+  Args:
+    residual: `(..., d)`, the residual stream (float32 when `residual_in_fp32`).
+    hidden: `(..., d)`, the previous block's output.
+    weight: `(d,)`.
+    out_dtype: the normalised output's dtype (default: hidden's).
+    impl: "auto" | "pallas" | "xla" | "reference" ("reference" is the XLA formula). "auto" takes the Pallas kernel
+      on GPU where the width has a power-of-two factor of at least 16, else XLA.
+
+  Returns:
+    (the sum in residual's dtype, the normalised sum in out_dtype), each `(..., d)`.
+  """
+  impl = resolve_impl(impl, "add_norm")
+  if impl == "pallas":
+    mod = _pallas_module("add_norm")
+    if mod.supported(residual.shape[-1]):
+      return mod.add_rms_norm_pallas(residual, hidden, weight, eps, out_dtype)
+  return add_rms_norm_xla(residual, hidden, weight, eps, out_dtype)
+
+
 __all__ = [
+  "add_rms_norm",
   "causal_conv1d",
   "gated_rms_norm",
   "ssd",
