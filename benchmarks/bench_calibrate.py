@@ -16,6 +16,7 @@ forward+backward 347 ms and 33.8 GiB at 8K; mamba-1.4b forward 93 ms at 8K, 363 
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from calibrate.objective import frozen_layers, scale_loss
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaConfig, MambaLM
 from mamba_jax.mamba1 import Mamba1Mixer
+from mamba_jax.ops.add_norm import pallas_triton as add_norm_pallas
 from mamba_jax.ops.causal_conv import pallas_triton as causal_conv_pallas
 from mamba_jax.ops.selective_scan import pallas_triton
 from mamba_jax.scales import CalibrationScale, attach_scales
@@ -116,13 +118,47 @@ def override_selective_scan_config(text: str | None) -> dict | None:
   return overrides
 
 
-def apply_kernel_switches(args) -> None:
-  """Applies `--conv-backward` (the causal conv's Pallas backward kernel or XLA's derivative of the formula) and
-  `--split-in-proj` (`Mamba1Mixer.split_in_proj`); both are read when a step is traced."""
+KERNEL_SWITCHES = ("conv_forward", "conv_backward", "add_norm", "split_in_proj")
+
+
+def kernel_switch_args(p: argparse.ArgumentParser) -> None:
+  """The A/B switches of the kernels that are read when a step is traced (bench_calibrate.py and profile_model.py)."""
+  p.add_argument(
+    "--conv-forward",
+    choices=("default", "tile", "walk"),
+    default="default",
+    help="the causal conv's forward kernel on GPU (causal_conv.pallas_triton.FWD_KERNEL); default: its own setting",
+  )
+  p.add_argument(
+    "--conv-backward",
+    choices=("pallas", "xla"),
+    default="pallas",
+    help="the causal conv's backward on GPU: its kernel (default) or XLA's derivative of the formula (rounds 2-20)",
+  )
+  p.add_argument(
+    "--add-norm",
+    choices=("pallas", "xla"),
+    default="pallas",
+    help="the residual add + RMSNorm on GPU: its kernel (default) or XLA's two passes (rounds 2-21)",
+  )
+  p.add_argument(
+    "--split-in-proj",
+    action="store_true",
+    help="Mamba1's in_proj as two products (Mamba1Mixer.split_in_proj), so its input gradient takes the halves apart",
+  )
+
+
+def apply_kernel_switches(args) -> dict:
+  """Applies the `kernel_switch_args`; returns the ones that differ from the defaults (for the JSON rows)."""
+  if args.conv_forward != "default":
+    causal_conv_pallas.FWD_KERNEL = args.conv_forward
   causal_conv_pallas.BWD_KERNEL = args.conv_backward == "pallas"
+  add_norm_pallas.ENABLED = args.add_norm == "pallas"
   Mamba1Mixer.split_in_proj = args.split_in_proj
-  if args.conv_backward != "pallas" or args.split_in_proj:
-    print(f"causal conv backward: {args.conv_backward}, split in_proj: {args.split_in_proj}", flush=True)
+  changed = {k: getattr(args, k) for k in KERNEL_SWITCHES if getattr(args, k) not in ("default", "pallas", False)}
+  if changed:
+    print(f"kernel switches: {changed}", flush=True)
+  return changed
 
 
 def main(argv=None) -> int:
@@ -147,20 +183,10 @@ def main(argv=None) -> int:
     default=None,
     help="JSON overrides of the selective scan's default SelectiveScanConfig (A/B runs of its kernels in a model)",
   )
-  p.add_argument(
-    "--conv-backward",
-    choices=("pallas", "xla"),
-    default="pallas",
-    help="the causal conv's backward on GPU: its kernel (default) or XLA's derivative of the formula (rounds 2-20)",
-  )
-  p.add_argument(
-    "--split-in-proj",
-    action="store_true",
-    help="Mamba1's in_proj as two products (Mamba1Mixer.split_in_proj), so its input gradient takes the halves apart",
-  )
+  kernel_switch_args(p)
   args = p.parse_args(argv)
   scan_overrides = override_selective_scan_config(args.selective_scan_config)
-  apply_kernel_switches(args)
+  switches = apply_kernel_switches(args)
   lengths = [int(v) for v in (args.lengths or ("64,128" if args.tiny else "4096,16384,65536")).split(",")]
   dtype = jnp.dtype(args.dtype)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {dtype.name}", flush=True)
@@ -184,8 +210,8 @@ def main(argv=None) -> int:
           "dtype": dtype.name,
           "layers": args.layers,
           "stack_per_step": args.stack_per_step,
-          **({"conv_backward": args.conv_backward} if args.conv_backward != "pallas" else {}),
-          **({"split_in_proj": True} if args.split_in_proj else {}),
+          **switches,
+          **({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {}),
           **({"selective_scan_config": scan_overrides} if scan_overrides else {}),
           **r,
         }

@@ -6,6 +6,15 @@ and of forward+backward (jax.vjp applied to a fixed cotangent), each jitted with
 gradient added in the same function (what the Mamba1 mixer's in_proj gradient does with the gate's).
 
   PYTHONPATH=. python benchmarks/bench_causal_conv.py --lens 8192 --out $OUT/causal_conv.jsonl
+
+With --fwd-variants, the forward alone instead: each "kernel:rows:n" variant of the Pallas forward (tile: rows per
+program and num_warps; walk: rows per program and channels per thread, see pallas_triton.FWD_KERNEL) timed and
+checked against XLA's forward, a table printed and one JSON row per variant and case appended to --out:
+
+  PYTHONPATH=. python benchmarks/bench_causal_conv.py --lens 8192 --batches 2 --out $OUT/conv_fwd.jsonl \
+    --fwd-variants tile:64:4,tile:128:4,tile:32:4,tile:64:8,walk:128:4,walk:128:2,walk:256:4,walk:64:4
+
+(--interpret runs the kernels in Pallas' interpreter: a CPU smoke test at tiny lengths, e.g. --lens 8, not a timing.)
 """
 
 import argparse
@@ -74,6 +83,71 @@ def _case(name, d, start, width, l, b, variants=(DEFAULT_VARIANT,)):
   return rows
 
 
+# the module constants a forward variant sets (read when the conv is traced)
+FWD_KNOBS = ("FWD_KERNEL", "BLOCK_T", "FWD_TILE_WARPS", "FWD_BLOCK_T", "FWD_CHANNELS_PER_THREAD")
+
+
+def parse_fwd_variant(v: str) -> tuple[str, int, int]:
+  """ "kernel:rows:n" -> (kernel, rows per program, n): n is num_warps for "tile", channels per thread for "walk"."""
+  kernel, rows, n = v.split(":")
+  if kernel not in ("tile", "walk"):
+    raise ValueError(f"forward variant {v!r}: the kernel is 'tile' or 'walk'")
+  return kernel, int(rows), int(n)
+
+
+def _set_fwd_variant(kernel, rows, n):
+  pt.FWD_KERNEL = kernel
+  if kernel == "tile":
+    pt.BLOCK_T, pt.FWD_TILE_WARPS = rows, n
+  else:
+    pt.FWD_BLOCK_T, pt.FWD_CHANNELS_PER_THREAD = rows, n
+
+
+def _fwd_case(name, d, start, width, l, b, variants, interpret=False):
+  """The forward-only rows of one shape: XLA's forward, then each Pallas forward variant (its error against XLA's
+  output)."""
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  src = jax.random.normal(k[0], (b, l, d), jnp.float32).astype(jnp.bfloat16)
+  w = 0.5 * jax.random.normal(k[1], (4, width), jnp.float32)
+  bias = 0.1 * jax.random.normal(k[2], (width,), jnp.float32)
+  kw = dict(start=start, width=width)
+  moved = 2 * b * l * width * src.dtype.itemsize  # the window read once, the output written once
+  sync = jax.block_until_ready
+  xla = jax.jit(lambda s, w_, b_: causal_conv1d_xla(s, w_, b_, **kw))
+  want = xla(src, w, bias)
+  ms = stream_ms(lambda: xla(src, w, bias), sync)
+  rows = [dict(variant="xla", shape=name, l=l, b=b, ms=ms, tb_s=moved / ms / 1e9, err=0.0)]
+  print(json.dumps(rows[-1]), flush=True)
+  defaults = {n: getattr(pt, n) for n in FWD_KNOBS}
+  try:
+    for v in variants:
+      _set_fwd_variant(*parse_fwd_variant(v))
+      # a fresh function per variant, traced (on its first call, just below) while the variant's constants are set
+      fwd = jax.jit(lambda s, w_, b_: pt.causal_conv1d_pallas(s, w_, b_, **kw, interpret=interpret))
+      err = rel_err(fwd(src, w, bias), want)
+      ms = stream_ms(lambda fwd=fwd: fwd(src, w, bias), sync)
+      rows.append(dict(variant=v, shape=name, l=l, b=b, ms=ms, tb_s=moved / ms / 1e9, err=err))
+      print(json.dumps(rows[-1]), flush=True)
+  finally:
+    for n, val in defaults.items():
+      setattr(pt, n, val)
+  return rows
+
+
+def _table(rows):
+  head = f"{'shape':<16} {'l':>6} {'b':>3} {'variant':<12} {'ms':>9} {'TB/s':>6} {'vs xla':>7} {'err':>9}"
+  lines = [head, "-" * len(head)]
+  base = {}
+  for r in rows:
+    key = (r["shape"], r["l"], r["b"])
+    base.setdefault(key, r["ms"])  # the case's first row is XLA's
+    lines.append(
+      f"{r['shape']:<16} {r['l']:>6} {r['b']:>3} {r['variant']:<12} {r['ms']:>9.4f} {r['tb_s']:>6.2f} "
+      f"{base[key] / r['ms']:>6.2f}x {r['err']:>9.2e}"
+    )
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--lens", default="8192")
@@ -84,12 +158,29 @@ def main():
     default=DEFAULT_VARIANT,
     help="rows per program:channels per thread; the first is the 'pallas' row, which the error row compares",
   )
+  ap.add_argument(
+    "--fwd-variants",
+    default=None,
+    help="forward only: comma-separated kernel:rows:n (tile:64:4 = 64 rows per program, 4 warps; walk:128:4 = 128 "
+    "rows per program, 4 channels per thread), each timed against XLA's forward instead of the backward cases",
+  )
+  ap.add_argument(
+    "--interpret", action="store_true", help="with --fwd-variants: Pallas' interpreter (a CPU smoke test, not a timing)"
+  )
   a = ap.parse_args()
+  fwd_variants = tuple(a.fwd_variants.split(",")) if a.fwd_variants else ()
+  for v in fwd_variants:
+    parse_fwd_variant(v)  # a bad variant fails before anything runs
   rows = []
   for name, (d, start, width) in SHAPES.items():
     for l in map(int, a.lens.split(",")):
       for b in map(int, a.batches.split(",")):
-        rows += _case(name, d, start, width, l, b, tuple(a.bwd_variants.split(",")))
+        if fwd_variants:
+          rows += _fwd_case(name, d, start, width, l, b, fwd_variants, a.interpret)
+        else:
+          rows += _case(name, d, start, width, l, b, tuple(a.bwd_variants.split(",")))
+  if fwd_variants:
+    print(_table(rows), flush=True)
   append_jsonl(a.out, rows)
 
 

@@ -21,7 +21,13 @@ import tempfile
 import jax
 from flax import nnx
 
-from benchmarks.bench_calibrate import apply_kernel_switches, bench_one, model_config, override_selective_scan_config
+from benchmarks.bench_calibrate import (
+  apply_kernel_switches,
+  bench_one,
+  kernel_switch_args,
+  model_config,
+  override_selective_scan_config,
+)
 from mamba_jax import MambaLM
 from mamba_jax.scales import attach_scales
 
@@ -160,8 +166,7 @@ def main(argv=None) -> int:
   p.add_argument("--layers", choices=("auto", "scan", "unroll"), default="auto", help="as python -m calibrate's")
   p.add_argument("--stack-per-step", action="store_true", help="as bench_calibrate.py's (rounds 2-10's layer scan)")
   p.add_argument("--selective-scan-config", default=None, help="as bench_calibrate.py's (JSON config overrides)")
-  p.add_argument("--conv-backward", choices=("pallas", "xla"), default="pallas", help="as bench_calibrate.py's")
-  p.add_argument("--split-in-proj", action="store_true", help="as bench_calibrate.py's")
+  kernel_switch_args(p)
   args = p.parse_args(argv)
   override_selective_scan_config(args.selective_scan_config)
   apply_kernel_switches(args)

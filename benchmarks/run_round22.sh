@@ -2,7 +2,9 @@
 # Round 22: the gradient step's conv backward and split in_proj A/B, and where the SPSA iteration goes, on mamba-1.4b
 # at 8K. Each GPU of the machine runs its own list of jobs, in order; the lists run side by side.
 #   GPU0, GPU1, ...: ;-separated jobs, each "TAG METHODS [bench_calibrate.py args]" (a bench_calibrate.py run at 8K,
-#                    CAL_ITERS iterations) or "prof METHODS [profile_model.py args]" (the kernel profile, --hlo).
+#                    CAL_ITERS iterations), "prof METHODS [profile_model.py args]" (the kernel profile, --hlo) or
+#                    "sh S COMMAND..." (any command, stopped after S seconds; e.g. pytest or bench_causal_conv.py).
+#   XF_TAG: XLA_FLAGS for the jobs tagged TAG (e.g. XF_dsf="--xla_gpu_enable_dynamic_slice_fusion=true").
 #   Outputs: $OUT/gpuN.txt per GPU, $OUT/calibrate_TAG.jsonl, $OUT/profile.jsonl.
 # Pass the commit literally (the device's git metadata is the session's base commit): GIT_COMMIT=abc1234 GPU0=...
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -11,8 +13,12 @@ echo "commit ${GIT_COMMIT:-unknown} (base $(git rev-parse --short HEAD 2>/dev/nu
 M=${CAL_MODELS:-mamba-1.4b}
 job() {  # job GPU TAG METHODS [args...]
   local gpu=$1 tag=$2 methods=$3; shift 3
-  echo "### gpu$gpu $tag $methods $*"
-  if [ "$tag" = prof ]; then
+  local xf="XF_$tag"
+  export XLA_FLAGS="${!xf}"
+  echo "### gpu$gpu $tag $methods $* ${XLA_FLAGS:+XLA_FLAGS=$XLA_FLAGS}"
+  if [ "$tag" = sh ]; then
+    CUDA_VISIBLE_DEVICES=$gpu timeout $methods "$@" 2>&1 | grep -v "Warning\|warn" | tail -${SH_TAIL:-40}
+  elif [ "$tag" = prof ]; then
     CUDA_VISIBLE_DEVICES=$gpu timeout ${PROF_S:-300} python benchmarks/profile_model.py --models $M --length 8192 \
       --methods $methods --hlo --top ${PROF_TOP:-40} --json $OUT/profile.jsonl "$@" 2>&1 | grep -v "Warning\|warn" \
       | cut -c1-400

@@ -40,20 +40,29 @@ def _inputs(b, l, d, width, k=4, seed=0, dtype=jnp.float32):
   return src, weight, bias
 
 
-# (b, l, source width, window start, window width): the whole array; an inner window (as in Mamba2's x | B | C);
-# lengths below, at and past the kernel's 64-row block (ragged tail); conv width 2.
+# (b, l, source width, window start, window width, conv width): the whole array; an inner window (as in Mamba2's
+# x | B | C); lengths 1 and below the conv width, below, at (128: two tile blocks, one walk block) and past the tile
+# forward's 64-row block and the walk forward's 128 (ragged tails), several walk blocks in a 128-channel window of a
+# wider source; conv widths 2-4.
 CASES = [
   (2, 5, 32, 0, 32, 4),
-  (2, 64, 112, 32, 48, 4),
+  (1, 1, 32, 0, 32, 3),
+  (2, 2, 48, 16, 32, 4),
+  (2, 128, 112, 32, 48, 4),
   (1, 150, 96, 16, 64, 4),
   (3, 70, 64, 0, 32, 2),
+  (1, 300, 256, 128, 128, 3),
 ]
+FWD_KERNELS = ["tile", "walk"]
 
 
+@pytest.mark.parametrize("fwd", FWD_KERNELS)
 @pytest.mark.parametrize("b,l,d,start,width,k", CASES)
-@pytest.mark.parametrize("silu", [True, False])
-def test_pallas_and_xla_match_float64_reference(b, l, d, start, width, k, silu):
+@pytest.mark.parametrize("silu,with_bias", [(True, True), (False, True), (False, False)])
+def test_pallas_and_xla_match_float64_reference(b, l, d, start, width, k, silu, with_bias, fwd, monkeypatch):
+  monkeypatch.setattr(pt, "FWD_KERNEL", fwd)
   src, weight, bias = _inputs(b, l, d, width, k)
+  bias = bias if with_bias else None
   want = _numpy_reference(src, weight, bias, start, width, silu)
   got = pt.causal_conv1d_pallas(src, weight, bias, start=start, width=width, silu=silu, interpret=INTERPRET)
   assert got.shape == (b, l, width) and got.dtype == src.dtype
@@ -61,18 +70,32 @@ def test_pallas_and_xla_match_float64_reference(b, l, d, start, width, k, silu):
   assert rel_err(causal_conv1d_xla(src, weight, bias, start=start, width=width, silu=silu), want) < 1e-5
 
 
-def test_no_bias_and_bf16():
+@pytest.mark.parametrize("fwd", FWD_KERNELS)
+def test_no_bias_and_bf16(fwd, monkeypatch):
+  monkeypatch.setattr(pt, "FWD_KERNEL", fwd)
   src, weight, _ = _inputs(2, 33, 64, 64, dtype=jnp.bfloat16)
   got = pt.causal_conv1d_pallas(src, weight, None, interpret=INTERPRET)
   assert got.dtype == jnp.bfloat16
   assert rel_err(got, _numpy_reference(src, weight, None, 0, 64, True)) < 1e-2
 
 
-def test_pallas_gradients_match_finite_differences():
+@pytest.mark.parametrize("fwd", FWD_KERNELS)
+def test_pallas_gradients_match_finite_differences(fwd, monkeypatch):
+  monkeypatch.setattr(pt, "FWD_KERNEL", fwd)
   with float64():
     src, weight, bias = (a.astype(jnp.float64) for a in _inputs(2, 9, 48, 16, seed=1))
+    got = pt.causal_conv1d_pallas(src, weight, bias, start=16, width=16, interpret=INTERPRET)
+    assert got.dtype == jnp.float64  # the math in float64 too
+    assert rel_err(got, _numpy_reference(src, weight, bias, 16, 16, True)) < 1e-12
     fn = lambda s, w, b: pt.causal_conv1d_pallas(s, w, b, start=16, width=16, interpret=INTERPRET)
     check_grads(fn, (src, weight, bias), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_unknown_forward_kernel(monkeypatch):
+  monkeypatch.setattr(pt, "FWD_KERNEL", "rows")
+  src, weight, bias = _inputs(1, 8, 32, 32)
+  with pytest.raises(ValueError, match="FWD_KERNEL"):
+    pt.causal_conv1d_pallas(src, weight, bias, interpret=True)
 
 
 def test_dispatch_and_bad_input():
@@ -134,12 +157,15 @@ def test_backward_kernel_bf16():
   assert rel_err(got[1], want[1]) < 1e-3 and rel_err(got[2], want[2]) < 1e-3
 
 
+@pytest.mark.parametrize("fwd", FWD_KERNELS)
 @pytest.mark.parametrize("kernel", [True, False])
-def test_gradient_lowers_to_the_forward_and_backward_kernels(kernel, monkeypatch):
+def test_gradient_lowers_to_the_forward_and_backward_kernels(kernel, fwd, monkeypatch):
   """On CUDA the gradient runs the two Triton kernels (the forward's output feeds nothing the backward needs, but
   jax.vjp computes it); with `BWD_KERNEL` off (the A/B switch of the benchmarks) only the forward's, the backward
-  being XLA's derivative of the formula (CI has no GPU: the CUDA lowering runs on the CPU)."""
+  being XLA's derivative of the formula (CI has no GPU: the CUDA lowering runs on the CPU). Either forward
+  (`FWD_KERNEL`) lowers."""
   monkeypatch.setattr(pt, "BWD_KERNEL", kernel)
+  monkeypatch.setattr(pt, "FWD_KERNEL", fwd)
   src, weight, bias = _inputs(1, 256, 128, 128)
 
   def loss(s, w, bb):
@@ -154,6 +180,7 @@ def test_gradient_lowers_to_the_forward_and_backward_kernels(kernel, monkeypatch
   text = text.as_text()
   assert text.count("__gpu$xla.gpu.triton") == (2 if kernel else 1)
   assert ("causal_conv1d_bwd" in text) == kernel
+  assert ("causal_conv1d_walk" in text) == (fwd == "walk")
   if not kernel:  # the switch's path run here: the formula's derivative
     run = lambda s, w, bb: jnp.sum(pt.causal_conv1d_pallas(s, w, bb, interpret=INTERPRET) ** 2)  # noqa: E731
     got = jax.grad(run, argnums=(0, 1, 2))(src, weight, bias)

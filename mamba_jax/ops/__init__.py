@@ -254,7 +254,7 @@ def add_rms_norm(residual, hidden, weight, eps: float = 1e-5, out_dtype=None, *,
   impl = resolve_impl(impl, "add_norm")
   if impl == "pallas":
     mod = _pallas_module("add_norm")
-    if mod.supported(residual.shape[-1]):
+    if mod.ENABLED and mod.supported(residual.shape[-1]):
       return mod.add_rms_norm_pallas(residual, hidden, weight, eps, out_dtype)
   return add_rms_norm_xla(residual, hidden, weight, eps, out_dtype)
 

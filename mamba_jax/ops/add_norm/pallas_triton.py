@@ -28,6 +28,8 @@ F32 = jnp.float32
 MIN_CHUNK = 16  # narrower power-of-two factors than this are left to XLA (see `supported`)
 MAX_CHUNK = 4096
 ROW_ELEMS = 4096  # elements of a chunk tile (rows per program x w), at most
+ENABLED = True  # False: `ops.add_rms_norm` runs XLA's add and norm (rounds 2-21), for A/B runs; read when tracing
+# (benchmarks/bench_calibrate.py --add-norm xla)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,13 @@ Rows before 0 and at or beyond l are masked in the loads, and stores beyond l ar
 The interpreter (CPU tests) cannot load from negative row offsets (its dynamic slices clamp), so there the source
 is first padded with k - 1 zero rows and no load starts below row 0; the GPU path masks instead.
 
+Two forwards, chosen by FWD_KERNEL when the conv is traced: "tile" (`_kernel`, the one timed above) computes a
+(BLOCK_T, w) tile of outputs from k shifted (BLOCK_T, w) loads of the source (each input row loaded k times);
+"walk" (`_walk_kernel`, in the backward's style, untimed) walks its FWD_BLOCK_T rows of one w-channel stripe step by
+step, FWD_CHANNELS_PER_THREAD channels per thread, loading each source row once (plus the k - 1 halo rows before its
+block) and holding the last k - 1 in registers. The walk's row loads clip the index into [0, l) and zero the rows
+outside (as the backward's), so the same code runs compiled and interpreted, with no padding.
+
 The backward (`_bwd_kernel`, under gradient calibration) is a kernel too: each program walks its BWD_BLOCK_T rows of
 one w-channel stripe step by step, BWD_CHANNELS_PER_THREAD channels per thread, the last k - 1 inputs and
 pre-activation gradients held in registers, so the pre-activation (for the SiLU's derivative) is recomputed once
@@ -29,6 +36,7 @@ became the kernel (7.9 ms), a pad-and-add fusion (3.9 ms) and an add (2.4 ms) (b
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +49,12 @@ F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 MIN_BLOCK_W = 16
 MAX_BLOCK_W = 128
-BLOCK_T = 64
+FWD_KERNEL = "tile"  # the forward: "tile" (`_kernel`) or "walk" (`_walk_kernel`); read when the conv is traced
+BLOCK_T = 64  # rows per program of the tile forward
+FWD_TILE_WARPS = 4  # the tile forward's warps
+FWD_BLOCK_T = 128  # rows per program of the walk forward
+FWD_UNROLL = 8  # walk forward steps per loop iteration (its gcd with FWD_BLOCK_T)
+FWD_CHANNELS_PER_THREAD = 4  # the walk forward's warps are w / (32 x this)
 BWD_BLOCK_T = 128  # rows per backward program (k - 1 of them recomputed as the next block's halo)
 BWD_UNROLL = 8  # backward steps per loop iteration
 # The backward's warps are w / (32 x this). On an H200 at 8K tokens (bench_causal_conv.py, round 21), forward +
@@ -95,7 +108,7 @@ def _kernel(*refs, T, k, l, pad, silu, has_bias, interpret):
   plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row < l)
 
 
-def _forward(meta: _Meta, src, weight, bias):
+def _tile_forward(meta: _Meta, src, weight, bias):
   b, l, _ = src.shape
   k = weight.shape[0]
   c = meta.width
@@ -122,10 +135,89 @@ def _forward(meta: _Meta, src, weight, bias):
     grid=(pl.cdiv(l, BLOCK_T), c // w, b),
     in_specs=in_specs,
     out_specs=pl.BlockSpec((_SQ, BLOCK_T, w), lambda ti, ci, bi: (bi, ti, ci)),
-    compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    compiler_params=plgpu.CompilerParams(num_warps=FWD_TILE_WARPS, num_stages=1),
     interpret=meta.interpret,
     name="causal_conv1d",
   )(*args)
+
+
+def _walk_kernel(*refs, T, U, k, l, silu, has_bias):
+  """One (row block, channel block, batch) of the walk forward. Refs: x the source's (l, w) column stripe, weight
+  (k, w) and [bias (w,)] in the math dtype -> out (t, w) rows [t0, t0 + t) (stores at or beyond l masked).
+
+  Steps r = t0 ... t0 + t - 1: each loads x[r] (once), forms out[r] from the window of the last k inputs and
+  stores it; the k - 1 rows before t0 are loaded first (zero before row 0)."""
+  x_ref, w_ref = refs[:2]
+  b_ref = refs[2] if has_bias else None
+  o_ref = refs[-1]
+  w = o_ref.shape[-1]
+  t0 = pl.program_id(0) * T
+  acc_dt = w_ref.dtype
+  wts = [w_ref[i, :] for i in range(k)]  # k x (w,)
+  bias = b_ref[...] if has_bias else None
+
+  def row(r):  # x[r] in the math dtype, zero outside [0, l)
+    v = x_ref[jnp.clip(r, 0, l - 1), :].astype(acc_dt)
+    return jnp.where((r >= 0) & (r < l), v, 0.0)
+
+  def body(it, xs):
+    xs = list(xs)  # x[r - k + 1 .. r - 1]
+    for u in range(U):
+      j = it * U + u
+      xs = xs + [row(t0 + j)]
+      acc = sum(wts[i] * xs[i] for i in range(k))
+      if has_bias:
+        acc = acc + bias
+      if silu:
+        acc = acc * jax.nn.sigmoid(acc)
+      out = acc.astype(o_ref.dtype)
+      if l % T:  # a ragged last block: its rows at or beyond l are not stored
+        plgpu.store(o_ref.at[j, :], out, mask=jnp.full((w,), t0 + j < l))
+      else:
+        o_ref[j, :] = out
+      xs = xs[1:]
+    return tuple(xs)
+
+  jax.lax.fori_loop(0, T // U, body, tuple(row(t0 - k + 1 + i) for i in range(k - 1)))
+
+
+def _walk_forward(meta: _Meta, src, weight, bias):
+  b, l, _ = src.shape
+  k = weight.shape[0]
+  c = meta.width
+  w = block_width(meta.start, c)
+  acc_dt = jnp.promote_types(src.dtype, F32)
+  T = FWD_BLOCK_T
+  U = math.gcd(T, FWD_UNROLL)
+  col0 = meta.start // w
+  in_specs = [
+    pl.BlockSpec((_SQ, l, w), lambda ti, ci, bi: (bi, 0, col0 + ci)),  # (b, l, d): the whole column stripe
+    pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci)),  # (k, c)
+  ]
+  args = [src, weight.astype(acc_dt)]
+  if meta.has_bias:
+    in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
+    args.append(bias.astype(acc_dt))
+  kernel = functools.partial(_walk_kernel, T=T, U=U, k=k, l=l, silu=meta.silu, has_bias=meta.has_bias)
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((b, l, c), src.dtype),
+    grid=(pl.cdiv(l, T), c // w, b),
+    in_specs=in_specs,
+    out_specs=pl.BlockSpec((_SQ, T, w), lambda ti, ci, bi: (bi, ti, ci)),
+    compiler_params=plgpu.CompilerParams(num_warps=max(1, w // (32 * FWD_CHANNELS_PER_THREAD)), num_stages=1),
+    interpret=meta.interpret,
+    name="causal_conv1d_walk",
+  )(*args)
+
+
+def _forward(meta: _Meta, src, weight, bias):
+  """The forward FWD_KERNEL names (read here, when the conv is traced)."""
+  if FWD_KERNEL == "walk":
+    return _walk_forward(meta, src, weight, bias)
+  if FWD_KERNEL == "tile":
+    return _tile_forward(meta, src, weight, bias)
+  raise ValueError(f"causal_conv1d: FWD_KERNEL {FWD_KERNEL!r} is neither 'tile' nor 'walk'")
 
 
 def _bwd_kernel(*refs, T, U, k, l, silu, has_bias):
