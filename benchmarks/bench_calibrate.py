@@ -118,7 +118,7 @@ def override_selective_scan_config(text: str | None) -> dict | None:
   return overrides
 
 
-KERNEL_SWITCHES = ("conv_forward", "conv_backward", "add_norm", "split_in_proj")
+KERNEL_SWITCHES = ("conv_forward", "conv_tile", "conv_backward", "add_norm", "split_in_proj")
 
 
 def kernel_switch_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +128,11 @@ def kernel_switch_args(p: argparse.ArgumentParser) -> None:
     choices=("default", "tile", "walk"),
     default="default",
     help="the causal conv's forward kernel on GPU (causal_conv.pallas_triton.FWD_KERNEL); default: its own setting",
+  )
+  p.add_argument(
+    "--conv-tile",
+    default="default",
+    help="ROWS:WARPS of the causal conv's tile forward (causal_conv.pallas_triton.BLOCK_T, FWD_TILE_WARPS)",
   )
   p.add_argument(
     "--conv-backward",
@@ -152,6 +157,8 @@ def apply_kernel_switches(args) -> dict:
   """Applies the `kernel_switch_args`; returns the ones that differ from the defaults (for the JSON rows)."""
   if args.conv_forward != "default":
     causal_conv_pallas.FWD_KERNEL = args.conv_forward
+  if args.conv_tile != "default":
+    causal_conv_pallas.BLOCK_T, causal_conv_pallas.FWD_TILE_WARPS = map(int, args.conv_tile.split(":"))
   causal_conv_pallas.BWD_KERNEL = args.conv_backward == "pallas"
   add_norm_pallas.ENABLED = args.add_norm == "pallas"
   Mamba1Mixer.split_in_proj = args.split_in_proj

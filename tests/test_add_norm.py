@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 from mamba_jax import MambaConfig, MambaLM, ops
 from mamba_jax.ops.add_norm import pallas_triton as pt
 from mamba_jax.ops.add_norm.reference import add_rms_norm_xla
-from tests.conftest import float64, kernel_calls, rel_err
+from tests.conftest import _cuda_lowering, float64, kernel_calls, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -112,3 +112,16 @@ def test_model_forward_lowers_one_add_norm_kernel_per_block_and_one_final():
     calls = kernel_calls(lambda s, i, g=graphdef: nnx.merge(g, s)(i), state, ids)["triton"]
     norms = [c for c in calls if "tensor<64x64xf32>" in c and "tensor<64x64xbf16>" in c]
     assert len(norms) == want, calls
+
+
+def test_the_sum_is_written_over_the_residual():
+  """The kernel's first output aliases its residual operand (so a loop carry stays in its buffer), and the caller
+  still sees functional semantics: the input array is unchanged after the call."""
+  residual, hidden, w = _inputs((2, 8, 64), jnp.float32, jnp.bfloat16)
+  lines = [ln for ln in _cuda_lowering(pt.add_rms_norm_pallas, residual, hidden, w).splitlines() if "triton" in ln]
+  assert len(lines) == 1
+  assert "output_operand_alias<output_tuple_indices = [0], operand_index = 0" in lines[0]
+  before = np.asarray(residual)
+  s, _ = jax.jit(lambda r, h, w_: pt.add_rms_norm_pallas(r, h, w_, interpret=INTERPRET))(residual, hidden, w)
+  np.testing.assert_array_equal(np.asarray(residual), before)
+  assert not np.array_equal(np.asarray(s), before)

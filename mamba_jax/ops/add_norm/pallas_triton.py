@@ -6,8 +6,7 @@ Why a kernel: each block adds its predecessor's output to the residual stream an
 that as two passes, an add that writes the float32 sum and a reduction that reads it back to normalise: on an H200
 (mamba-1.4b's 8K SPSA iteration, batch 2, calibrate.md round 22) 78.2 + 57.6 us per layer. Here one program owns a
 block of rows, reads the residual and the block output once, and writes the sum and the normalised bf16 rows: 2
-reads and 2 writes. A width that is not a power of two is read as k chunks of w columns, twice (the second read
-expected from L2, as in the gated norm).
+reads and 2 writes. A width that is not a power of two is read as k chunks of w columns, all held in registers.
 
 The backward differentiates the XLA formula of the norm at the saved sum (`rms_norm_xla`): the add passes its
 cotangent through. Under a rematerialised gradient the model keeps XLA's add and norm (the block's checkpoint
@@ -27,7 +26,7 @@ from mamba_jax.ops.add_norm.reference import add_rms_norm_xla, rms_norm_xla
 F32 = jnp.float32
 MIN_CHUNK = 16  # narrower power-of-two factors than this are left to XLA (see `supported`)
 MAX_CHUNK = 4096
-ROW_ELEMS = 4096  # elements of a chunk tile (rows per program x w), at most
+ROW_ELEMS = 4096  # elements of a row block (rows per program x d), at most, unless one row is more
 ENABLED = True  # False: `ops.add_rms_norm` runs XLA's add and norm (rounds 2-21), for A/B runs; read when tracing
 # (benchmarks/bench_calibrate.py --add-norm xla)
 
@@ -50,41 +49,40 @@ def supported(width: int) -> bool:
   return chunk_width(width) >= MIN_CHUNK
 
 
-def _row_block(rows: int, w: int) -> int:
-  """Rows per program: a power of two dividing `rows`, the chunk tile at most ROW_ELEMS elements."""
+def _row_block(rows: int, d: int) -> int:
+  """Rows per program: a power of two dividing `rows`, the row block (all its chunks) at most ROW_ELEMS elements."""
   r = 1
-  while r * 2 * w <= ROW_ELEMS and rows % (r * 2) == 0:
+  while r * 2 * d <= ROW_ELEMS and rows % (r * 2) == 0:
     r *= 2
   return r
 
 
 def _kernel(r_ref, h_ref, w_ref, s_ref, y_ref, *, eps, k, w):
   """One row block. Refs: residual r and block output h (r_blk, k w) in their dtypes, weight (k w,) in the math
-  dtype (float32; float64 for float64 inputs) -> the sum s in r's dtype and the normalised y, (r_blk, k w)."""
+  dtype (float32; float64 for float64 inputs) -> the sum s in r's dtype and the normalised y, (r_blk, k w).
+
+  s is r's buffer (aliased): every chunk of r is read before any of s is written, and the sums stay in registers
+  for the output pass."""
   acc = w_ref.dtype
-
-  def total(j):  # chunk j of the sum, rounded to the residual's dtype as it is stored, (r_blk, w)
-    cols = pl.ds(j * w, w)
-    return (r_ref[:, cols].astype(acc) + h_ref[:, cols].astype(acc)).astype(s_ref.dtype)
-
-  parts = [total(0)] if k == 1 else None  # one chunk: keep it in registers for the output pass
-  ssq = 0.0
+  sums = []  # chunk j of the sum, rounded to the residual's dtype as it is stored, (r_blk, w)
   for j in range(k):
-    s = parts[0] if parts else total(j)
+    cols = pl.ds(j * w, w)
+    sums.append((r_ref[:, cols].astype(acc) + h_ref[:, cols].astype(acc)).astype(s_ref.dtype))
+  ssq = 0.0
+  for j, s in enumerate(sums):
     s_ref[:, pl.ds(j * w, w)] = s
     s = s.astype(acc)
     ssq = ssq + jnp.sum(s * s, axis=1)
   rstd = jax.lax.rsqrt(ssq / (k * w) + eps)[:, None]  # (r_blk, 1)
-  for j in range(k):
-    s = (parts[0] if parts else total(j)).astype(acc)
-    y_ref[:, pl.ds(j * w, w)] = (s * rstd * w_ref[pl.ds(j * w, w)][None, :]).astype(y_ref.dtype)
+  for j, s in enumerate(sums):
+    y_ref[:, pl.ds(j * w, w)] = (s.astype(acc) * rstd * w_ref[pl.ds(j * w, w)][None, :]).astype(y_ref.dtype)
 
 
 def _forward(meta: _Meta, residual, hidden, weight):
   d = residual.shape[-1]
   w = chunk_width(d)
   rows = residual.size // d
-  r_blk = _row_block(rows, w)
+  r_blk = _row_block(rows, d)
   spec = pl.BlockSpec((r_blk, d), lambda ri: (ri, 0))  # (r, d)
   kernel = functools.partial(_kernel, eps=meta.eps, k=d // w, w=w)
   total, y = pl.pallas_call(
@@ -93,7 +91,11 @@ def _forward(meta: _Meta, residual, hidden, weight):
     grid=(rows // r_blk,),
     in_specs=[spec, spec, pl.BlockSpec((d,), lambda ri: (0,))],
     out_specs=[spec, spec],
-    compiler_params=plgpu.CompilerParams(num_warps=8 if r_blk * w >= 2048 else 4, num_stages=1),
+    compiler_params=plgpu.CompilerParams(num_warps=8 if r_blk * d >= 2048 else 4, num_stages=1),
+    # The sum is written over the residual: the layer scan's carry then stays in its buffer. Without the alias,
+    # XLA copied each block's sum into the carry (a 64 us memcpy per layer of mamba-1.4b's 8K SPSA iteration,
+    # more than the kernel saved; calibrate.md round 22).
+    input_output_aliases={0: 0},
     interpret=meta.interpret,
     name="add_rms_norm",
   )(residual.reshape(rows, d), hidden.reshape(rows, d), weight.astype(jnp.promote_types(residual.dtype, F32)))
