@@ -118,7 +118,14 @@ def override_selective_scan_config(text: str | None) -> dict | None:
   return overrides
 
 
-KERNEL_SWITCHES = ("conv_forward", "conv_tile", "conv_backward", "add_norm", "split_in_proj")
+KERNEL_SWITCHES = {  # the switches' defaults
+  "conv_forward": "default",
+  "conv_tile": "default",
+  "conv_backward": "pallas",
+  "add_norm": "pallas",
+  "split_in_proj": False,
+  "layer_unroll": 1,
+}
 
 
 def kernel_switch_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +153,7 @@ def kernel_switch_args(p: argparse.ArgumentParser) -> None:
     default="pallas",
     help="the residual add + RMSNorm on GPU: its kernel (default) or XLA's two passes (rounds 2-21)",
   )
+  p.add_argument("--layer-unroll", type=int, default=1, help="blocks per layer-scan iteration (layer_scan_unroll)")
   p.add_argument(
     "--split-in-proj",
     action="store_true",
@@ -162,7 +170,8 @@ def apply_kernel_switches(args) -> dict:
   causal_conv_pallas.BWD_KERNEL = args.conv_backward == "pallas"
   add_norm_pallas.ENABLED = args.add_norm == "pallas"
   Mamba1Mixer.split_in_proj = args.split_in_proj
-  changed = {k: getattr(args, k) for k in KERNEL_SWITCHES if getattr(args, k) not in ("default", "pallas", False)}
+  MambaLM.layer_scan_unroll = args.layer_unroll
+  changed = {k: v for k, default in KERNEL_SWITCHES.items() if (v := getattr(args, k)) != default}
   if changed:
     print(f"kernel switches: {changed}", flush=True)
   return changed

@@ -64,6 +64,10 @@ class MambaLM(nnx.Module):
   `prefill` + `step` decode recurrently with a per-layer `MixerCache`.
   """
 
+  # Blocks per iteration of the layer scan (`lax.scan`'s unroll): more per iteration gives XLA fewer loop steps
+  # and launches to schedule, at a longer compile. Read when tracing.
+  layer_scan_unroll = 1
+
   def __init__(
     self,
     cfg: MambaConfig,
@@ -144,7 +148,8 @@ class MambaLM(nnx.Module):
         stacked = (_stack([nnx.state(layer) for layer in layers]),)
       else:
         stacked = (stacked_layers, _stack([nnx.state(layer, nnx.Not(nnx.Param)) for layer in layers]))
-      (residual, hidden), _ = jax.lax.scan(self._block_fn(graphdef), (residual, hidden), stacked)
+      block = self._block_fn(graphdef)
+      (residual, hidden), _ = jax.lax.scan(block, (residual, hidden), stacked, unroll=self.layer_scan_unroll)
     else:
       if stacked_layers is not None:
         raise ValueError(

@@ -80,6 +80,22 @@ def test_no_bias_and_bf16(fwd, monkeypatch):
 
 
 @pytest.mark.parametrize("fwd", FWD_KERNELS)
+def test_bf16_weight_and_bias_are_cast_in_the_kernel(fwd, monkeypatch):
+  """The models keep the conv's weight and bias in bf16; the kernels read them so and compute in float32."""
+  monkeypatch.setattr(pt, "FWD_KERNEL", fwd)
+  src, weight, bias = _inputs(2, 70, 64, 64, dtype=jnp.bfloat16)
+  weight, bias = weight.astype(jnp.bfloat16), bias.astype(jnp.bfloat16)
+  want = _numpy_reference(src, weight, bias, 0, 64, True)
+  got = pt.causal_conv1d_pallas(src, weight, bias, interpret=INTERPRET)
+  assert got.dtype == jnp.bfloat16 and rel_err(got, want) < 1e-2
+  g = jnp.ones(got.shape, jnp.bfloat16)
+  dsrc, dw, db = jax.vjp(lambda *a: pt.causal_conv1d_pallas(*a, interpret=INTERPRET), src, weight, bias)[1](g)
+  ref = jax.vjp(lambda *a: causal_conv1d_xla(*a), src, weight.astype(jnp.float32), bias.astype(jnp.float32))[1](g)
+  assert dw.dtype == db.dtype == jnp.bfloat16
+  assert rel_err(dsrc, ref[0]) < 1e-2 and rel_err(dw, ref[1]) < 1e-2 and rel_err(db, ref[2]) < 1e-2
+
+
+@pytest.mark.parametrize("fwd", FWD_KERNELS)
 def test_pallas_gradients_match_finite_differences(fwd, monkeypatch):
   monkeypatch.setattr(pt, "FWD_KERNEL", fwd)
   with float64():

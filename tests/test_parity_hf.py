@@ -35,9 +35,12 @@ def test_mamba1_logits_match_transformers(torch_mods, tmp_path, tied):
   rng = np.random.default_rng(0)
   for length in LENGTHS:
     ids = rng.integers(0, 96, (2, length))
-    out = np.asarray(model(jnp.asarray(ids)))
-    assert out.shape == (2, length, 96)
-    assert rel_err(out, _torch_logits(torch, ref, ids)) <= 1e-4, length
+    want = _torch_logits(torch, ref, ids)
+    for unroll in (1, 2):  # one block per layer-scan iteration, and two (`layer_scan_unroll`)
+      model.layer_scan_unroll = unroll
+      out = np.asarray(model(jnp.asarray(ids)))
+      assert out.shape == (2, length, 96)
+      assert rel_err(out, want) <= 1e-4, (length, unroll)
 
 
 def test_mamba2_logits_match_transformers(torch_mods, tmp_path):

@@ -84,13 +84,12 @@ def supported(start: int, width: int) -> bool:
   return block_width(start, width) >= MIN_BLOCK_W
 
 
-def _kernel(*refs, T, k, l, pad, silu, has_bias, interpret):
+def _kernel(*refs, T, k, l, pad, silu, has_bias, interpret, acc_dt):
   """One (row block, channel block, batch). Refs: x the source's (rows, w) column stripe, weight (k, w) and
-  [bias (w,)] in the math dtype -> out (t, w)."""
+  [bias (w,)] in their dtype, cast to acc_dt (the math dtype) here -> out (t, w)."""
   x_ref, w_ref = refs[:2]
   b_ref = refs[2] if has_bias else None
   o_ref = refs[-1]
-  acc_dt = w_ref.dtype
   t0 = pl.program_id(0) * T
   w = o_ref.shape[-1]
   row = t0 + jax.lax.broadcasted_iota(jnp.int32, (T, w), 0)  # output rows
@@ -102,7 +101,7 @@ def _kernel(*refs, T, k, l, pad, silu, has_bias, interpret):
     rows = pl.ds(t0 - s + pad, T)
     mask = (row < l) if interpret else (row >= s) & (row < l)
     x = plgpu.load(x_ref.at[rows, :], mask=mask, other=0.0)
-    acc = acc + x.astype(acc_dt) * w_ref[i, :][None, :]
+    acc = acc + x.astype(acc_dt) * w_ref[i, :].astype(acc_dt)[None, :]
   if silu:
     acc = acc * jax.nn.sigmoid(acc)
   plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row < l)
@@ -122,12 +121,20 @@ def _tile_forward(meta: _Meta, src, weight, bias):
     pl.BlockSpec((_SQ, l + pad, w), lambda ti, ci, bi: (bi, 0, col0 + ci)),  # (b, l, d): the whole column stripe
     pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci)),  # (k, c)
   ]
-  args = [src, weight.astype(acc_dt)]
+  args = [src, weight]  # cast to the math dtype in the kernel: no XLA convert launch per layer
   if meta.has_bias:
     in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
-    args.append(bias.astype(acc_dt))
+    args.append(bias)
   kernel = functools.partial(
-    _kernel, T=BLOCK_T, k=k, l=l, pad=pad, silu=meta.silu, has_bias=meta.has_bias, interpret=meta.interpret
+    _kernel,
+    T=BLOCK_T,
+    k=k,
+    l=l,
+    pad=pad,
+    silu=meta.silu,
+    has_bias=meta.has_bias,
+    interpret=meta.interpret,
+    acc_dt=acc_dt,
   )
   return pl.pallas_call(
     kernel,
@@ -141,9 +148,10 @@ def _tile_forward(meta: _Meta, src, weight, bias):
   )(*args)
 
 
-def _walk_kernel(*refs, T, U, k, l, silu, has_bias):
+def _walk_kernel(*refs, T, U, k, l, silu, has_bias, acc_dt):
   """One (row block, channel block, batch) of the walk forward. Refs: x the source's (l, w) column stripe, weight
-  (k, w) and [bias (w,)] in the math dtype -> out (t, w) rows [t0, t0 + t) (stores at or beyond l masked).
+  (k, w) and [bias (w,)] in their dtype (cast to acc_dt here) -> out (t, w) rows [t0, t0 + t) (stores at or
+  beyond l masked).
 
   Steps r = t0 ... t0 + t - 1: each loads x[r] (once), forms out[r] from the window of the last k inputs and
   stores it; the k - 1 rows before t0 are loaded first (zero before row 0)."""
@@ -152,9 +160,8 @@ def _walk_kernel(*refs, T, U, k, l, silu, has_bias):
   o_ref = refs[-1]
   w = o_ref.shape[-1]
   t0 = pl.program_id(0) * T
-  acc_dt = w_ref.dtype
-  wts = [w_ref[i, :] for i in range(k)]  # k x (w,)
-  bias = b_ref[...] if has_bias else None
+  wts = [w_ref[i, :].astype(acc_dt) for i in range(k)]  # k x (w,)
+  bias = b_ref[...].astype(acc_dt) if has_bias else None
 
   def row(r):  # x[r] in the math dtype, zero outside [0, l)
     v = x_ref[jnp.clip(r, 0, l - 1), :].astype(acc_dt)
@@ -194,11 +201,11 @@ def _walk_forward(meta: _Meta, src, weight, bias):
     pl.BlockSpec((_SQ, l, w), lambda ti, ci, bi: (bi, 0, col0 + ci)),  # (b, l, d): the whole column stripe
     pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci)),  # (k, c)
   ]
-  args = [src, weight.astype(acc_dt)]
+  args = [src, weight]  # cast to the math dtype in the kernel: no XLA convert launch per layer
   if meta.has_bias:
     in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
-    args.append(bias.astype(acc_dt))
-  kernel = functools.partial(_walk_kernel, T=T, U=U, k=k, l=l, silu=meta.silu, has_bias=meta.has_bias)
+    args.append(bias)
+  kernel = functools.partial(_walk_kernel, T=T, U=U, k=k, l=l, silu=meta.silu, has_bias=meta.has_bias, acc_dt=acc_dt)
   return pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct((b, l, c), src.dtype),
@@ -222,7 +229,7 @@ def _forward(meta: _Meta, src, weight, bias):
 
 def _bwd_kernel(*refs, T, U, k, l, silu, has_bias):
   """One (row block, channel block, batch) of the backward. Refs: x the source's (l, w) column stripe, g the
-  output's cotangent (l, w), weight (k, w) and [bias (w,)] in the math dtype -> dx (t, w) rows [t0, t0 + t), and this
+  output's cotangent (l, w), weight (k, w) and [bias (w,)] in their dtype -> dx (t, w) rows [t0, t0 + t), and this
   block's partial dweight (k, w) and dbias (w,) (the rows it owns: [t0, t0 + t) below l).
 
   Steps r = t0 ... t0 + t + k - 2: each loads x[r] and g[r], recomputes pre[r] from the window of the last k
@@ -232,9 +239,9 @@ def _bwd_kernel(*refs, T, U, k, l, silu, has_bias):
   dx_ref, dw_ref, db_ref = refs[-3:]
   w = dx_ref.shape[-1]
   t0 = pl.program_id(0) * T
-  acc_dt = w_ref.dtype
-  wts = [w_ref[i, :] for i in range(k)]  # k x (w,)
-  bias = b_ref[...] if has_bias else None
+  acc_dt = dw_ref.dtype
+  wts = [w_ref[i, :].astype(acc_dt) for i in range(k)]  # k x (w,)
+  bias = b_ref[...].astype(acc_dt) if has_bias else None
   zero = jnp.zeros((w,), acc_dt)
 
   def row(ref, r):  # ref[r] in the math dtype, zero outside [0, l)
@@ -290,10 +297,10 @@ def _backward(meta: _Meta, src, weight, bias, g):
   col0 = meta.start // w
   stripe = lambda c0: pl.BlockSpec((_SQ, l, w), lambda ti, ci, bi: (bi, 0, c0 + ci))  # noqa: E731
   in_specs = [stripe(col0), stripe(0), pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci))]
-  args = [src, g, weight.astype(acc_dt)]
+  args = [src, g, weight]
   if meta.has_bias:
     in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
-    args.append(bias.astype(acc_dt))
+    args.append(bias)
   kernel = functools.partial(_bwd_kernel, T=BWD_BLOCK_T, U=BWD_UNROLL, k=k, l=l, silu=meta.silu, has_bias=meta.has_bias)
   dx, dw, db = pl.pallas_call(
     kernel,
