@@ -21,8 +21,9 @@ class Mamba1Mixer(ScaleHooks, nnx.Module):
   # The in_proj as two products, x = u W[:, :e] and z = u W[:, e:], instead of one (b, l, 2e) output that the conv
   # and the scan read in place. Under a gradient the halves' cotangents then never meet: each product takes its
   # own, where the one product's input gradient needs them padded and added into a (b, l, 2e) array first (a
-  # 3.9 ms fusion of mamba-1.4b's 8K gradient step on an H200, calibrate.md round 21). Read when tracing; off until
-  # timed (`benchmarks/bench_calibrate.py --split-in-proj` for the A/B). The weights and their names are the same.
+  # 3.9 ms fusion of mamba-1.4b's 8K gradient step on an H200, calibrate.md round 21). Read when tracing. Off: timed
+  # in round 22, the step took 245.3 ms and 0.77 GiB more against 242.5 ms without it (`benchmarks/bench_calibrate.py
+  # --split-in-proj` for the A/B). The weights and their names are the same.
   split_in_proj = False
 
   def __init__(self, cfg: MambaConfig, *, dtype=None, param_dtype=F32, scan_impl: str = "auto", rngs: nnx.Rngs):

@@ -125,3 +125,15 @@ def test_the_sum_is_written_over_the_residual():
   s, _ = jax.jit(lambda r, h, w_: pt.add_rms_norm_pallas(r, h, w_, interpret=INTERPRET))(residual, hidden, w)
   np.testing.assert_array_equal(np.asarray(residual), before)
   assert not np.array_equal(np.asarray(s), before)
+
+
+def test_vmapped_kernel_equals_the_per_example_calls():
+  """The SPSA pair vmaps the model over its two points: the batched kernel (with its alias) gives each point's
+  result."""
+  residual, hidden, w = _inputs((2, 3, 8, 64), jnp.float32, jnp.bfloat16, seed=4)
+  fn = lambda r, h: pt.add_rms_norm_pallas(r, h, w, 1e-5, interpret=INTERPRET)  # noqa: E731
+  s, y = jax.jit(jax.vmap(fn))(residual, hidden)
+  for i in range(2):
+    s_i, y_i = fn(residual[i], hidden[i])
+    np.testing.assert_array_equal(np.asarray(s[i]), np.asarray(s_i))
+    np.testing.assert_array_equal(np.asarray(y[i], np.float32), np.asarray(y_i, np.float32))
