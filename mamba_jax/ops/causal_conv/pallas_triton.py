@@ -110,6 +110,22 @@ def _kernel(*refs, T, k, l, pad, silu, has_bias, interpret, acc_dt):
   plgpu.store(o_ref, acc.astype(o_ref.dtype), mask=row < l)
 
 
+def _forward_inputs(meta: _Meta, src, weight, bias, rows: int, w: int):
+  """A forward's in_specs and arguments: the source's (rows, w) column stripes (the window's column offset a block
+  index: nothing sliced), the weight (k, w) blocks and [the bias (w,) blocks], weight and bias in their own dtype (the
+  kernels cast them)."""
+  col0 = meta.start // w
+  in_specs = [
+    pl.BlockSpec((_SQ, rows, w), lambda ti, ci, bi: (bi, 0, col0 + ci)),  # (b, l, d): the whole column stripe
+    pl.BlockSpec((weight.shape[0], w), lambda ti, ci, bi: (0, ci)),  # (k, c)
+  ]
+  args = [src, weight]
+  if meta.has_bias:
+    in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
+    args.append(bias)
+  return in_specs, args
+
+
 def _tile_forward(meta: _Meta, src, weight, bias):
   b, l, _ = src.shape
   k = weight.shape[0]
@@ -119,15 +135,7 @@ def _tile_forward(meta: _Meta, src, weight, bias):
   pad = k - 1 if meta.interpret else 0
   if pad:
     src = jnp.pad(src, ((0, 0), (pad, 0), (0, 0)))
-  col0 = meta.start // w
-  in_specs = [
-    pl.BlockSpec((_SQ, l + pad, w), lambda ti, ci, bi: (bi, 0, col0 + ci)),  # (b, l, d): the whole column stripe
-    pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci)),  # (k, c)
-  ]
-  args = [src, weight]  # cast to the math dtype in the kernel: no XLA convert launch per layer
-  if meta.has_bias:
-    in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
-    args.append(bias)
+  in_specs, args = _forward_inputs(meta, src, weight, bias, l + pad, w)
   kernel = functools.partial(
     _kernel,
     T=BLOCK_T,
@@ -199,15 +207,7 @@ def _walk_forward(meta: _Meta, src, weight, bias):
   acc_dt = jnp.promote_types(src.dtype, F32)
   T = FWD_BLOCK_T
   U = math.gcd(T, FWD_UNROLL)
-  col0 = meta.start // w
-  in_specs = [
-    pl.BlockSpec((_SQ, l, w), lambda ti, ci, bi: (bi, 0, col0 + ci)),  # (b, l, d): the whole column stripe
-    pl.BlockSpec((k, w), lambda ti, ci, bi: (0, ci)),  # (k, c)
-  ]
-  args = [src, weight]  # cast to the math dtype in the kernel: no XLA convert launch per layer
-  if meta.has_bias:
-    in_specs.append(pl.BlockSpec((w,), lambda ti, ci, bi: (ci,)))
-    args.append(bias)
+  in_specs, args = _forward_inputs(meta, src, weight, bias, l, w)
   kernel = functools.partial(_walk_kernel, T=T, U=U, k=k, l=l, silu=meta.silu, has_bias=meta.has_bias, acc_dt=acc_dt)
   return pl.pallas_call(
     kernel,
