@@ -13,16 +13,12 @@ from mamba_jax.config import MambaConfig
 from mamba_jax.layers import F32, RMSNorm
 from mamba_jax.mamba1 import Mamba1Mixer
 from mamba_jax.mamba2 import Mamba2Mixer
+from mamba_jax.ops.add_norm.reference import add_residual
 
 
 def _stack(states):
   """Per-layer States of one structure -> one State, each leaf stacked over layers (leading axis L)."""
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-
-
-def add_residual(residual: jax.Array, hidden: jax.Array) -> jax.Array:
-  """residual + hidden, added in float32 and kept in the residual's dtype (float32 when `residual_in_fp32`)."""
-  return (residual.astype(F32) + hidden.astype(F32)).astype(residual.dtype)
 
 
 class Block(nnx.Module):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mamba_jax.ops.add_norm.reference import add_rms_norm_xla, rms_norm_xla
+from mamba_jax.ops.add_norm.reference import add_residual, add_rms_norm_xla, rms_norm_xla
 
 F32 = jnp.float32
 MIN_CHUNK = 16  # narrower power-of-two factors than this are left to XLA (see `supported`)
@@ -68,7 +68,7 @@ def _kernel(r_ref, h_ref, w_ref, s_ref, y_ref, *, eps, k, w):
   sums = []  # chunk j of the sum, rounded to the residual's dtype as it is stored, (r_blk, w)
   for j in range(k):
     cols = pl.ds(j * w, w)
-    sums.append((r_ref[:, cols].astype(acc) + h_ref[:, cols].astype(acc)).astype(s_ref.dtype))
+    sums.append(add_residual(r_ref[:, cols], h_ref[:, cols]))
   ssq = 0.0
   for j, s in enumerate(sums):
     s_ref[:, pl.ds(j * w, w)] = s

@@ -10,6 +10,13 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
+def add_residual(residual: jax.Array, hidden: jax.Array) -> jax.Array:
+  """residual + hidden, added in float32 (float64 for float64 inputs) and kept in the residual's dtype (float32 when
+  `residual_in_fp32`)."""
+  acc = jnp.promote_types(residual.dtype, F32)
+  return (residual.astype(acc) + hidden.astype(acc)).astype(residual.dtype)
+
+
 def rms_norm_xla(x: jax.Array, weight: jax.Array, eps: float, out_dtype) -> jax.Array:
   """x / sqrt(mean(x^2) + eps) * weight in out_dtype; the math in float32 (float64 for float64 inputs), the weight
   applied before the cast, as mamba_ssm's RMSNorm."""
@@ -28,6 +35,5 @@ def add_rms_norm_xla(
 ) -> tuple[jax.Array, jax.Array]:
   """(residual + hidden, rmsnorm(residual + hidden) * weight): the sum added in float32 and kept in the residual's
   dtype (float32 when `residual_in_fp32`), then normalised as stored, in `out_dtype` (default: hidden's dtype)."""
-  acc = jnp.promote_types(residual.dtype, F32)
-  total = (residual.astype(acc) + hidden.astype(acc)).astype(residual.dtype)
+  total = add_residual(residual, hidden)
   return total, rms_norm_xla(total, weight, eps, out_dtype or hidden.dtype)
