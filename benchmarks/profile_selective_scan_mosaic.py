@@ -68,7 +68,11 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--lens", default="8192")
   ap.add_argument("--batches", default="1,2")
-  ap.add_argument("--variants", default="32:2,16:2,64:2,32:3", help="Mosaic T:stages[:channels per thread]")
+  ap.add_argument(
+    "--variants",
+    default="32:2,16:2,64:2,32:3",
+    help="Mosaic T:stages[:channels per thread[:pass 1's FMA decays[:pass 2's]]] (exp2_fma for the last states)",
+  )
   ap.add_argument("--out", default=None, help="append JSON rows here")
   a = ap.parse_args()
   e, n = 4096, 16
@@ -95,12 +99,14 @@ def main():
       margs1 = (x["u"], x["delta"], A2, x["B"], x["delta_bias"])
       margs2 = (x["u"], x["delta"], A2, x["B"], x["C"], x["D"], x["z"], x["delta_bias"], jnp.swapaxes(h0, 1, 2), seg_t)
       for v in a.variants.split(","):
-        T, st, cpt = (list(map(int, v.split(":"))) + [1])[:3]
-        name = f"mosaic T={T} stages={st} channels/thread={cpt}"
+        T, st, cpt, poly1, poly2 = (list(map(int, v.split(":"))) + [1, 0, 0][len(v.split(":")) - 2 :])[:5]
+        name = f"mosaic T={T} stages={st} channels/thread={cpt}" + (
+          f" fma decays={poly1}/{poly2}" if poly1 or poly2 else ""
+        )
         try:
           times, seg_m, (y_m, hl_m) = _time(
-            functools.partial(pm.segment_states, meta, T=T, stages=st, cpt=cpt),
-            functools.partial(pm.fwd_main, meta, T=T, stages=st, cpt=cpt),
+            functools.partial(pm.segment_states, meta, T=T, stages=st, cpt=cpt, poly=poly1),
+            functools.partial(pm.fwd_main, meta, T=T, stages=st, cpt=cpt, poly=poly2),
             margs1,
             margs2,
           )

@@ -64,21 +64,22 @@ def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stor
 
 
 def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
-  """Chunk, buffers and channels per thread reach pass 1 and pass 2 alike (lowered, no GPU needed)."""
+  """Chunk, buffers, channels per thread and each pass's FMA decays reach pass 1 and pass 2 (lowered, no GPU needed)."""
   from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
 
   seen = []
   real = pallas_mosaic._call
 
-  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False):
-    seen.append((write_y, T, stages, cpt))
-    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=save)
+  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0):
+    seen.append((write_y, T, stages, cpt, poly))
+    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=save, poly=poly)
 
   monkeypatch.setattr(pallas_mosaic, "_call", spy)
   cfg = dataclasses.replace(CFG, mosaic_chunk=8, mosaic_stages=3, mosaic_channels_per_thread=2)
+  cfg = dataclasses.replace(cfg, mosaic_poly_pass1=2, mosaic_poly_pass2=4)
   inp = _inputs(l=512)
   kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
-  assert sorted(seen) == [(False, 8, 3, 2), (True, 8, 3, 2)], seen
+  assert sorted(seen) == [(False, 8, 3, 2, 2), (True, 8, 3, 2, 4)], seen
 
 
 def _nested_eqns(eqn):
@@ -103,13 +104,11 @@ def _primitive_counts(eqns, counts=None):
 _KERNEL_PRIMITIVES = ("pallas_call", "custom_vmap_call", "mpmd_map")
 
 
-def test_kernels_divide_only_in_the_gate():
-  """Under approx_math every division is a special-function reciprocal, in the units that bound these kernels.
-  The softplus must not divide (its series by 6, jnp.log2's log(x) / log(2): one each per step until round 19);
-  pass 2's gate, z / (1 + e^-z), divides once per step (T of them per chunk's unrolled steps)."""
-  inp = _inputs()
+def _kernels_primitive_counts(cfg, **inputs):
+  """{primitive: equations} of each kernel of the plain forward (pass 1, pass 2), over every nested jaxpr."""
+  inp = _inputs(**inputs)
   args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-  jaxpr = jax.make_jaxpr(lambda *a: pt.selective_scan_pallas(*a, True, config=CFG))(*args).jaxpr
+  jaxpr = jax.make_jaxpr(lambda *a: pt.selective_scan_pallas(*a, True, config=cfg))(*args).jaxpr
   kernels = []
 
   def find(eqns):
@@ -120,10 +119,52 @@ def test_kernels_divide_only_in_the_gate():
         find(_nested_eqns(eqn))
 
   find(jaxpr.eqns)
+  return kernels
+
+
+def test_kernels_divide_only_in_the_gate():
+  """Under approx_math every division is a special-function reciprocal, in the units that bound these kernels.
+  The softplus must not divide (its series by 6, jnp.log2's log(x) / log(2): one each per step until round 19);
+  pass 2's gate, z / (1 + e^-z), divides once per step (T of them per chunk's unrolled steps)."""
+  kernels = _kernels_primitive_counts(CFG)
   assert len(kernels) == 2, kernels
   pass1, pass2 = kernels
   assert pass1.get("exp2", 0) > 0 and "div" not in pass1, pass1
   assert pass2.get("div") == CFG.mosaic_chunk, pass2
+
+
+def test_exp2_fma_matches_exp2_without_the_special_function_unit():
+  """The decays' polynomial 2^x against float64, over the range the decays clamp to and below it. Run op by op:
+  under jit XLA folds (x + 1.5 * 2^23) - 1.5 * 2^23 back to x (the kernels' Mosaic GPU lowering does not; their
+  compiled tests below check the outputs)."""
+  from mamba_jax.ops.selective_scan.pallas_mosaic import exp2_fma  # noqa: PLC0415
+
+  x = np.concatenate([np.linspace(-126, 0, 20001), -np.logspace(-8, 0, 200), [0.0, -0.5, -1.5, -125.5]])
+  x = x.astype(np.float32)
+  with jax.disable_jit():
+    y = np.asarray(exp2_fma(jnp.asarray(x)), np.float64)
+    below = np.asarray(exp2_fma(jnp.asarray([-126.5, -300.0, -np.inf], jnp.float32)))
+  ref = np.exp2(x.astype(np.float64))
+  assert np.max(np.abs(y / ref - 1)) < 3e-7
+  np.testing.assert_array_equal(below, np.float32(2.0**-126))
+
+
+def test_fma_decays_replace_that_many_exponentials_per_step():
+  """`mosaic_poly_pass1` / `mosaic_poly_pass2`: each kernel's exponentials fall by T per emulated state (one per
+  unrolled step), and the kernels still lower for the GPU (bitcasts and shifts included; no GPU needed)."""
+  T = CFG.mosaic_chunk
+  base = _kernels_primitive_counts(CFG)
+  poly = _kernels_primitive_counts(dataclasses.replace(CFG, mosaic_poly_pass1=3, mosaic_poly_pass2=5))
+  assert base[0]["exp2"] - poly[0]["exp2"] == 3 * T
+  assert base[1]["exp2"] - poly[1]["exp2"] == 5 * T
+  assert poly[0].get("bitcast_convert_type", 0) == 3 * T * 3  # three bitcasts per emulated decay
+  inp = _inputs()
+  args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+  cfg = dataclasses.replace(CFG, mosaic_poly_pass1=3, mosaic_poly_pass2=5, vjp_fwd_lowering="mosaic")
+  cfg = dataclasses.replace(cfg, adjoint_lowering="mosaic", mosaic_poly_adjoint=4)
+  f = lambda *a: jnp.sum(pt.selective_scan_pallas(*a, True, config=cfg).astype(jnp.float32))  # noqa: E731
+  assert len(kernel_calls(f, *args)["mosaic"]) == 2
+  assert len(kernel_calls(jax.grad(f, argnums=(0, 1, 2)), *args)["mosaic"]) == 3
 
 
 def test_mosaic_lowering_refuses_shapes_it_cannot_run():
@@ -160,14 +201,16 @@ CASES = {
 
 @_GPU
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("chunk, cpt", [(16, 1), (32, 1), (16, 2)])
-def test_forward_matches_float64_reference_and_triton(name, chunk, cpt):
+@pytest.mark.parametrize("chunk, cpt, poly", [(16, 1, 0), (32, 1, 0), (16, 2, 0), (16, 1, 16)])
+def test_forward_matches_float64_reference_and_triton(name, chunk, cpt, poly):
   """Fresh inputs per case; y and the last state against a float64 sequential scan, and against the Triton
-  kernels' outputs on the same inputs (the same algorithm: equal to float32 rounding)."""
+  kernels' outputs on the same inputs (the same algorithm: equal to float32 rounding). `poly`: every decay of
+  pass 1 and `poly` - 4 of pass 2's on the FMA units (`exp2_fma`)."""
   spec = dict(CASES[name])
   inp = _inputs(seed=10 * list(CASES).index(name) + chunk + cpt, **spec)
   kw = dict(delta_softplus=True, return_last_state=True)
   cfg = dataclasses.replace(CFG, mosaic_chunk=chunk, mosaic_channels_per_thread=cpt)
+  cfg = dataclasses.replace(cfg, mosaic_poly_pass1=poly, mosaic_poly_pass2=max(poly - 4, 0))
   y, h = pt.selective_scan_pallas(**inp, **kw, config=cfg)
   y_t, h_t = pt.selective_scan_pallas(**inp, **kw, config=dataclasses.replace(cfg, fwd_lowering="triton"))
   y_ref, h_ref = _reference(inp, **kw)
@@ -229,10 +272,11 @@ def test_remat_layer_scan_gradient_runs_each_mosaic_kernel_once_per_layer():
 
 
 @_GPU
-@pytest.mark.parametrize("name", ["all", "plain", "float32"])
-def test_gradients_with_the_mosaic_vjp_kernels_match_triton_and_float64(name):
+@pytest.mark.parametrize("name, poly", [("all", 0), ("plain", 0), ("float32", 0), ("all", 16)])
+def test_gradients_with_the_mosaic_vjp_kernels_match_triton_and_float64(name, poly):
   """The state-storing forward and the backward's pass 1 in Mosaic GPU: the gradients equal those with the Triton
-  kernels to float32 rounding, and the float64 reference's to the inputs' precision."""
+  kernels to float32 rounding, and the float64 reference's to the inputs' precision. `poly`: every decay of
+  these two kernels and of pass 1 on the FMA units."""
   inp = _inputs(seed=70 + list(CASES).index(name), **CASES[name])
   names = [k for k, v in inp.items() if v is not None]
   ct = jax.random.normal(jax.random.PRNGKey(3), inp["u"].shape, jnp.float32)
@@ -243,6 +287,8 @@ def test_gradients_with_the_mosaic_vjp_kernels_match_triton_and_float64(name):
 
   def grads(vjp):
     cfg = dataclasses.replace(CFG, vjp_fwd_lowering=vjp, adjoint_lowering=vjp)
+    if vjp == "mosaic":
+      cfg = dataclasses.replace(cfg, mosaic_poly_pass1=poly, mosaic_poly_pass2=poly, mosaic_poly_adjoint=poly)
     scan = lambda **kw: pt.selective_scan_pallas(**kw, config=cfg)  # noqa: E731
     return jax.jit(jax.grad(functools.partial(loss, scan), argnums=tuple(range(len(names)))))(*[inp[k] for k in names])
 

@@ -70,6 +70,39 @@ def _log2(x):
   return jnp.log(x) * _LOG2E
 
 
+# 2^f = 1 + f q(f) on [-1/2, 1/2]: q a degree-4 least-squares fit of (2^f - 1) / f at Chebyshev nodes, in float32
+# (relative error of 1 + f q(f) at most 2.9e-7 in float32 arithmetic; ex2.approx's is ~2^-22). Round 12's Triton
+# polynomial (scans.md), whose kernels were then far from the special-function unit's bound.
+_EXP2_Q = (0.0013390877284109592, 0.009666378609836102, 0.055503569543361664, 0.2402234822511673, 0.6931471824645996)
+_ROUNDER = 12582912.0  # 1.5 * 2^23: x + _ROUNDER rounds x to an integer held in the low mantissa bits
+_EXP2_MIN = -126.0  # 2^-126, the smallest normal float32
+
+
+def exp2_fma(x):
+  """2^x for float32 x <= 0 on the FMA and integer units, without the special-function unit (MUFU).
+
+  x is clamped to -126 (2^-126 for anything below; the decays exp(delta A) use it, where ex2.approx flushes to 0),
+  rounded to an integer j by adding and subtracting 1.5 * 2^23, 2^(x - j) evaluated as 1 + f q(f), and j shifted
+  into the exponent bits (the low bits of x + 1.5 * 2^23 hold j; shifted left by 23 the constant's bits leave
+  the word): 11 instructions, 9 on the FMA pipe and 2 integer. Relative error within 3e-7 for -126 <= x <= 0.
+  """
+  xc = jnp.maximum(x, _EXP2_MIN)
+  t = xc + _ROUNDER
+  f = xc - (t - _ROUNDER)  # in [-1/2, 1/2]
+  q = f * _EXP2_Q[0] + _EXP2_Q[1]
+  for c in _EXP2_Q[2:]:
+    q = q * f + c
+  p = 1.0 + f * q  # 2^f
+  i32 = jnp.int32
+  bits = lax.bitcast_convert_type(p, i32) + lax.shift_left(lax.bitcast_convert_type(t, i32), i32(23))
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _decay(x, m, n, poly):
+  """exp2(x) for state m of n's decay: `exp2_fma` for the last `poly` states, else ex2.approx (approx_math)."""
+  return exp2_fma(x) if m >= n - poly else jnp.exp2(x)
+
+
 def _delta(raw, bias, seg0_t, meta):
   """delta at one step from its raw (e,) row: bias, softplus, and zero past the true length."""
   x = raw.astype(jnp.float32)
@@ -105,7 +138,7 @@ def _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start):
   return fetch
 
 
-def _kernel(*refs, meta, T, stages, write_y, save, E):
+def _kernel(*refs, meta, T, stages, write_y, save, E, poly):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1: B alone,
     (b, l, n)), [D (e,)], [z (b, l, width)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (b, n, e) and,
@@ -170,7 +203,7 @@ def _kernel(*refs, meta, T, stages, write_y, save, E):
       d = _delta(_load_row(dl_s.at[slot, j]), bias, seg0 + k * T + j, meta)
       du = d * u
       Bt = [bc_s[slot, j, m] for m in range(n)]
-      h = tuple(jnp.exp2(d * A2[m]) * h[m] + Bt[m] * du for m in range(n))
+      h = tuple(_decay(d * A2[m], m, n, poly) * h[m] + Bt[m] * du for m in range(n))
       if write_y:
         y = Dv * u if Dv is not None else zero
         for m in range(n):
@@ -205,7 +238,7 @@ def _kernel(*refs, meta, T, stages, write_y, save, E):
     out1[bi, si, cols] = dsum
 
 
-def _adjoint_kernel(*refs, meta, T, stages, E):
+def _adjoint_kernel(*refs, meta, T, stages, E, poly):
   """Backward pass 1, one (channel block, segment, batch): walk the segment backwards from a zero adjoint, as
   `pallas_triton._bwd_rows_kernel` with `full=False`: g_t = c_{t+1} + dy0_t C_t, c_t = a_t g_t, with
   a_t = exp(delta_t A) and dy0 = dy * silu(z). Refs, in order:
@@ -248,7 +281,7 @@ def _adjoint_kernel(*refs, meta, T, stages, E):
       if z_s is not None:
         zt = _load_row(z_s.at[slot, j]).astype(jnp.float32)
         dy0 = dy0 * zt / (1.0 + jnp.exp2(zt * -_LOG2E))
-      c = tuple(jnp.exp2(d * A2[m]) * (c[m] + dy0 * c_s[slot, j, m]) for m in range(n))
+      c = tuple(_decay(d * A2[m], m, n, poly) * (c[m] + dy0 * c_s[slot, j, m]) for m in range(n))
     plgpu.commit_smem()  # every thread is done with this slot
 
     @pl.when(k + stages < K)
@@ -271,7 +304,7 @@ def _chunk(seg_len, want, multiple=1):
   return multiple
 
 
-def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False):
+def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0):
   b, lp, e = ins[0].shape
   E = E_BLOCK * cpt
   ring = lambda width, dt: plgpu.SMEM((stages, T, width), dt)  # noqa: E731
@@ -282,7 +315,7 @@ def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, 
   scratch.append(plgpu.SMEM((2, T, E), out_type[0].dtype) if write_y else plgpu.SMEM((1,), jnp.float32))
   scratch.append(plgpu.Barrier(num_arrivals=3 + has_z, num_barriers=stages))
   call = plgpu.kernel(
-    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y, save=save, E=E),
+    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y, save=save, E=E, poly=poly),
     out_type=out_type,
     scratch_types=scratch,
     grid=(e // E, meta.S, b),
@@ -292,22 +325,23 @@ def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, 
   return call(*ins)
 
 
-def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1):
+def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, poly=0):
   """Pass 1 from the padded inputs: (h_out (b, s, n, e), dsum (b, s, e)) float32, as `pallas_triton`'s.
-  A2 = A^T log2(e) (n, e) float32; T steps per copy, `stages` buffers, `cpt` channels per thread."""
+  A2 = A^T log2(e) (n, e) float32; T steps per copy, `stages` buffers, `cpt` channels per thread; the decays of
+  the last `poly` of the n states on the FMA units (`exp2_fma`)."""
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T)
   ins = [u, delta, A2, B.astype(jnp.float32)] + ([delta_bias] if meta.has_bias else [])
   f32 = jnp.float32
   out = [jax.ShapeDtypeStruct((b, meta.S, n, e), f32), jax.ShapeDtypeStruct((b, meta.S, e), f32)]
-  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T), cpt))
+  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T), cpt, poly=poly))
 
 
-def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False):
+def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False, poly=0):
   """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32[, h_sub (b, l / K, n, e)
   float32 the state before every K = `meta.unroll_bwd`-th step, with `save`]). h0 (b, n, e) float32; seg: pass
-  1's outputs (None with one segment). With `save`, T is a multiple of K."""
+  1's outputs (None with one segment). With `save`, T is a multiple of K. `poly`: as `segment_states`'."""
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T, meta.unroll_bwd if save else 1)
@@ -320,13 +354,13 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stage
   out += [jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, n, e), jnp.float32)] if save else []
   zdt = z.dtype if z is not None else u.dtype
   stages = _stages(stages, meta.seg_len // T)
-  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save))
+  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save, poly=poly))
 
 
-def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, cpt=1):
+def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, cpt=1, poly=0):
   """Backward pass 1 from the padded inputs: each segment's adjoint carry from a zero adjoint at its end
   (b, s, n, e) float32, as `pallas_triton`'s `selective_scan_bwd_segment_adjoints` with `bwd_rows`.
-  A2 = A^T log2(e) (n, e) float32; dy the cotangent of y (b, l, e)."""
+  A2 = A^T log2(e) (n, e) float32; dy the cotangent of y (b, l, e). `poly`: as `segment_states`'."""
   b, lp, e = delta.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T)
@@ -337,7 +371,7 @@ def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, c
   scratch = [ring(delta), ring(dy)] + ([ring(z)] if meta.has_z else [])
   scratch += [plgpu.SMEM((stages, T, n), jnp.float32), plgpu.Barrier(num_arrivals=3 + meta.has_z, num_barriers=stages)]
   call = plgpu.kernel(
-    functools.partial(_adjoint_kernel, meta=meta, T=T, stages=stages, E=E),
+    functools.partial(_adjoint_kernel, meta=meta, T=T, stages=stages, E=E, poly=poly),
     out_type=jax.ShapeDtypeStruct((b, meta.S, n, e), jnp.float32),
     scratch_types=scratch,
     grid=(e // E, meta.S, b),

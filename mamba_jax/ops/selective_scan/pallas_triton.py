@@ -149,6 +149,12 @@ class SelectiveScanConfig:
     mosaic_stages: shared-memory buffers of chunk rows in the Mosaic GPU kernels (2 and 3 were equal on an H200).
     mosaic_channels_per_thread: channels per thread in the Mosaic GPU kernels (128 times it per program): each
       step's 2n B / C scalars are read once for that many channels.
+    mosaic_poly_pass1, mosaic_poly_pass2, mosaic_poly_adjoint: of the n decays exp(delta A_m) that each step
+      computes per channel, how many (the last states) the Mosaic GPU pass 1, pass 2 (both forms) and the
+      backward's pass 1 compute on the FMA units (`pallas_mosaic.exp2_fma`, 11 instructions) instead of the
+      special-function unit (one `ex2.approx`, 16 per clock and SM against 128 FMAs). Round 18 put the forward's
+      passes at 72-84% of that unit's floor (scans.md); the same polynomial in the Triton kernels of round 12,
+      then far from it, only added time.
     barrier_segment_states: pass 1's outputs reach their users (pass 2, and under `jax.checkpoint` the saved
       residuals) through `lax.optimization_barrier`. Without it, in a rematerialised gradient over the layer scan,
       XLA's dynamic-slice fusion put the Mosaic GPU pass 1 in a fusion that writes the stacked residual and kept a
@@ -182,6 +188,9 @@ class SelectiveScanConfig:
   mosaic_chunk: int = 16
   mosaic_stages: int = 2
   mosaic_channels_per_thread: int = 1
+  mosaic_poly_pass1: int = 0
+  mosaic_poly_pass2: int = 0
+  mosaic_poly_adjoint: int = 0
   barrier_segment_states: bool = True
 
 
@@ -232,6 +241,7 @@ class _Meta:
   mosaic_cpt: int = 1  # `SelectiveScanConfig.mosaic_channels_per_thread`
   mosaic_vjp: bool = False  # the forward under `jax.vjp` in Mosaic GPU (`SelectiveScanConfig.vjp_fwd_lowering`)
   mosaic_adjoint: bool = False  # the backward's pass 1 in Mosaic GPU (`SelectiveScanConfig.adjoint_lowering`)
+  mosaic_poly: tuple[int, int, int] = (0, 0, 0)  # `SelectiveScanConfig.mosaic_poly_*`: pass 1, pass 2, adjoint
 
   @property
   def ragged(self):
@@ -712,7 +722,7 @@ def _segment_states(meta, u, delta, A, B, delta_bias):
   f32 = jnp.float32
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
   if meta.mosaic:
-    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt)
+    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, poly=meta.mosaic_poly[0])
     return pallas_mosaic.segment_states(meta, u, delta, A2, B, delta_bias, **kw)
   ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
@@ -732,7 +742,7 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
   if meta.mosaic_vjp if save else meta.mosaic:
     h0t = jnp.swapaxes(h0, 1, 2)
-    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, save=save)
+    kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, save=save, poly=meta.mosaic_poly[1])
     res = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
     return res[0], jnp.swapaxes(res[1], 1, 2), res[2] if save else None
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
@@ -796,7 +806,7 @@ def _core_bwd(meta, res, cts):
     c_seg = lay(dh_last[:, None].astype(f32))
   else:
     if meta.mosaic_adjoint:
-      kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt)
+      kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, poly=meta.mosaic_poly[2])
       A2 = A.astype(f32).T * _LOG2E  # (n, e)
       c_loc = pallas_mosaic.segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, **kw)
     else:
@@ -965,6 +975,7 @@ def selective_scan_pallas(
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
     cfg.mosaic_stages, cfg.mosaic_channels_per_thread, _use_mosaic(cfg, e, n, interpret, "vjp_fwd_lowering"),
     _use_mosaic(cfg, e, n, interpret, "adjoint_lowering"),
+    (cfg.mosaic_poly_pass1, cfg.mosaic_poly_pass2, cfg.mosaic_poly_adjoint),
   )  # fmt: skip
 
   def pad_l(a):
