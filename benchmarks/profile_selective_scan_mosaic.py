@@ -49,13 +49,13 @@ def _sync(out):
   return jax.block_until_ready(out)
 
 
-def _time(pass1, pass2, args1, args2):
+def _time(pass1, pass2, args1, args2, pass1_args):
   """Stream ms of pass 1, of pass 2 (given pass 1's outputs) and of both in one jit; and both passes' outputs.
-  args2 ends with pass 1's outputs; args2[:-1] holds pass 1's arguments at positions (0, 1, 2, 3, 7)."""
+  args2 ends with pass 1's outputs; pass1_args(args2[:-1]) gives pass 1's arguments."""
   p1, p2 = jax.jit(pass1), jax.jit(pass2)
   seg = p1(*args1)
   out = p2(*args2[:-1], seg)
-  both = jax.jit(lambda *a: p2(*a, p1(a[0], a[1], a[2], a[3], a[7])))
+  both = jax.jit(lambda *a: p2(*a, p1(*pass1_args(a))))
   times = dict(
     pass1_ms=stream_ms(lambda: p1(*args1), _sync),
     pass2_ms=stream_ms(lambda: p2(*args2), _sync),
@@ -84,7 +84,7 @@ def main():
       meta = _meta(l, b, e, cfg)
       A2 = x["A"].T * math.log2(math.e)
       h0 = jnp.zeros((b, e, n), jnp.float32)
-      args1 = (x["u"], x["delta"], x["A"], x["B"], x["delta_bias"])
+      args1 = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["delta_bias"])
       seg_t = jax.jit(functools.partial(pt._segment_states, meta))(*args1)
       args2 = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], h0, seg_t)
       times, seg_t, (y_t, h_t) = _time(
@@ -92,11 +92,12 @@ def main():
         lambda *a, meta=meta: pt._forward(meta, False, *a)[:2],
         args1,
         args2,
+        lambda a: (a[0], a[1], a[2], a[3], a[4], a[7]),
       )
       row = dict(l=l, b=b, impl="triton", S=meta.S, seg_len=meta.seg_len, **times)
       print(json.dumps(row), flush=True)
       rows.append(row)
-      margs1 = (x["u"], x["delta"], A2, x["B"], x["delta_bias"])
+      margs1 = (x["u"], x["delta"], A2, pm.bc_rows(x["B"], x["C"]), x["delta_bias"])
       margs2 = (x["u"], x["delta"], A2, x["B"], x["C"], x["D"], x["z"], x["delta_bias"], jnp.swapaxes(h0, 1, 2), seg_t)
       for v in a.variants.split(","):
         T, st, cpt, poly1, poly2 = (list(map(int, v.split(":"))) + [1, 0, 0][len(v.split(":")) - 2 :])[:5]
@@ -109,6 +110,7 @@ def main():
             functools.partial(pm.fwd_main, meta, T=T, stages=st, cpt=cpt, poly=poly2),
             margs1,
             margs2,
+            lambda a: (a[0], a[1], a[2], pm.bc_rows(a[3], a[4]), a[7]),  # one conversion of B and C for both
           )
           errs = dict(
             err_seg_vs_triton=max(rel_err(seg_m[0], seg_t[0]), rel_err(seg_m[1], seg_t[1])),

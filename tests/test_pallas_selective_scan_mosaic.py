@@ -3,6 +3,7 @@ pass 1): their CUDA lowering on any machine, their outputs and gradients on a GP
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,25 @@ def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
   inp = _inputs(l=512)
   kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
   assert sorted(seen) == [(False, 8, 3, 2, 2), (True, 8, 3, 2, 4)], seen
+
+
+def test_pass_1_copies_b_from_pass_2s_float32_rows(monkeypatch):
+  """Both Mosaic GPU passes take the same (b, l, 2n) float32 [B | C] rows (`bc_rows`), so that XLA converts B and
+  C once for both (round 22's profile: two conversions per layer, one for each pass). Lowered, no GPU needed."""
+  from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
+
+  seen = []
+  real = pallas_mosaic._call
+
+  def spy(meta, ins, out_type, write_y, *args, **kw):
+    seen.append((write_y, ins[3].shape, ins[3].dtype))
+    return real(meta, ins, out_type, write_y, *args, **kw)
+
+  monkeypatch.setattr(pallas_mosaic, "_call", spy)
+  inp = _inputs(l=512)
+  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=CFG), inp)
+  b, l, n = inp["B"].shape
+  assert sorted(seen) == [(False, (b, l, 2 * n), jnp.float32), (True, (b, l, 2 * n), jnp.float32)], seen
 
 
 def _nested_eqns(eqn):
@@ -232,6 +252,18 @@ def test_gate_read_in_place_from_the_wider_in_proj_output():
   y_wide = pt.selective_scan_pallas(**{**inp, "z": wide}, z_start=e, **kw, config=CFG)
   y = pt.selective_scan_pallas(**inp, **kw, config=CFG)
   np.testing.assert_array_equal(np.asarray(y_wide, np.float32), np.asarray(y, np.float32))
+
+
+@_GPU
+def test_one_float32_conversion_of_b_and_c_feeds_both_passes():
+  """In the compiled forward XLA computes the [B | C] float32 rows once (the two passes' identical expressions
+  merged), not once per pass."""
+  inp = _inputs(l=512)
+  args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+  hlo = jax.jit(lambda *a: pt.selective_scan_pallas(*a, True, config=CFG)).lower(*args).compile().as_text()
+  b, l, n = inp["B"].shape
+  fusions = re.findall(rf"= f32\[{b},{l},{2 * n}\]\{{[^}}]*\}} fusion\(", hlo)  # the instructions, not their bodies
+  assert len(fusions) == 1, fusions
 
 
 def _remat_layer_scan_grad(cfg, layers=2):

@@ -125,13 +125,14 @@ def _program(meta, E, T):
 def _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start):
   """Issues the copies of the first `stages` chunks into the ring; returns fetch(k, slot), which copies the k-th
   chunk (rows chunk_start(k) ... + T of batch bi) into ring slot `slot`, arriving on barrier `slot`.
-  ins: (gmem ref, smem ring, column offset of the E-channel block from e0, or None for whole rows)."""
+  ins: (gmem ref, smem ring, column offset of the E-channel block from e0, or None for the ring's width of columns
+  from the first: whole rows, or pass 1's B from pass 2's [B | C] rows)."""
 
   def fetch(k, slot):
     rows = pl.ds(chunk_start(k), T)
     for g, s, off in ins:
-      src = g.at[bi, rows] if off is None else g.at[bi, rows, pl.ds(e0 + off, E)]
-      plgpu.copy_gmem_to_smem(src, s.at[slot], bar.at[slot])
+      cols = pl.ds(0, s.shape[-1]) if off is None else pl.ds(e0 + off, E)
+      plgpu.copy_gmem_to_smem(g.at[bi, rows, cols], s.at[slot], bar.at[slot])
 
   for k in range(min(stages, K)):
     fetch(k, k)
@@ -140,9 +141,10 @@ def _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start):
 
 def _kernel(*refs, meta, T, stages, write_y, save, E, poly):
   """One (channel block, segment, batch). Refs, in order:
-  in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1: B alone,
-    (b, l, n)), [D (e,)], [z (b, l, width)] when `write_y`, [delta_bias (e,)], and when `write_y` h0 (b, n, e) and,
-    with several segments, h_loc (b, s, n, e) and dsum (b, s, e) from pass 1.
+  in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1 copies
+    the first n columns: B alone (b, l, n), or B from these rows), [D (e,)], [z (b, l, width)] when `write_y`,
+    [delta_bias (e,)], and when `write_y` h0 (b, n, e) and, with several segments, h_loc (b, s, n, e) and dsum
+    (b, s, e) from pass 1.
   out: `write_y`: y (b, l, e), h_last (b, n, e), [h_sub (b, l / K, n, e) with `save`, K = `meta.unroll_bwd`
     dividing T]; else h_out (b, s, n, e), dsum (b, s, e).
   scratch: the u, delta, [z] and BC rings, the out tiles, the ring's barriers."""
@@ -325,10 +327,16 @@ def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, 
   return call(*ins)
 
 
+def bc_rows(B, C):
+  """Pass 2's [B_t, C_t] rows (b, l, 2n) float32, which pass 1 reads its B from (one conversion for both)."""
+  return jnp.concatenate([B, C], axis=-1).astype(jnp.float32)
+
+
 def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, poly=0):
   """Pass 1 from the padded inputs: (h_out (b, s, n, e), dsum (b, s, e)) float32, as `pallas_triton`'s.
-  A2 = A^T log2(e) (n, e) float32; T steps per copy, `stages` buffers, `cpt` channels per thread; the decays of
-  the last `poly` of the n states on the FMA units (`exp2_fma`)."""
+  A2 = A^T log2(e) (n, e) float32; B (b, l, n), or `bc_rows` (b, l, 2n), of which it copies the first n columns;
+  T steps per copy, `stages` buffers, `cpt` channels per thread; the decays of the last `poly` of the n states on
+  the FMA units (`exp2_fma`)."""
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T)
@@ -345,7 +353,7 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stage
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T, meta.unroll_bwd if save else 1)
-  ins = [u, delta, A2, jnp.concatenate([B, C], axis=-1).astype(jnp.float32)]
+  ins = [u, delta, A2, bc_rows(B, C)]
   ins += [D] if meta.has_d else []
   ins += [z] if meta.has_z else []
   ins += [delta_bias] if meta.has_bias else []
@@ -385,4 +393,4 @@ def _stages(want, K):
   return max(1, min(want, K))
 
 
-__all__ = ["E_BLOCK", "fwd_main", "segment_adjoints", "segment_states"]
+__all__ = ["E_BLOCK", "bc_rows", "exp2_fma", "fwd_main", "segment_adjoints", "segment_states"]

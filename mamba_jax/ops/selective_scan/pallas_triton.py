@@ -712,9 +712,10 @@ def _sub_kind(meta):
   return "sub_ne" if meta.bwd_rows else "sub_en"
 
 
-def _segment_states(meta, u, delta, A, B, delta_bias):
+def _segment_states(meta, u, delta, A, B, C, delta_bias):
   """Pass 1: each segment's end state from a zero start (b, s, n, e) and its sum of delta (b, s, e), float32;
-  None with one segment."""
+  None with one segment. The Mosaic GPU kernel reads B from pass 2's float32 [B | C] rows (`bc_rows`: XLA
+  computes the one conversion for both passes), the Triton kernel from B alone."""
   if meta.S == 1:
     return None
   b, lp, e = u.shape
@@ -723,7 +724,7 @@ def _segment_states(meta, u, delta, A, B, delta_bias):
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
   if meta.mosaic:
     kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, poly=meta.mosaic_poly[0])
-    return pallas_mosaic.segment_states(meta, u, delta, A2, B, delta_bias, **kw)
+    return pallas_mosaic.segment_states(meta, u, delta, A2, pallas_mosaic.bc_rows(B, C), delta_bias, **kw)
   ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
   outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
@@ -986,7 +987,7 @@ def selective_scan_pallas(
   # Pass 1 outside the custom VJP, named: under jax.checkpoint a policy that saves its name (the model's
   # remat does) keeps them from the forward pass, so the backward's recomputation runs pass 2 only.
   # Its inputs are cut from differentiation (a pallas_call has no JVP); `_core`'s VJP is the whole scan's.
-  seg = _segment_states(meta, *jax.lax.stop_gradient((u, delta, A, B, delta_bias)))
+  seg = _segment_states(meta, *jax.lax.stop_gradient((u, delta, A, B, C, delta_bias)))
   if seg is not None and cfg.barrier_segment_states:
     seg = jax.lax.optimization_barrier(seg)  # no fusion may take (and clone) the pass-1 call: see the config
   seg = None if seg is None else checkpoint_name(seg, SELECTIVE_SCAN_SEGMENT_STATES)
