@@ -71,9 +71,9 @@ def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
   seen = []
   real = pallas_mosaic._call
 
-  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0):
+  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0, **kw):
     seen.append((write_y, T, stages, cpt, poly))
-    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=save, poly=poly)
+    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=save, poly=poly, **kw)
 
   monkeypatch.setattr(pallas_mosaic, "_call", spy)
   cfg = dataclasses.replace(CFG, mosaic_chunk=8, mosaic_stages=3, mosaic_channels_per_thread=2)
@@ -100,6 +100,28 @@ def test_pass_1_copies_b_from_pass_2s_float32_rows(monkeypatch):
   kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=CFG), inp)
   b, l, n = inp["B"].shape
   assert sorted(seen) == [(False, (b, l, 2 * n), jnp.float32), (True, (b, l, 2 * n), jnp.float32)], seen
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_pass_2_takes_an_initial_state_only_when_given(given, monkeypatch):
+  """Without an initial state the Mosaic GPU pass 2 starts from zeros in registers: no (b, n, e) zeros array to
+  build in every layer (round 22's profile: a broadcast launch per layer). Lowered, no GPU needed."""
+  from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
+
+  seen = []
+  real = pallas_mosaic._call
+
+  def spy(meta, ins, out_type, write_y, *args, **kw):
+    if write_y:
+      seen.append([a.shape for a in ins])
+    return real(meta, ins, out_type, write_y, *args, **kw)
+
+  monkeypatch.setattr(pallas_mosaic, "_call", spy)
+  inp = _inputs(l=512, drop=() if given else ("initial_state",))
+  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=CFG), inp)
+  b, l, e = inp["u"].shape
+  n = inp["A"].shape[1]
+  assert len(seen) == 1 and ((b, n, e) in seen[0]) == given, seen
 
 
 def _nested_eqns(eqn):

@@ -139,11 +139,11 @@ def _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start):
   return fetch
 
 
-def _kernel(*refs, meta, T, stages, write_y, save, E, poly):
+def _kernel(*refs, meta, T, stages, write_y, save, E, poly, has_h0):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1 copies
     the first n columns: B alone (b, l, n), or B from these rows), [D (e,)], [z (b, l, width)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` h0 (b, n, e) and, with several segments, h_loc (b, s, n, e) and dsum
+    [delta_bias (e,)], and when `write_y` [h0 (b, n, e)] and, with several segments, h_loc (b, s, n, e) and dsum
     (b, s, e) from pass 1.
   out: `write_y`: y (b, l, e), h_last (b, n, e), [h_sub (b, l / K, n, e) with `save`, K = `meta.unroll_bwd`
     dividing T]; else h_out (b, s, n, e), dsum (b, s, e).
@@ -154,7 +154,7 @@ def _kernel(*refs, meta, T, stages, write_y, save, E, poly):
   d_g = take(write_y and meta.has_d)
   z_g = take(write_y and meta.has_z)
   bias_g = take(meta.has_bias)
-  h0_g = take(write_y)
+  h0_g = take(write_y and has_h0)
   hl_g, ds_g = take(write_y and meta.S > 1), take(write_y and meta.S > 1)
   out0, out1 = take(), take()
   h_sub = take(save)
@@ -177,7 +177,7 @@ def _kernel(*refs, meta, T, stages, write_y, save, E, poly):
   Dv = _load_row(d_g.at[cols]).astype(jnp.float32) if d_g is not None else None
   zero = plgpu.layout_cast(jnp.zeros((E,), jnp.float32), _row_layout(E))  # a splat would change the carry's layout
   if write_y:
-    h = tuple(_load_row(h0_g.at[bi, k, cols]) for k in range(n))
+    h = tuple(_load_row(h0_g.at[bi, k, cols]) for k in range(n)) if has_h0 else (zero,) * n
     if hl_g is not None:
 
       def chain(i, h):
@@ -306,7 +306,7 @@ def _chunk(seg_len, want, multiple=1):
   return multiple
 
 
-def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0):
+def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0, has_h0=True):
   b, lp, e = ins[0].shape
   E = E_BLOCK * cpt
   ring = lambda width, dt: plgpu.SMEM((stages, T, width), dt)  # noqa: E731
@@ -317,7 +317,9 @@ def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, 
   scratch.append(plgpu.SMEM((2, T, E), out_type[0].dtype) if write_y else plgpu.SMEM((1,), jnp.float32))
   scratch.append(plgpu.Barrier(num_arrivals=3 + has_z, num_barriers=stages))
   call = plgpu.kernel(
-    functools.partial(_kernel, meta=meta, T=T, stages=stages, write_y=write_y, save=save, E=E, poly=poly),
+    functools.partial(
+      _kernel, meta=meta, T=T, stages=stages, write_y=write_y, save=save, E=E, poly=poly, has_h0=has_h0
+    ),
     out_type=out_type,
     scratch_types=scratch,
     grid=(e // E, meta.S, b),
@@ -348,7 +350,8 @@ def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, 
 
 def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False, poly=0):
   """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32[, h_sub (b, l / K, n, e)
-  float32 the state before every K = `meta.unroll_bwd`-th step, with `save`]). h0 (b, n, e) float32; seg: pass
+  float32 the state before every K = `meta.unroll_bwd`-th step, with `save`]). h0 (b, n, e) float32, or None for
+  zeros (no array to build and read); seg: pass
   1's outputs (None with one segment). With `save`, T is a multiple of K. `poly`: as `segment_states`'."""
   b, lp, e = u.shape
   n = A2.shape[0]
@@ -357,12 +360,14 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stage
   ins += [D] if meta.has_d else []
   ins += [z] if meta.has_z else []
   ins += [delta_bias] if meta.has_bias else []
-  ins += [h0] + ([] if seg is None else list(seg))
+  ins += ([] if h0 is None else [h0]) + ([] if seg is None else list(seg))
   out = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((b, n, e), jnp.float32)]
   out += [jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, n, e), jnp.float32)] if save else []
   zdt = z.dtype if z is not None else u.dtype
   stages = _stages(stages, meta.seg_len // T)
-  return tuple(_call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save, poly=poly))
+  return tuple(
+    _call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save, poly=poly, has_h0=h0 is not None)
+  )
 
 
 def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, cpt=1, poly=0):

@@ -742,10 +742,11 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   f32 = jnp.float32
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
   if meta.mosaic_vjp if save else meta.mosaic:
-    h0t = jnp.swapaxes(h0, 1, 2)
+    h0t = None if h0 is None else jnp.swapaxes(h0, 1, 2)  # the kernel starts from zeros without one
     kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, save=save, poly=meta.mosaic_poly[1])
     res = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
     return res[0], jnp.swapaxes(res[1], 1, 2), res[2] if save else None
+  h0 = jnp.zeros((b, e, n), f32) if h0 is None else h0
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   bias_in = [("bias", "vec_e", delta_bias)] if meta.has_bias else []
   seg_ne = jax.ShapeDtypeStruct((b, meta.S, n, e), f32)
@@ -868,7 +869,7 @@ def _core_bwd(meta, res, cts):
     res["dD"].sum((0, 1)).astype(D.dtype) if meta.has_d else None,
     dz,
     res["dbias"].sum((0, 1)).astype(delta_bias.dtype) if meta.has_bias else None,
-    lay(res["c_out"][:, 0]),
+    None if h0 is None else lay(res["c_out"][:, 0]),
     jax.tree.map(jnp.zeros_like, seg_states),
   )
 
@@ -982,7 +983,7 @@ def selective_scan_pallas(
   def pad_l(a):
     return jnp.pad(a, ((0, 0), (0, pad), (0, 0))) if pad and a is not None else a
 
-  h0 = jnp.zeros((b, e, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+  h0 = None if initial_state is None else initial_state.astype(jnp.float32)  # None: zeros
   u, delta, B, C, z = (pad_l(a) for a in (u, delta, B, C, z))
   # Pass 1 outside the custom VJP, named: under jax.checkpoint a policy that saves its name (the model's
   # remat does) keeps them from the forward pass, so the backward's recomputation runs pass 2 only.
