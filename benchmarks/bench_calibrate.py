@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from calibrate import objective
 from calibrate.cli import scan_layers
 from calibrate.gradient import Gradient
 from calibrate.objective import frozen_layers, scale_loss
@@ -126,7 +125,6 @@ KERNEL_SWITCHES = {  # the switches' defaults
   "add_norm": "pallas",
   "split_in_proj": False,
   "layer_unroll": 1,
-  "lse": "one-pass",
 }
 
 
@@ -157,12 +155,6 @@ def kernel_switch_args(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument("--layer-unroll", type=int, default=1, help="blocks per layer-scan iteration (layer_scan_unroll)")
   p.add_argument(
-    "--lse",
-    choices=("one-pass", "xla"),
-    default="one-pass",
-    help="the NLL's logsumexp: one pass over the logits (objective.ONE_PASS_LOGSUMEXP) or jax.nn.logsumexp's two",
-  )
-  p.add_argument(
     "--split-in-proj",
     action="store_true",
     help="Mamba1's in_proj as two products (Mamba1Mixer.split_in_proj), so its input gradient takes the halves apart",
@@ -179,7 +171,6 @@ def apply_kernel_switches(args) -> dict:
   add_norm_pallas.ENABLED = args.add_norm == "pallas"
   Mamba1Mixer.split_in_proj = args.split_in_proj
   MambaLM.layer_scan_unroll = args.layer_unroll
-  objective.ONE_PASS_LOGSUMEXP = args.lse == "one-pass"
   changed = {k: v for k, default in KERNEL_SWITCHES.items() if (v := getattr(args, k)) != default}
   if changed:
     print(f"kernel switches: {changed}", flush=True)

@@ -11,37 +11,6 @@ from flax import nnx
 F32 = jnp.float32
 OBJECTIVES = ("nll", "ppl")
 
-# The logits slices' logsumexp in one pass over the logits (`logsumexp_one_pass`), or jax.nn.logsumexp's two (a
-# max, then a sum of exponentials: on an H200 340 us per 2 x 2048 x 50280 slice of mamba-1.4b's SPSA iteration,
-# calibrate.md round 22). Read when tracing; `benchmarks/bench_calibrate.py --lse` switches it for A/B runs.
-ONE_PASS_LOGSUMEXP = True
-
-
-def _lse_combine(a, b):
-  """Merges two (running max, sum of exp(x - max)) pairs with one exponential: that of the smaller max minus the
-  larger. Equal maxima (both -inf included, as the reduction's initial values are) add the sums."""
-  (m1, s1), (m2, s2) = a, b
-  gap = jnp.where(m1 == m2, 0.0, m1 - m2)
-  e = jnp.exp(-jnp.abs(gap))
-  return jnp.maximum(m1, m2), jnp.where(m1 >= m2, s1 + s2 * e, s1 * e + s2)
-
-
-@jax.custom_jvp
-def logsumexp_one_pass(x: jax.Array) -> jax.Array:
-  """log(sum(exp(x))) over the last axis, float32, reading x once: one variadic reduction of (max, sum) pairs
-  instead of jax.nn.logsumexp's max pass and sum pass. Differentiable (softmax-weighted tangents)."""
-  x = x.astype(F32)
-  m, s = jax.lax.reduce((x, jnp.ones_like(x)), (F32(-jnp.inf), F32(0.0)), _lse_combine, (x.ndim - 1,))
-  return m + jnp.log(s)
-
-
-@logsumexp_one_pass.defjvp
-def _logsumexp_one_pass_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  lse = logsumexp_one_pass(x)
-  p = jnp.exp(x.astype(F32) - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None])  # the softmax (0 where all -inf)
-  return lse, jnp.sum(p * dx.astype(F32), axis=-1)
-
 
 def token_nll(model, ids: jax.Array, chunk: int = 2048, stacked_layers=None) -> jax.Array:
   """Per-sample mean next-token NLL.
@@ -76,7 +45,7 @@ def token_nll(model, ids: jax.Array, chunk: int = 2048, stacked_layers=None) -> 
   @jax.checkpoint
   def slice_nll(h_c, t_c, m_c):  # (b, c, d), (b, c), (c,) -> (b,)
     logits = model.logits_from_hidden(h_c).astype(F32)  # (b, c, v)
-    lse = logsumexp_one_pass(logits) if ONE_PASS_LOGSUMEXP else jax.nn.logsumexp(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(m_c, lse - picked, 0.0), axis=-1)
 
