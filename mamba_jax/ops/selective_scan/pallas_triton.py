@@ -154,7 +154,10 @@ class SelectiveScanConfig:
       backward's pass 1 compute on the FMA units (`pallas_mosaic.exp2_fma`, 11 instructions) instead of the
       special-function unit (one `ex2.approx`, 16 per clock and SM against 128 FMAs). Round 18 put the forward's
       passes at 72-84% of that unit's floor (scans.md); the same polynomial in the Triton kernels of round 12,
-      then far from it, only added time.
+      then far from it, only added time. Off (0) by default: on an H200 at 8K, batch 2 (round 23, stream ms),
+      pass 1 took 0.349 with none, 0.335 with 2 and 0.346 / 0.386 / 0.413 with 4 / 6 / 8; pass 2 0.445 with
+      none and 0.460-0.551 with 2-8, and mamba-1.4b's SPSA iteration did not get faster with 2 / 0 (114.0
+      against 114.1 ms in one lease) or 4 / 3 (115.8 against 113.6).
     barrier_segment_states: pass 1's outputs reach their users (pass 2, and under `jax.checkpoint` the saved
       residuals) through `lax.optimization_barrier`. Without it, in a rematerialised gradient over the layer scan,
       XLA's dynamic-slice fusion put the Mosaic GPU pass 1 in a fusion that writes the stacked residual and kept a
