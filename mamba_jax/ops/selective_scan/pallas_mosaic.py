@@ -351,8 +351,8 @@ def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, 
 def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False, poly=0):
   """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32[, h_sub (b, l / K, n, e)
   float32 the state before every K = `meta.unroll_bwd`-th step, with `save`]). h0 (b, n, e) float32, or None for
-  zeros (no array to build and read); seg: pass
-  1's outputs (None with one segment). With `save`, T is a multiple of K. `poly`: as `segment_states`'."""
+  zeros (no array to build and read); seg: pass 1's outputs (None with one segment). With `save`, T is a multiple
+  of K. `poly`: as `segment_states`'."""
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T, meta.unroll_bwd if save else 1)
