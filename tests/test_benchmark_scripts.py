@@ -25,6 +25,12 @@ def _run(script: str, *args) -> str:
   return proc.stdout
 
 
+@pytest.mark.parametrize("layers", ["scan", "unroll"])
+def test_lower_time_tiny(layers):
+  stdout = _run("lower_time.py", layers, "--tiny", "--length", 64)
+  assert f"mamba-1.4b 64 {layers}: trace" in stdout and "MB of StableHLO" in stdout
+
+
 def test_bench_calibrate_tiny(tmp_path):
   out = tmp_path / "rows.jsonl"
   stdout = _run("bench_calibrate.py", "--tiny", "--models", "mamba-1.4b", "--lengths", 32, "--methods", "forward,spsa",

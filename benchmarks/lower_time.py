@@ -1,0 +1,58 @@
+"""How long JAX takes to trace and lower (for CUDA, on any machine) mamba-1.4b's SPSA pair at 8K: the layer scan
+against inlined blocks (`--layers unroll`), with the selective scan's Mosaic GPU kernels as on Hopper.
+
+The Python side of compiling only: XLA's GPU compilation comes after it. Random-free: the model is abstract
+(`nnx.eval_shape`), so no weights are allocated.
+
+  PYTHONPATH=. python benchmarks/lower_time.py scan
+  PYTHONPATH=. python benchmarks/lower_time.py unroll
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.bench_calibrate import model_config
+from calibrate.objective import token_nll
+from mamba_jax import MambaLM
+from mamba_jax.ops.selective_scan import pallas_triton
+from mamba_jax.scales import attach_scales
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("layers", choices=("scan", "unroll"))
+  ap.add_argument("--model", default="mamba-1.4b")
+  ap.add_argument("--length", type=int, default=8192)
+  ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run)")
+  a = ap.parse_args()
+  cfg = model_config(a.model, a.tiny)
+  model = nnx.eval_shape(lambda: MambaLM(cfg, param_dtype=jnp.bfloat16, scan_impl="pallas", rngs=nnx.Rngs(0)))
+  attach_scales(model, "A", "linear", "layer")
+  model.scan_layers = a.layers == "scan"
+  graphdef, state = nnx.split(model)
+  ids = jax.ShapeDtypeStruct((1, a.length), jnp.int32)
+
+  def pair(state, ids):  # the two perturbed points as one vmapped forward, as calibrate.spsa runs them
+    both = jax.tree.map(lambda v: jnp.stack([v, v]), state)
+    return jax.vmap(lambda s: token_nll(nnx.merge(graphdef, s), ids))(both)
+
+  # The tiny shapes are too small for the Mosaic GPU kernels (128 channels per program): Triton's there.
+  mosaic = {} if a.tiny else dict(fwd_lowering="mosaic", vjp_fwd_lowering="mosaic", adjoint_lowering="mosaic")
+  with pallas_triton.default_config_overrides(**mosaic):
+    t0 = time.perf_counter()
+    traced = jax.jit(pair).trace(state, ids)
+    t1 = time.perf_counter()
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    t2 = time.perf_counter()
+  print(
+    f"{a.model} {a.length} {a.layers}: trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, "
+    f"{len(text) / 1e6:.1f} MB of StableHLO"
+  )
+
+
+if __name__ == "__main__":
+  main()
