@@ -3,6 +3,7 @@ pass 1): their CUDA lowering on any machine, their outputs and gradients on a GP
 
 import dataclasses
 import functools
+import inspect
 import re
 
 import jax
@@ -64,61 +65,50 @@ def test_plain_forward_lowers_to_two_mosaic_gpu_kernels_and_the_vjp_forward_stor
   assert result_types(adjoints) == [f"tensor<{b}x{S}x{n}x{e}xf32>"]
 
 
-def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
-  """Chunk, buffers, channels per thread and each pass's FMA decays reach pass 1 and pass 2 (lowered, no GPU needed)."""
+def _lowered_mosaic_calls(monkeypatch, inp, cfg=CFG):
+  """Lowers the plain forward (no GPU needed) and returns each `pallas_mosaic._call` it made, in order, as its
+  arguments by name (defaults filled in)."""
   from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
 
-  seen = []
   real = pallas_mosaic._call
+  signature = inspect.signature(real)
+  calls = []
 
-  def spy(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0, **kw):
-    seen.append((write_y, T, stages, cpt, poly))
-    return real(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=save, poly=poly, **kw)
+  def spy(*args, **kw):
+    bound = signature.bind(*args, **kw)
+    bound.apply_defaults()
+    calls.append(bound.arguments)
+    return real(*args, **kw)
 
   monkeypatch.setattr(pallas_mosaic, "_call", spy)
+  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
+  return calls
+
+
+def test_both_passes_get_the_configured_launch_parameters(monkeypatch):
+  """Chunk, buffers, channels per thread and each pass's FMA decays reach pass 1 and pass 2 (lowered, no GPU needed)."""
   cfg = dataclasses.replace(CFG, mosaic_chunk=8, mosaic_stages=3, mosaic_channels_per_thread=2)
   cfg = dataclasses.replace(cfg, mosaic_poly_pass1=2, mosaic_poly_pass2=4)
-  inp = _inputs(l=512)
-  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=cfg), inp)
-  assert sorted(seen) == [(False, 8, 3, 2, 2), (True, 8, 3, 2, 4)], seen
+  calls = _lowered_mosaic_calls(monkeypatch, _inputs(l=512), cfg)
+  seen = sorted((c["write_y"], c["T"], c["stages"], c["cpt"], c["poly"]) for c in calls)
+  assert seen == [(False, 8, 3, 2, 2), (True, 8, 3, 2, 4)], seen
 
 
 def test_pass_1_copies_b_from_pass_2s_float32_rows(monkeypatch):
   """Both Mosaic GPU passes take the same (b, l, 2n) float32 [B | C] rows (`bc_rows`), so that XLA converts B and
   C once for both (round 22's profile: two conversions per layer, one for each pass). Lowered, no GPU needed."""
-  from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
-
-  seen = []
-  real = pallas_mosaic._call
-
-  def spy(meta, ins, out_type, write_y, *args, **kw):
-    seen.append((write_y, ins[3].shape, ins[3].dtype))
-    return real(meta, ins, out_type, write_y, *args, **kw)
-
-  monkeypatch.setattr(pallas_mosaic, "_call", spy)
   inp = _inputs(l=512)
-  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=CFG), inp)
+  seen = sorted((c["write_y"], c["ins"][3].shape, c["ins"][3].dtype) for c in _lowered_mosaic_calls(monkeypatch, inp))
   b, l, n = inp["B"].shape
-  assert sorted(seen) == [(False, (b, l, 2 * n), jnp.float32), (True, (b, l, 2 * n), jnp.float32)], seen
+  assert seen == [(False, (b, l, 2 * n), jnp.float32), (True, (b, l, 2 * n), jnp.float32)], seen
 
 
 @pytest.mark.parametrize("given", [False, True])
 def test_pass_2_takes_an_initial_state_only_when_given(given, monkeypatch):
   """Without an initial state the Mosaic GPU pass 2 starts from zeros in registers: no (b, n, e) zeros array to
   build in every layer (round 22's profile: a broadcast launch per layer). Lowered, no GPU needed."""
-  from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
-
-  seen = []
-  real = pallas_mosaic._call
-
-  def spy(meta, ins, out_type, write_y, *args, **kw):
-    if write_y:
-      seen.append([a.shape for a in ins])
-    return real(meta, ins, out_type, write_y, *args, **kw)
-
-  monkeypatch.setattr(pallas_mosaic, "_call", spy)
   inp = _inputs(l=512, drop=() if given else ("initial_state",))
-  kernel_calls(lambda i: pt.selective_scan_pallas(**i, delta_softplus=True, config=CFG), inp)
+  seen = [[a.shape for a in c["ins"]] for c in _lowered_mosaic_calls(monkeypatch, inp) if c["write_y"]]
   b, l, e = inp["u"].shape
   n = inp["A"].shape[1]
   assert len(seen) == 1 and ((b, n, e) in seen[0]) == given, seen
