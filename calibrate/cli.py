@@ -47,7 +47,9 @@ def scan_layers(layers: str) -> bool:
   in round 14 the mamba2-1.3b SPSA iteration took 99.3 ms (scan) against 99.0 ms (inlined) for 12 against 144 s of
   compile, probably because every inlined block compiles its own Mosaic GPU SSD kernels (round 11, all Triton:
   102.7 against 100.1 ms for 13 against 29 s, when auto inlined Mamba2 SPSA); on an H100 (round 6) mamba-1.4b
-  170.1 -> 158.5 ms for 46 -> 142 s."""
+  170.1 -> 158.5 ms for 46 -> 142 s. Since round 24 the inlined blocks of one structure share one traced program
+  (`model._BlockPrograms`): JAX's part of that compile went 67.8 -> 2.2 s for mamba-1.4b (benchmarks/lower_time.py);
+  XLA's part is not yet re-measured."""
   return layers != "unroll"
 
 
@@ -120,7 +122,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     "--layers",
     choices=("auto", "scan", "unroll"),
     default="auto",
-    help="blocks as one lax.scan (auto, scan: fast compile) or inlined (unroll: minutes of compile on GPU)",
+    help="blocks as one lax.scan (auto, scan: fast compile) or inlined (unroll: no weight slices, longer XLA compile)",
   )
   p.add_argument("--eval-every", type=int, default=1, help="held-out evaluation (keep-best) interval")
   p.add_argument("--no-keep-best", action="store_true", help="save the last scales, not the best held-out ones")

@@ -21,6 +21,74 @@ def _stack(states):
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
+class _BlockPrograms:
+  """The blocks of one forward, prefill or decode step as one jitted pure function per block structure, shared by
+  every block of that structure: JAX traces and lowers a block once and XLA inlines the calls. Traced one by one,
+  the 48 inlined blocks of mamba-1.4b's SPSA pair took 39.1 s to trace and 28.7 s to lower on a 2-core CPU, 1.1 s
+  and 1.1 s this way (benchmarks/lower_time.py); its `generate` (2048-token prompt) 23.2 s and 23.9 s, 0.5 s and 0.6 s.
+
+  Made anew for every call, so that each trace reads the settings of its time (the kernels' module-level
+  configuration, a block attribute changed in between), as tracing the blocks one by one did.
+
+  name: "forward" ((residual, previous output), (state,)) -> ((residual, output), None), as in the layer scan;
+    "prefill" (state, residual) -> (residual, cache); "step" (state, residual, cache) -> (residual, cache).
+  """
+
+  def __init__(self, name: str, compute_dtype, remat: bool = False):
+    if name not in ("forward", "prefill", "step"):
+      raise ValueError(f"unknown block program {name!r}")
+    self.name, self.compute_dtype, self.remat = name, compute_dtype, remat
+    self._programs = {}
+
+  def __call__(self, layer: "Block"):
+    """The program for this block's structure and the block's state."""
+    graphdef, state = nnx.split(layer)
+    if graphdef not in self._programs:
+      self._programs[graphdef] = jax.jit(self._pure(graphdef))
+    return self._programs[graphdef], state
+
+  def _pure(self, graphdef):
+    dtype = self.compute_dtype
+    if self.name == "forward":
+      return _block_fn(graphdef, dtype, self.remat)
+    if self.name == "prefill":
+      return lambda state, residual: nnx.merge(graphdef, state)(residual, dtype, return_cache=True)
+    return lambda state, residual, cache: nnx.merge(graphdef, state).step(residual, cache, dtype)
+
+
+def _block_fn(graphdef: nnx.GraphDef, compute_dtype, remat: bool):
+  """A pure ((residual, previous output), block state) -> ((residual, output), None) function; the block's
+  norm and mixer are rematerialised when `remat` is set (the add needs nothing saved for its gradient).
+
+  Pure functions of the state (rather than calls on the live modules) work at any trace level: inside jax.grad,
+  lax.scan or vmap over a model closed over from outside.
+  """
+  if not remat:
+    # The add and the norm as one kernel on GPU (`ops.add_rms_norm`): XLA runs them as two passes, the second
+    # reading back the float32 sum (calibrate.md, round 22).
+    def fused(carry, states):
+      block = nnx.merge(graphdef, *states)
+      residual, normed = block.norm.add_and_norm(*carry, compute_dtype, impl=block.mixer.scan_impl)
+      return (residual, block.mixer(normed)), None
+
+    return fused
+
+  # Rematerialised: the checkpoint's input is the sum alone (the add stays outside it, in XLA), so the
+  # backward keeps one float32 array per block, as without the fused kernel; the norm is recomputed inside.
+  def mix(residual, states):  # states: a tuple of States that together hold the block's variables
+    return nnx.merge(graphdef, *states).mix(residual, compute_dtype)
+
+  # The policy keeps a few small named results of the forward pass (ops.REMAT_SAVED: the selective scan's
+  # segment states) instead of recomputing them in the backward pass.
+  mix = jax.checkpoint(mix, policy=ops.remat_policy())
+
+  def block(carry, states):
+    residual = add_residual(*carry)
+    return (residual, mix(residual, states)), None
+
+  return block
+
+
 class Block(nnx.Module):
   """x + Mixer(RMSNorm(x)), the residual stream kept in float32 when `residual_in_fp32`."""
 
@@ -144,7 +212,7 @@ class MambaLM(nnx.Module):
         stacked = (_stack([nnx.state(layer) for layer in layers]),)
       else:
         stacked = (stacked_layers, _stack([nnx.state(layer, nnx.Not(nnx.Param)) for layer in layers]))
-      block = self._block_fn(graphdef)
+      block = _block_fn(graphdef, self.dtype, self.remat)
       (residual, hidden), _ = jax.lax.scan(block, (residual, hidden), stacked, unroll=self.layer_scan_unroll)
     else:
       if stacked_layers is not None:
@@ -152,43 +220,12 @@ class MambaLM(nnx.Module):
           "stacked_layers is for the layer scan, which this model does not run (scan_layers=False, or blocks of "
           "different structure): pass stacked_layers=None"
         )
+      programs = _BlockPrograms("forward", self.dtype, self.remat)
       for layer in layers:
-        graphdef, state = nnx.split(layer)
-        (residual, hidden), _ = self._block_fn(graphdef)((residual, hidden), (state,))
+        block, state = programs(layer)
+        (residual, hidden), _ = block((residual, hidden), (state,))
     impl = layers[0].mixer.scan_impl
     return self.backbone.norm_f.add_and_norm(residual, hidden, self.dtype, impl=impl)[1]
-
-  def _block_fn(self, graphdef):
-    """A pure ((residual, previous output), block state) -> ((residual, output), None) function; the block's
-    norm and mixer are rematerialised when `remat` is set (the add needs nothing saved for its gradient).
-
-    Pure functions of the state (rather than calls on the live modules) work at any trace level: inside jax.grad,
-    lax.scan or vmap over a model closed over from outside.
-    """
-    if not self.remat:
-      # The add and the norm as one kernel on GPU (`ops.add_rms_norm`): XLA runs them as two passes, the second
-      # reading back the float32 sum (calibrate.md, round 22).
-      def fused(carry, states):
-        block = nnx.merge(graphdef, *states)
-        residual, normed = block.norm.add_and_norm(*carry, self.dtype, impl=block.mixer.scan_impl)
-        return (residual, block.mixer(normed)), None
-
-      return fused
-
-    # Rematerialised: the checkpoint's input is the sum alone (the add stays outside it, in XLA), so the
-    # backward keeps one float32 array per block, as without the fused kernel; the norm is recomputed inside.
-    def mix(residual, states):  # states: a tuple of States that together hold the block's variables
-      return nnx.merge(graphdef, *states).mix(residual, self.dtype)
-
-    # The policy keeps a few small named results of the forward pass (ops.REMAT_SAVED: the selective scan's
-    # segment states) instead of recomputing them in the backward pass.
-    mix = jax.checkpoint(mix, policy=ops.remat_policy())
-
-    def block(carry, states):
-      residual = add_residual(*carry)
-      return (residual, mix(residual, states)), None
-
-    return block
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
     """(..., d) final-normed hidden states -> (..., v) logits."""
@@ -204,8 +241,10 @@ class MambaLM(nnx.Module):
     """Processes the prompt in parallel. Returns logits (b, l, v) and the cache after its last token."""
     residual = self._embed(input_ids)
     caches = []
+    programs = _BlockPrograms("prefill", self.dtype)
     for layer in self.backbone.layers:
-      residual, cache = layer(residual, self.dtype, return_cache=True)
+      block, state = programs(layer)
+      residual, cache = block(state, residual)
       caches.append(cache)
     return self._head(residual), tuple(caches)
 
@@ -216,7 +255,9 @@ class MambaLM(nnx.Module):
     """One token per sequence: token (b,) int -> logits (b, v) and the updated cache."""
     residual = self._embed(token)
     new = []
+    programs = _BlockPrograms("step", self.dtype)
     for layer, cache in zip(self.backbone.layers, caches, strict=True):
-      residual, cache = layer.step(residual, cache, self.dtype)
+      block, state = programs(layer)
+      residual, cache = block(state, residual, cache)
       new.append(cache)
     return self._head(residual), tuple(new)

@@ -25,7 +25,7 @@ def _run(script: str, *args) -> str:
   return proc.stdout
 
 
-@pytest.mark.parametrize("layers", ["scan", "unroll"])
+@pytest.mark.parametrize("layers", ["scan", "unroll", "generate"])
 def test_lower_time_tiny(layers):
   stdout = _run("lower_time.py", layers, "--tiny", "--length", 64)
   assert f"mamba-1.4b 64 {layers}: trace" in stdout and "MB of StableHLO" in stdout

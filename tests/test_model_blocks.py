@@ -1,0 +1,66 @@
+"""The blocks outside the layer scan (inlined forward, prefill, decode step): one trace per block structure and
+call, and the same results as the layer scan and the full forward."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from mamba_jax import MambaConfig, MambaLM
+from mamba_jax.mamba1 import Mamba1Mixer
+from mamba_jax.mamba2 import Mamba2Mixer
+from tests.conftest import rel_err
+
+MIXERS = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer}
+
+
+def _count_traces(monkeypatch, cls, method):
+  """Counts calls of cls.method: under jit, one per trace of a block."""
+  calls = []
+  original = getattr(cls, method)
+
+  def counted(self, *args, **kwargs):
+    calls.append(method)
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(cls, method, counted)
+  return calls
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_inlined_forward_traces_each_block_structure_once_per_call(monkeypatch, arch):
+  model = MambaLM(MambaConfig.tiny(arch, n_layer=4), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 100)
+  want = model(ids)  # the layer scan
+  model.scan_layers = False
+  calls = _count_traces(monkeypatch, MIXERS[arch], "__call__")
+  got = nnx.jit(lambda m, x: m(x))(model, ids)
+  assert len(calls) == 1  # 4 blocks of one structure: one trace
+  assert rel_err(got, want) < 1e-5
+  nnx.jit(lambda m, x: m(x))(model, ids)  # a new jit traces the blocks again: nothing cached across calls
+  assert len(calls) == 2
+
+
+def test_inlined_forward_traces_each_distinct_block_structure(monkeypatch):
+  model = MambaLM(MambaConfig.tiny("mamba1", n_layer=3), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.PRNGKey(1), (1, 16), 0, 100)
+  want = model(ids)
+  model.scan_layers = False
+  model.backbone.layers[1].mixer.split_in_proj = True  # another structure: its own program
+  calls = _count_traces(monkeypatch, Mamba1Mixer, "__call__")
+  got = nnx.jit(lambda m, x: m(x))(model, ids)
+  assert len(calls) == 2
+  assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_prefill_and_step_trace_each_block_structure_once(monkeypatch, arch):
+  model = MambaLM(MambaConfig.tiny(arch, n_layer=3), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, 100)
+  full = model(ids)
+  prefills = _count_traces(monkeypatch, MIXERS[arch], "__call__")
+  steps = _count_traces(monkeypatch, MIXERS[arch], "step")
+  logits, cache = nnx.jit(lambda m, x: m.prefill(x))(model, ids[:, :8])
+  step_logits, _ = nnx.jit(lambda m, t, c: m.step(t, c))(model, ids[:, 8], cache)
+  assert (len(prefills), len(steps)) == (1, 1)
+  assert rel_err(jnp.concatenate([logits, step_logits[:, None]], axis=1), full) < 1e-5
