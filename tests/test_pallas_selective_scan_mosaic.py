@@ -347,3 +347,24 @@ def test_gradients_with_the_mosaic_vjp_kernels_match_triton_and_float64(name, po
     # so a few entries land one bf16 step (2^-8 relative) apart: on an H200, delta's 9.4e-4 in the "plain" case.
     assert rel_err(gm, gt) < (4e-3 if gm.dtype == jnp.bfloat16 else 1e-4), k
     assert rel_err(gm, np.asarray(gr)) < tol, k
+
+
+@pytest.mark.parametrize("jax_api", ["0.10", "0.11"])
+def test_mosaic_load_passes_an_index_only_where_plgpu_load_requires_one(monkeypatch, jax_api):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  from mamba_jax.ops import _mosaic_gpu
+
+  calls = []
+  if jax_api == "0.10":  # idx required: an empty index for the whole ref
+
+    def fake_load(src, idx, *, layout=None, optimized=True):
+      calls.append((src, idx, layout, optimized))
+  else:  # idx optional and deprecated: the ref alone
+
+    def fake_load(src, idx=_mosaic_gpu.inspect.Parameter, *, layout=None, optimized=True):
+      calls.append((src, "no index" if idx is _mosaic_gpu.inspect.Parameter else idx, layout, optimized))
+
+  monkeypatch.setattr(plgpu, "load", fake_load)
+  _mosaic_gpu.load("ref", "layout", optimized=False)
+  assert calls == [("ref", () if jax_api == "0.10" else "no index", "layout", False)]

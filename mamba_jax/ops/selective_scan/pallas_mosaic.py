@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mamba_jax.ops._dt import softplus_from_exp2
+from mamba_jax.ops._mosaic_gpu import load as mosaic_load
 
 E_BLOCK = 128  # channels per program with one channel per thread of the warpgroup (`channels_per_thread` 1)
 _LOG2E = 1.4426950408889634
@@ -61,7 +62,7 @@ def _row_layout(E):
 
 def _load_row(ref):
   """An (e,) row of a shared- or global-memory ref into registers (`_row_layout`)."""
-  return plgpu.load(ref, (), layout=_row_layout(ref.shape[-1]), optimized=False)
+  return mosaic_load(ref, _row_layout(ref.shape[-1]), optimized=False)
 
 
 def _log2(x):

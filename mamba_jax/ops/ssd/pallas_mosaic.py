@@ -36,7 +36,6 @@ compare them with the Triton kernels and float64 references.
 """
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mamba_jax.ops._kernel_refs import split_refs
+from mamba_jax.ops._mosaic_gpu import load as _load
 
 _WG = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # a (t,) vector along the rows of a (t, .) accumulator
@@ -52,14 +52,6 @@ _COL = plgpu.Layout.WGMMA.reduce(0)  # a (u,) vector along the columns
 # Every array's layout is given above, so the kernel is lowered with lane semantics (jax 0.10's default; 0.11's is
 # warpgroup semantics, whose layout inference found no solution for this kernel on the H200).
 _SEMANTICS = plgpu.LoweringSemantics.Lane
-
-
-def _load(ref, layout, **kw):
-  """ref[...] into registers in `layout` (jax 0.11 takes the ref alone; 0.10 also wants an empty index)."""
-  idx = inspect.signature(plgpu.load).parameters.get("idx")
-  if idx is not None and idx.default is inspect.Parameter.empty:
-    return plgpu.load(ref, (), layout=layout, **kw)
-  return plgpu.load(ref, layout=layout, **kw)
 
 
 def _tile(shape, dtype):
