@@ -21,6 +21,10 @@ def _stack(states):
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
+def _traced(x: jax.Array) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
 class _BlockPrograms:
   """The blocks of one forward, prefill or decode step as one jitted pure function per block structure, shared by
   every block of that structure: JAX traces and lowers a block once and XLA inlines the calls. Traced one by one,
@@ -28,23 +32,27 @@ class _BlockPrograms:
   and 1.1 s this way (benchmarks/lower_time.py); its `generate` (2048-token prompt) 23.2 s and 23.9 s, 0.5 s and 0.6 s.
 
   Made anew for every call, so that each trace reads the settings of its time (the kernels' module-level
-  configuration, a block attribute changed in between), as tracing the blocks one by one did.
+  configuration, a block attribute changed in between), as tracing the blocks one by one did. Outside a trace
+  (`traced` false: an eager call, e.g. a decode loop in Python) the blocks run op by op as before: a program made
+  anew would compile on every call.
 
   name: "forward" ((residual, previous output), (state,)) -> ((residual, output), None), as in the layer scan;
     "prefill" (state, residual) -> (residual, cache); "step" (state, residual, cache) -> (residual, cache).
+  traced: whether the call is being traced (its residual stream is a `jax.core.Tracer`).
   """
 
-  def __init__(self, name: str, compute_dtype, remat: bool = False):
+  def __init__(self, name: str, compute_dtype, remat: bool = False, *, traced: bool):
     if name not in ("forward", "prefill", "step"):
       raise ValueError(f"unknown block program {name!r}")
-    self.name, self.compute_dtype, self.remat = name, compute_dtype, remat
+    self.name, self.compute_dtype, self.remat, self.traced = name, compute_dtype, remat, traced
     self._programs = {}
 
   def __call__(self, layer: "Block"):
     """The program for this block's structure and the block's state."""
     graphdef, state = nnx.split(layer)
     if graphdef not in self._programs:
-      self._programs[graphdef] = jax.jit(self._pure(graphdef))
+      pure = self._pure(graphdef)
+      self._programs[graphdef] = jax.jit(pure) if self.traced else pure
     return self._programs[graphdef], state
 
   def _pure(self, graphdef):
@@ -220,7 +228,7 @@ class MambaLM(nnx.Module):
           "stacked_layers is for the layer scan, which this model does not run (scan_layers=False, or blocks of "
           "different structure): pass stacked_layers=None"
         )
-      programs = _BlockPrograms("forward", self.dtype, self.remat)
+      programs = _BlockPrograms("forward", self.dtype, self.remat, traced=_traced(hidden))
       for layer in layers:
         block, state = programs(layer)
         (residual, hidden), _ = block((residual, hidden), (state,))
@@ -241,7 +249,7 @@ class MambaLM(nnx.Module):
     """Processes the prompt in parallel. Returns logits (b, l, v) and the cache after its last token."""
     residual = self._embed(input_ids)
     caches = []
-    programs = _BlockPrograms("prefill", self.dtype)
+    programs = _BlockPrograms("prefill", self.dtype, traced=_traced(residual))
     for layer in self.backbone.layers:
       block, state = programs(layer)
       residual, cache = block(state, residual)
@@ -255,7 +263,7 @@ class MambaLM(nnx.Module):
     """One token per sequence: token (b,) int -> logits (b, v) and the updated cache."""
     residual = self._embed(token)
     new = []
-    programs = _BlockPrograms("step", self.dtype)
+    programs = _BlockPrograms("step", self.dtype, traced=_traced(residual))
     for layer, cache in zip(self.backbone.layers, caches, strict=True):
       block, state = programs(layer)
       residual, cache = block(state, residual, cache)

@@ -64,3 +64,17 @@ def test_prefill_and_step_trace_each_block_structure_once(monkeypatch, arch):
   step_logits, _ = nnx.jit(lambda m, t, c: m.step(t, c))(model, ids[:, 8], cache)
   assert (len(prefills), len(steps)) == (1, 1)
   assert rel_err(jnp.concatenate([logits, step_logits[:, None]], axis=1), full) < 1e-5
+
+
+def test_eager_calls_run_the_blocks_directly(monkeypatch):
+  """Outside a trace nothing is jitted per call (a program made anew would compile on every decode step): each
+  block's mixer runs, op by op, once per block."""
+  model = MambaLM(MambaConfig.tiny("mamba2", n_layer=3), rngs=nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.PRNGKey(2), (1, 6), 0, 100)
+  full = model(ids)
+  calls = _count_traces(monkeypatch, Mamba2Mixer, "__call__")
+  steps = _count_traces(monkeypatch, Mamba2Mixer, "step")
+  logits, cache = model.prefill(ids[:, :5])
+  step_logits, _ = model.step(ids[:, 5], cache)
+  assert (len(calls), len(steps)) == (3, 3)
+  assert rel_err(jnp.concatenate([logits, step_logits[:, None]], axis=1), full) < 1e-5
