@@ -1,4 +1,4 @@
-"""How long JAX takes to trace and lower (for CUDA, on any machine) mamba-1.4b's SPSA pair at 8K: the layer scan
+"""How long JAX takes to trace and lower (for CUDA, on any machine) mamba-1.4b's SPSA step at 8K: the layer scan
 against inlined blocks (`--layers unroll`), with the selective scan's Mosaic GPU kernels as on Hopper; or
 `mamba_jax.generate` (prefill of --length tokens, then 64 decode steps), whose blocks are always inlined.
 
@@ -20,11 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.bench_calibrate import model_config
-from calibrate.objective import token_nll
+from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaLM
 from mamba_jax.generate import _generate
 from mamba_jax.ops.selective_scan import pallas_triton
-from mamba_jax.scales import attach_scales
+from mamba_jax.scales import CalibrationScale, attach_scales
 
 
 def main():
@@ -33,6 +33,7 @@ def main():
   ap.add_argument("--model", default="mamba-1.4b")
   ap.add_argument("--length", type=int, default=8192)
   ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run)")
+  ap.add_argument("--dump", help="write the StableHLO text to this file")
   a = ap.parse_args()
   cfg = model_config(a.model, a.tiny)
   model = nnx.eval_shape(lambda: MambaLM(cfg, param_dtype=jnp.bfloat16, scan_impl="pallas", rngs=nnx.Rngs(0)))
@@ -40,10 +41,16 @@ def main():
   model.scan_layers = a.layers == "scan"
   graphdef, state = nnx.split(model)
   ids = jax.ShapeDtypeStruct((1, a.length), jnp.int32)
-
-  def pair(state, ids):  # the two perturbed points as one vmapped forward, as calibrate.spsa runs them
-    both = jax.tree.map(lambda v: jnp.stack([v, v]), state)
-    return jax.vmap(lambda s: token_nll(nnx.merge(graphdef, s), ids))(both)
+  # The SPSA step as `python -m calibrate` and bench_calibrate.py run it: the pair vmapped over the scales alone,
+  # the frozen block weights stacked once outside it (abstract here).
+  cal_graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  stacked = None
+  if model.uses_layer_scan:
+    per_layer = [nnx.state(layer, nnx.Param) for layer in model.backbone.layers]
+    stacked = jax.tree.map(lambda *v: jax.ShapeDtypeStruct((len(v), *v[0].shape), v[0].dtype), *per_layer)
+  spsa = SPSA(cal_graphdef, make_optimizer("sgd", make_schedule("cosine", 1e-3)), SPSAConfig(), batch_size=1)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  opt_state = jax.eval_shape(spsa.init, scales)
 
   # The tiny shapes are too small for the Mosaic GPU kernels (128 channels per program): Triton's there.
   mosaic = {} if a.tiny else dict(fwd_lowering="mosaic", vjp_fwd_lowering="mosaic", adjoint_lowering="mosaic")
@@ -54,10 +61,13 @@ def main():
     if a.layers == "generate":
       traced = _generate.trace(graphdef, state, ids, key, **gen)
     else:
-      traced = jax.jit(pair).trace(state, ids)
+      traced = spsa.step.trace(scales, opt_state, step, rest, ids, stacked)
     t1 = time.perf_counter()
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     t2 = time.perf_counter()
+  if a.dump:
+    with open(a.dump, "w") as f:
+      f.write(text)
   print(
     f"{a.model} {a.length} {a.layers}: trace {t1 - t0:.1f} s, lower {t2 - t1:.1f} s, "
     f"{len(text) / 1e6:.1f} MB of StableHLO"

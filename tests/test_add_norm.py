@@ -102,11 +102,12 @@ def _tiny_lm(remat: bool):
   return model, jnp.zeros((1, 64), jnp.int32)
 
 
-def test_model_forward_lowers_one_add_norm_kernel_per_block_and_one_final():
-  """On CUDA the layer scan's body holds one add + norm kernel (every block's) and the final norm another; with
-  remat the blocks keep XLA's add and norm (their checkpoint saves the sum alone), only the final one is the
-  kernel (CI has no GPU: the CUDA lowering runs on the CPU)."""
-  for remat, want in ((False, 2), (True, 1)):
+def test_model_forward_lowers_one_add_norm_kernel_per_block_copy_and_one_final():
+  """On CUDA the first block (run before the layer scan) holds one add + norm kernel, the layer scan's body another
+  (every other block's) and the final norm a third; with remat the blocks keep XLA's add and norm (their
+  checkpoint saves the sum alone), only the final one is the kernel (CI has no GPU: the CUDA lowering runs on the
+  CPU)."""
+  for remat, want in ((False, 3), (True, 1)):
     model, ids = _tiny_lm(remat)
     graphdef, state = nnx.split(model)
     calls = kernel_calls(lambda s, i, g=graphdef: nnx.merge(g, s)(i), state, ids)["triton"]

@@ -78,3 +78,41 @@ def test_eager_calls_run_the_blocks_directly(monkeypatch):
   step_logits, _ = model.step(ids[:, 5], cache)
   assert (len(calls), len(steps)) == (3, 3)
   assert rel_err(jnp.concatenate([logits, step_logits[:, None]], axis=1), full) < 1e-5
+
+
+def _dots_outside_loops(jaxpr, found):
+  """(lhs shape, rhs shape) of every dot_general of a jaxpr and its sub-jaxprs, scan bodies left out."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(tuple(v.aval.shape) for v in eqn.invars))
+    if eqn.primitive.name in ("scan", "while"):
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, "jaxpr"):  # ClosedJaxpr
+          sub = sub.jaxpr
+        if hasattr(sub, "eqns"):
+          _dots_outside_loops(sub, found)
+  return found
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["stacked per call", "stacked once"])
+def test_first_block_runs_unbatched_under_the_vmapped_pair(stacked):
+  """The layer scan's first block runs before the loop, so under a vmap over the scales alone (the SPSA pair)
+  its in_proj reads one unbatched (1, l, d) input: inside the loop the carry is batched from the start."""
+  from calibrate.objective import frozen_layers, token_nll  # noqa: PLC0415
+  from mamba_jax.scales import CalibrationScale, attach_scales  # noqa: PLC0415
+
+  cfg = MambaConfig.tiny("mamba1", n_layer=3)
+  model = MambaLM(cfg, rngs=nnx.Rngs(0))
+  attach_scales(model, "A", "linear", "layer")
+  graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
+  layers = frozen_layers(model) if stacked else None
+  ids = jnp.zeros((1, 16), jnp.int32)
+  both = jax.tree.map(lambda s: jnp.stack([s, 2 * s]), scales)
+  pair = jax.vmap(lambda s: token_nll(nnx.merge(graphdef, s, rest), ids, 8, layers))
+  dots = _dots_outside_loops(jax.make_jaxpr(pair)(both).jaxpr, [])
+  in_proj = [lhs for lhs, rhs in dots if rhs == (cfg.d_model, 2 * cfg.d_inner)]
+  assert in_proj == [(1, 16, cfg.d_model)], dots
+  nll = pair(both)  # and the two points still differ: the scales act in every block
+  assert float(nll[0, 0]) != pytest.approx(float(nll[1, 0]), rel=1e-6)
