@@ -470,3 +470,19 @@ def test_split_in_proj_gives_the_same_logits_and_scale_gradients(bias, monkeypat
   assert abs(float(value_s) - float(value)) <= 1e-6 * abs(float(value))
   for a, b in zip(jax.tree.leaves(grad_s), jax.tree.leaves(grad), strict=True):
     assert rel_err(a, b) < 1e-5
+
+
+def test_vmapped_over_A_alone_equals_each_point():
+  """The SPSA pair's first block: the kernels vmapped over A only (two scaled copies), with one unbatched u,
+  delta, B, C, z; and the gradient of the pair's sum w.r.t. both A against each point's."""
+  inp, kw = _case("all")
+  inp["initial_state"] = None
+  As = jnp.stack([inp["A"], 0.5 * inp["A"]])
+  f = lambda A: _pallas(**{**inp, "A": A}, **kw)[0]  # noqa: E731
+  loss = lambda A: jnp.sum(jnp.sin(f(A)))  # noqa: E731
+  both = jax.jit(jax.vmap(f))(As)
+  grads = jax.jit(jax.vmap(jax.grad(loss)))(As)
+  for i in range(2):
+    np.testing.assert_allclose(np.asarray(both[i]), np.asarray(jax.jit(f)(As[i])), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(jax.jit(jax.grad(loss))(As[i])), rtol=1e-5, atol=1e-5)
+  assert rel_err(both[0], both[1]) > 1e-2  # the scale acts

@@ -368,3 +368,15 @@ def test_mosaic_load_passes_an_index_only_where_plgpu_load_requires_one(monkeypa
   monkeypatch.setattr(plgpu, "load", fake_load)
   _mosaic_gpu.load("ref", "layout", optimized=False)
   assert calls == [("ref", () if jax_api == "0.10" else "no index", "layout", False)]
+
+
+@_GPU
+def test_vmapped_over_A_alone_equals_each_point():
+  """The SPSA pair's first block: vmapped over A only (two scaled copies), with one unbatched u, delta, B, C, z."""
+  inp = _inputs(l=512, drop=("initial_state",))
+  As = jnp.stack([inp["A"], 0.5 * inp["A"]])
+  f = lambda A: pt.selective_scan_pallas(**{**inp, "A": A}, delta_softplus=True, config=CFG)  # noqa: E731
+  both = jax.jit(jax.vmap(f))(As)
+  for i in range(2):
+    np.testing.assert_array_equal(np.asarray(both[i], np.float32), np.asarray(jax.jit(f)(As[i]), np.float32))
+  assert rel_err(both[0], both[1]) > 1e-2  # the scale acts
