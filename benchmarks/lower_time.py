@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.bench_calibrate import model_config
+from calibrate.objective import frozen_layers
 from calibrate.spsa import SPSA, SPSAConfig, make_optimizer, make_schedule
 from mamba_jax import MambaLM
 from mamba_jax.generate import _generate
@@ -44,10 +45,7 @@ def main():
   # The SPSA step as `python -m calibrate` and bench_calibrate.py run it: the pair vmapped over the scales alone,
   # the frozen block weights stacked once outside it (abstract here).
   cal_graphdef, scales, rest = nnx.split(model, CalibrationScale, ...)
-  stacked = None
-  if model.uses_layer_scan:
-    per_layer = [nnx.state(layer, nnx.Param) for layer in model.backbone.layers]
-    stacked = jax.tree.map(lambda *v: jax.ShapeDtypeStruct((len(v), *v[0].shape), v[0].dtype), *per_layer)
+  stacked = nnx.eval_shape(frozen_layers, model)
   spsa = SPSA(cal_graphdef, make_optimizer("sgd", make_schedule("cosine", 1e-3)), SPSAConfig(), batch_size=1)
   step = jax.ShapeDtypeStruct((), jnp.int32)
   opt_state = jax.eval_shape(spsa.init, scales)
