@@ -418,7 +418,7 @@ def test_model_remat_runs_segment_states_once_per_layer():
   assert S > 1
   with pt.default_config_overrides(fwd_lowering="triton"):  # the same kernels on any machine (Mosaic GPU: see
     results = live_kernel_call_results(jax.grad(loss), scales, ids)  # test_pallas_selective_scan_mosaic.py)
-  pass1 = [f"tensor<1x{S}x{cfg.d_state}x{e}xf32>", f"tensor<1x{S}x{e}xf32>"]
+  pass1 = [f"tensor<1x{S - 1}x{cfg.d_state}x{e}xf32>", f"tensor<1x{S - 1}x{e}xf32>"]  # all segments but the last
   assert sum(result_types(r) == pass1 for r in results) == cfg.n_layer, results
 
 

@@ -11,7 +11,8 @@ is computed, so each step reads its rows and its 2n broadcast scalars from share
 loads close to their use (the Triton kernels' top stall, scans.md round 7). y leaves through a double-buffered
 (t, 128) tile by TMA.
 
-  * `segment_states`: pass 1, each segment's end state from zero (b, s, n, e) and its sum of delta (b, s, e).
+  * `segment_states`: pass 1, each segment's end state from zero (b, s - 1, n, e) and its sum of delta
+    (b, s - 1, e), for all segments but the last (nothing reads its end state from zero).
   * `segment_adjoints`: the backward's pass 1, each segment's adjoint carry from a zero adjoint at its end
     (b, s, n, e), the chunks walked last first.
   * `fwd_main`: pass 2, chains the end states of the segments before its own, walks its segment from the true
@@ -144,10 +145,10 @@ def _kernel(*refs, meta, T, stages, write_y, save, E, poly, has_h0):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1 copies
     the first n columns: B alone (b, l, n), or B from these rows), [D (e,)], [z (b, l, width)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` [h0 (b, n, e)] and, with several segments, h_loc (b, s, n, e) and dsum
-    (b, s, e) from pass 1.
+    [delta_bias (e,)], and when `write_y` [h0 (b, n, e)] and, with several segments, h_loc (b, s - 1, n, e) and dsum
+    (b, s - 1, e) from pass 1.
   out: `write_y`: y (b, l, e), h_last (b, n, e), [h_sub (b, l / K, n, e) with `save`, K = `meta.unroll_bwd`
-    dividing T]; else h_out (b, s, n, e), dsum (b, s, e).
+    dividing T]; else h_out (b, s - 1, n, e), dsum (b, s - 1, e).
   scratch: the u, delta, [z] and BC rings, the out tiles, the ring's barriers."""
   refs = list(refs)
   take = lambda cond=True: refs.pop(0) if cond else None  # noqa: E731
@@ -307,7 +308,9 @@ def _chunk(seg_len, want, multiple=1):
   return multiple
 
 
-def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0, has_h0=True):
+def _call(
+  meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0, has_h0=True, segments=None
+):
   b, lp, e = ins[0].shape
   E = E_BLOCK * cpt
   ring = lambda width, dt: plgpu.SMEM((stages, T, width), dt)  # noqa: E731
@@ -323,7 +326,7 @@ def _call(meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, 
     ),
     out_type=out_type,
     scratch_types=scratch,
-    grid=(e // E, meta.S, b),
+    grid=(e // E, meta.S if segments is None else segments, b),
     grid_names=("e", "s", "b"),
     compiler_params=plgpu.CompilerParams(**_PARAMS),
   )
@@ -336,7 +339,8 @@ def bc_rows(B, C):
 
 
 def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, poly=0):
-  """Pass 1 from the padded inputs: (h_out (b, s, n, e), dsum (b, s, e)) float32, as `pallas_triton`'s.
+  """Pass 1 from the padded inputs: (h_out (b, s - 1, n, e), dsum (b, s - 1, e)) float32 for every segment but
+  the last, as `pallas_triton`'s.
   A2 = A^T log2(e) (n, e) float32; B (b, l, n), or `bc_rows` (b, l, 2n), of which it copies the first n columns;
   T steps per copy, `stages` buffers, `cpt` channels per thread; the decays of the last `poly` of the n states on
   the FMA units (`exp2_fma`)."""
@@ -345,8 +349,10 @@ def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, 
   T = _chunk(meta.seg_len, T)
   ins = [u, delta, A2, B.astype(jnp.float32)] + ([delta_bias] if meta.has_bias else [])
   f32 = jnp.float32
-  out = [jax.ShapeDtypeStruct((b, meta.S, n, e), f32), jax.ShapeDtypeStruct((b, meta.S, e), f32)]
-  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, _stages(stages, meta.seg_len // T), cpt, poly=poly))
+  S1 = meta.S - 1
+  out = [jax.ShapeDtypeStruct((b, S1, n, e), f32), jax.ShapeDtypeStruct((b, S1, e), f32)]
+  stages = _stages(stages, meta.seg_len // T)
+  return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, stages, cpt, poly=poly, segments=S1))
 
 
 def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False, poly=0):

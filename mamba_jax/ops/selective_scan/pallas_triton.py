@@ -16,7 +16,9 @@ Design:
     (benchmarks/results/scans.md): the (e, n) layout spread n over 16 lanes and repeated the per-channel work
     16 times, which was most of the forward's instructions.
   * Parallelism beyond b * e / e_blk programs comes from cutting the sequence into segments: pass 1 computes
-    each segment's end state from a zero start (and the segment's sum of delta); pass 2 first chains the end
+    each segment's end state from a zero start (and the segment's sum of delta), for all but the last segment,
+    whose end state from zero nothing reads (its sum of delta, which the backward needs, is one XLA reduction
+    there; round 25: 1 / s of pass 1's work, s = 32 at 8K tokens and batch 2); pass 2 first chains the end
     states of the segments before its own (decay exp(A * sum delta), a few steps of (n, e-block) work), then
     recomputes its segment from the true incoming state and writes y with D and the z gate fused. Two launches
     and no XLA scan between them (an XLA while loop over the segments cost ~25 us per segment, ~0.8 ms).
@@ -396,8 +398,8 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
     n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
     [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
-    with several segments, h_loc (s, n, e) the segments' end states from zero and dsum (s, e) their sums of
-    delta (pass 1's outputs), chained here up to this segment.
+    with several segments, h_loc (s - 1, n, e) the end states from zero and dsum (s - 1, e) the sums of
+    delta of all segments but the last (pass 1's outputs), chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
     state (from zero when not `write_y`); [h_sub (L_s / K, n, e) float32 the state before every K-th step,
     (L_s / K, e, n) without `bwd_rows`] when `save`.
@@ -682,15 +684,16 @@ def _specs(meta, eb, b, lp, e, n):
     ne=lambda: pl.BlockSpec((n, eb), lambda ei, si, bi: (0, ei)),
     b_ne=lambda: pl.BlockSpec((_SQ, n, eb), lambda ei, si, bi: (bi, 0, ei)),
     seg_ne=lambda: pl.BlockSpec((_SQ, _SQ, n, eb), lambda ei, si, bi: (bi, si, 0, ei)),
-    all_ne=lambda: pl.BlockSpec((_SQ, meta.S, n, eb), lambda ei, si, bi: (bi, 0, 0, ei)),
-    all_e=lambda: pl.BlockSpec((_SQ, meta.S, eb), lambda ei, si, bi: (bi, 0, ei)),
+    all_ne=lambda: pl.BlockSpec((_SQ, meta.S - 1, n, eb), lambda ei, si, bi: (bi, 0, 0, ei)),  # pass 1's
+    all_e=lambda: pl.BlockSpec((_SQ, meta.S - 1, eb), lambda ei, si, bi: (bi, 0, ei)),
     sub_en=lambda: pl.BlockSpec((_SQ, Ls // K, eb, n), lambda ei, si, bi: (bi, si, ei, 0)),
     sub_ne=lambda: pl.BlockSpec((_SQ, Ls // K, n, eb), lambda ei, si, bi: (bi, si, 0, ei)),
   )
 
 
-def _call(kernel, meta, eb, num_warps, ins, outs, name, **kw):
-  """ins / outs: lists of (ref name, spec kind, array or ShapeDtypeStruct)."""
+def _call(kernel, meta, eb, num_warps, ins, outs, name, segments=None, **kw):
+  """ins / outs: lists of (ref name, spec kind, array or ShapeDtypeStruct); programs for the first `segments`
+  segments (all when None)."""
   b, lp, e = ins[0][2].shape
   n = ins[3][2].shape[-1]  # B
   sp = _specs(meta, eb, b, lp, e, n)
@@ -698,7 +701,7 @@ def _call(kernel, meta, eb, num_warps, ins, outs, name, **kw):
   return pl.pallas_call(
     functools.partial(kernel, names=names, meta=meta, **kw),
     out_shape=[s for _, _, s in outs],
-    grid=(e // eb, meta.S, b),
+    grid=(e // eb, meta.S if segments is None else segments, b),
     in_specs=[sp[k]() for _, k, _ in ins],
     out_specs=[sp[k]() for _, k, _ in outs],
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=meta.num_stages),
@@ -716,9 +719,10 @@ def _sub_kind(meta):
 
 
 def _segment_states(meta, u, delta, A, B, C, delta_bias):
-  """Pass 1: each segment's end state from a zero start (b, s, n, e) and its sum of delta (b, s, e), float32;
-  None with one segment. The Mosaic GPU kernel reads B from pass 2's float32 [B | C] rows (`bc_rows`: XLA
-  computes the one conversion for both passes), the Triton kernel from B alone."""
+  """Pass 1: each segment's end state from a zero start (b, s - 1, n, e) and its sum of delta (b, s - 1, e),
+  float32, for every segment but the last (whose end state only pass 2 computes: the chains into later segments
+  are all that read these); None with one segment. The Mosaic GPU kernel reads B from pass 2's float32 [B | C]
+  rows (`bc_rows`: XLA computes the one conversion for both passes), the Triton kernel from B alone."""
   if meta.S == 1:
     return None
   b, lp, e = u.shape
@@ -730,10 +734,19 @@ def _segment_states(meta, u, delta, A, B, C, delta_bias):
     return pallas_mosaic.segment_states(meta, u, delta, A2, pallas_mosaic.bc_rows(B, C), delta_bias, **kw)
   ins = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
   ins += [("B", "seq_n", B.astype(f32))] + ([("bias", "vec_e", delta_bias)] if meta.has_bias else [])
-  outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S, n, e), f32))]
-  outs += [("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S, e), f32))]
-  name = SELECTIVE_SCAN_SEGMENT_STATES
-  return tuple(_call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, name, write_y=False, save=False))
+  outs = [("h_out", "seg_ne", jax.ShapeDtypeStruct((b, meta.S - 1, n, e), f32))]
+  outs += [("dsum", "seg_e", jax.ShapeDtypeStruct((b, meta.S - 1, e), f32))]
+  name, segs = SELECTIVE_SCAN_SEGMENT_STATES, meta.S - 1
+  return tuple(_call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, name, segs, write_y=False, save=False))
+
+
+def _last_segment_dsum(meta, delta, delta_bias):
+  """The last segment's sum of delta (b, e) float32, which pass 1 does not compute (the backward's chain of
+  adjoints over the segments needs every segment's): one XLA reduction of its true rows."""
+  x = delta[:, (meta.S - 1) * meta.seg_len : meta.l].astype(jnp.float32)
+  if meta.has_bias:
+    x = x + delta_bias.astype(jnp.float32)
+  return (jax.nn.softplus(x) if meta.softplus else x).sum(1)
 
 
 def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
@@ -786,7 +799,8 @@ def _core_fwd(meta, *args):
 
 def _core_bwd(meta, res, cts):
   (u, delta, A, B, C, D, z, delta_bias, h0, seg_states), h_sub = res
-  dsum = None if seg_states is None else seg_states[1]
+  if seg_states is not None:  # (b, s, e): pass 1's s - 1 and the last segment's
+    dsum = jnp.concatenate([seg_states[1], _last_segment_dsum(meta, delta, delta_bias)[:, None]], axis=1)
   dy, dh_last = cts
   b, lp, e = u.shape
   n = A.shape[-1]
