@@ -57,12 +57,23 @@ def _is_kernel(line: str) -> bool:
   return any(mark in line for mark in _CALL_MARKS.values())
 
 
+def kernel_call_lines(fn, *args) -> dict[str, list[str]]:
+  """{"triton": [...], "mosaic": [...]}: the line of every Triton and every Mosaic GPU call in jit(fn)'s CUDA
+  lowering at `args` (shapes), each in program order (operand types before `->`, result types after)."""
+  lines = _cuda_lowering(fn, *args).splitlines()
+  return {kind: [ln for ln in lines if mark in ln] for kind, mark in _CALL_MARKS.items()}
+
+
+def operand_types(line: str) -> list[str]:
+  """The operand tensor types of one `kernel_call_lines` line."""
+  return re.findall(r"tensor<[^>]*>", line.rsplit("-> ", 1)[0].rsplit(" : ", 1)[-1])
+
+
 def kernel_calls(fn, *args) -> dict[str, list[str]]:
   """{"triton": [...], "mosaic": [...]}: the result types of every Triton and every Mosaic GPU call in jit(fn)'s
   CUDA lowering at `args` (shapes), each in program order, as written after `->` in the lowered text:
   "tensor<...>" for one result, "(tensor<...>, ...)" for several."""
-  lines = _cuda_lowering(fn, *args).splitlines()
-  return {kind: [_result_types_text(ln) for ln in lines if mark in ln] for kind, mark in _CALL_MARKS.items()}
+  return {k: [_result_types_text(ln) for ln in v] for k, v in kernel_call_lines(fn, *args).items()}
 
 
 def triton_call_results(fn, *args) -> list[str]:

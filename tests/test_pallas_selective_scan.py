@@ -15,8 +15,10 @@ from mamba_jax.ops.selective_scan.reference import selective_scan_reference
 from mamba_jax.scales import CalibrationScale, attach_scales
 from tests.conftest import (
   float64,
+  kernel_call_lines,
   live_kernel_call_results,
   live_triton_call_results,
+  operand_types,
   rel_err,
   result_types,
   triton_call_results,
@@ -486,3 +488,75 @@ def test_vmapped_over_A_alone_equals_each_point():
     np.testing.assert_allclose(np.asarray(both[i]), np.asarray(jax.jit(f)(As[i])), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(jax.jit(jax.grad(loss))(As[i])), rtol=1e-5, atol=1e-5)
   assert rel_err(both[0], both[1]) > 1e-2  # the scale acts
+
+
+def test_chain_states_xla_equals_a_float64_loop():
+  """`chain_states_xla`: h_in[0] = h0 (or zeros), h_in[s + 1] = 2^(dsum_s A2) h_in[s] + h_loc_s, against a plain
+  float64 loop over the segments."""
+  rng = np.random.default_rng(0)
+  b, S, n, e = 2, 5, 4, 8
+  h_loc = rng.normal(size=(b, S - 1, n, e)).astype(np.float32)
+  dsum = rng.uniform(0, 2, size=(b, S - 1, e)).astype(np.float32)
+  A2 = -rng.uniform(0.1, 1.5, size=(n, e)).astype(np.float32)
+  h0 = rng.normal(size=(b, n, e)).astype(np.float32)
+  for start in (h0, None):
+    got = np.asarray(pt.chain_states_xla(jnp.asarray(h_loc), jnp.asarray(dsum), jnp.asarray(A2), start))
+    want = np.zeros((b, S, n, e))
+    want[:, 0] = 0.0 if start is None else start
+    for s in range(S - 1):
+      want[:, s + 1] = np.exp2(dsum[:, s, None, :].astype(np.float64) * A2) * want[:, s] + h_loc[:, s]
+    assert got.shape == (b, S, n, e) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["all", "segments"])
+def test_segment_chain_in_xla_matches_the_reference_and_the_inline_chain(name):
+  """`segment_chain="xla"`: every segment's incoming state from one XLA scan, pass 2 reading its own. Outputs and
+  gradients (the state-storing forward under `jax.vjp` takes the same path) against the float64 reference, and
+  equal to pass 2's own chaining to float32 rounding."""
+  inp, kw = _case(name, seed=6)
+  inp = {k: v for k, v in inp.items() if v is not None}
+  ct = jax.random.normal(jax.random.PRNGKey(8), inp["u"].shape)
+  cfg = dataclasses.replace(CFG, unroll=2, target_programs=32)  # 5 (45 steps, padded) or 8 (64) segments
+  assert pt._segments(inp["u"].shape[1], 2, 32, cfg)[1] >= 5
+  out, grads = _outputs_and_grads(dataclasses.replace(cfg, segment_chain="xla"), inp, kw, ct)
+  out_p, grads_p = _outputs_and_grads(cfg, inp, kw, ct)
+  names = list(inp)
+
+  def f(*arrays):
+    y, h = selective_scan_reference(**dict(zip(names, arrays, strict=True)), **kw)
+    return jnp.sum(y * np.float64(ct)) + jnp.sum(h), (y, h)
+
+  with float64():
+    (_, out_ref), grads_ref = jax.value_and_grad(f, argnums=tuple(range(len(names))), has_aux=True)(
+      *_f64(list(inp.values()))
+    )
+  for a, p, r in zip(out, out_p, out_ref, strict=True):
+    assert rel_err(a, r) < 1e-5 and rel_err(a, p) < 1e-6
+  for k, a, p, r in zip(names, grads, grads_p, grads_ref, strict=True):
+    assert rel_err(a, r) < 5e-5 and rel_err(a, p) < 1e-6, (k, rel_err(a, r), rel_err(a, p))
+
+
+def test_segment_chain_xla_lowers_with_one_state_input_per_segment():
+  """With `segment_chain="xla"` the Triton pass 2 lowers for CUDA and takes one (n, e) incoming state per program
+  from the chained (b, s, n, e) array instead of pass 1's outputs (no GPU needed)."""
+  b, l, e, n = 1, 4096, 4096, 16
+  S = jax.ShapeDtypeStruct
+  args = (S((b, l, e), jnp.bfloat16), S((b, l, e), jnp.float32), S((e, n), jnp.float32))
+  args += (S((b, l, n), jnp.bfloat16), S((b, l, n), jnp.bfloat16))
+  segs = pt._segments(l, b, e, pt.DEFAULT_CONFIG)[1]
+  for chain in ("pass2", "xla"):
+    cfg = dataclasses.replace(pt.DEFAULT_CONFIG, fwd_lowering="triton", segment_chain=chain)
+    calls = kernel_call_lines(lambda *a, cfg=cfg: pt.selective_scan_pallas(*a, config=cfg), *args)["triton"]
+    assert len(calls) == 2, calls  # pass 1, pass 2
+    ins = operand_types(calls[1])
+    assert (f"tensor<{b}x{segs}x{n}x{e}xf32>" in ins) == (chain == "xla"), ins
+    assert (f"tensor<{b}x{segs - 1}x{n}x{e}xf32>" in ins) == (chain == "pass2"), ins
+
+
+def test_segment_chain_refuses_unknown_values_and_mosaic_in_the_interpreter():
+  inp, kw = _case("segments")
+  with pytest.raises(ValueError, match="segment_chain must be 'pass2', 'xla' or 'mosaic'"):
+    _pallas(dataclasses.replace(CFG, segment_chain="triton"), **inp, **kw)
+  with pytest.raises(ValueError, match="segment_chain='mosaic' needs .* Use 'xla' or 'pass2'"):
+    pt.selective_scan_pallas(**inp, **kw, interpret=True, config=dataclasses.replace(CFG, segment_chain="mosaic"))

@@ -13,7 +13,7 @@ import pytest
 
 from mamba_jax.ops.selective_scan import pallas_triton as pt
 from mamba_jax.ops.selective_scan.reference import selective_scan_reference
-from tests.conftest import float64, kernel_calls, rel_err, result_types
+from tests.conftest import float64, kernel_call_lines, kernel_calls, operand_types, rel_err, result_types
 
 # Few programs, so that a few hundred tokens span several segments; 128 channels per Mosaic GPU program.
 CFG = pt.SelectiveScanConfig(target_programs=8, fwd_lowering="mosaic")
@@ -380,3 +380,72 @@ def test_vmapped_over_A_alone_equals_each_point():
   for i in range(2):
     np.testing.assert_array_equal(np.asarray(both[i], np.float32), np.asarray(jax.jit(f)(As[i]), np.float32))
   assert rel_err(both[0], both[1]) > 1e-2  # the scale acts
+
+
+@pytest.mark.parametrize("vjp", ["triton", "mosaic"])
+def test_segment_chain_kernel_lowers_between_the_passes(vjp):
+  """`segment_chain="mosaic"`: one more Mosaic GPU launch between the passes, whose (b, s, n, e) incoming states
+  pass 2 takes instead of pass 1's (b, s - 1, ...) outputs; the same under `jax.vjp` with either state-storing
+  forward (lowered, no GPU needed)."""
+  inp = _inputs()
+  args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+  cfg = dataclasses.replace(CFG, segment_chain="mosaic", vjp_fwd_lowering=vjp, adjoint_lowering=vjp)
+  f = lambda *a: pt.selective_scan_pallas(*a, True, config=cfg)  # noqa: E731
+  b, l, e = inp["u"].shape
+  n = inp["A"].shape[1]
+  S = pt._segments(l, b, e, cfg)[1]
+  calls = kernel_call_lines(f, *args)["mosaic"]
+  assert len(calls) == 3, calls  # pass 1, the chain, pass 2
+  assert operand_types(calls[1])[:2] == [f"tensor<{b}x{S - 1}x{n}x{e}xf32>", f"tensor<{b}x{S - 1}x{e}xf32>"]
+  assert result_types(calls[1].rsplit("-> ", 1)[-1]) == [f"tensor<{b}x{S}x{n}x{e}xf32>"]
+  ins = operand_types(calls[2])
+  assert f"tensor<{b}x{S}x{n}x{e}xf32>" in ins and f"tensor<{b}x{S - 1}x{e}xf32>" not in ins, ins
+  grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+  grad_calls = kernel_call_lines(grad, *args)
+  assert len(grad_calls["mosaic"]) == (4 if vjp == "mosaic" else 2)  # pass 1, chain[, saving pass 2, adjoints]
+  saving = grad_calls["mosaic"][2] if vjp == "mosaic" else grad_calls["triton"][0]
+  assert f"tensor<{b}x{S}x{n}x{e}xf32>" in operand_types(saving)
+
+
+@_GPU
+@pytest.mark.parametrize("given", [False, True])
+def test_chain_kernel_equals_the_xla_chain(given):
+  rng = np.random.default_rng(3)
+  b, S, n, e = 2, 9, 16, 256
+  h_loc = jnp.asarray(rng.normal(size=(b, S - 1, n, e)), jnp.float32)
+  dsum = jnp.asarray(rng.uniform(0, 3, size=(b, S - 1, e)), jnp.float32)
+  A2 = jnp.asarray(-rng.uniform(0.1, 2.0, size=(n, e)), jnp.float32)
+  h0 = jnp.asarray(rng.normal(size=(b, n, e)), jnp.float32) if given else None
+  from mamba_jax.ops.selective_scan import pallas_mosaic  # noqa: PLC0415
+
+  for stages in (1, 3, 8):
+    got = jax.jit(functools.partial(pallas_mosaic.chain_states, stages=stages))(h_loc, dsum, A2, h0)
+    assert rel_err(got, pt.chain_states_xla(h_loc, dsum, A2, h0)) < 1e-5, stages
+
+
+@_GPU
+@pytest.mark.parametrize("chain", ["xla", "mosaic"])
+def test_segment_chain_outside_pass_2_matches_the_inline_chain(chain):
+  """Outputs and gradients (both Mosaic GPU vjp kernels) with the chain outside pass 2 equal pass 2's own
+  chaining to float32 rounding."""
+  inp = _inputs(seed=90)
+  names = [k for k, v in inp.items() if v is not None]
+  ct = jax.random.normal(jax.random.PRNGKey(4), inp["u"].shape, jnp.float32)
+
+  def run(segment_chain):
+    cfg = dataclasses.replace(CFG, vjp_fwd_lowering="mosaic", adjoint_lowering="mosaic", segment_chain=segment_chain)
+
+    def loss(*arrays):
+      y, h = pt.selective_scan_pallas(**dict(zip(names, arrays, strict=True)), delta_softplus=True,
+                                      return_last_state=True, config=cfg)  # fmt: skip
+      return jnp.sum(y.astype(ct.dtype) * ct) + jnp.sum(h), (y, h)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+    (_, out), grads = f(*[inp[k] for k in names])
+    return out, grads
+
+  (y, h), g = run(chain)
+  (y_p, h_p), g_p = run("pass2")
+  assert rel_err(h, h_p) < 1e-5 and rel_err(y, y_p) < 1e-2  # y in bf16
+  for k, a, p in zip(names, g, g_p, strict=True):
+    assert rel_err(a, p) < (4e-3 if a.dtype == jnp.bfloat16 else 1e-4), k

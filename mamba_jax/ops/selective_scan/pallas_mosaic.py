@@ -15,10 +15,13 @@ loads close to their use (the Triton kernels' top stall, scans.md round 7). y le
     (b, s - 1, e), for all segments but the last (nothing reads its end state from zero).
   * `segment_adjoints`: the backward's pass 1, each segment's adjoint carry from a zero adjoint at its end
     (b, s, n, e), the chunks walked last first.
-  * `fwd_main`: pass 2, chains the end states of the segments before its own, walks its segment from the true
-    incoming state and writes y (with D u and the z gate) and the last segment's end state (b, n, e); with
-    `save` (the forward under `jax.vjp`) also the state before every K-th step (b, l / K, n, e), the rows
-    backward's (`pallas_triton._bwd_rows_kernel`) input, stored from registers.
+  * `chain_states` (with `SelectiveScanConfig.segment_chain="mosaic"`): every segment's incoming state from pass
+    1's outputs, in one small launch between the passes (b, s, n, e).
+  * `fwd_main`: pass 2, chains the end states of the segments before its own (or reads its incoming state from
+    `chain_states`), walks its segment from the true incoming state and writes y (with D u and the z gate) and
+    the last segment's end state (b, n, e); with `save` (the forward under `jax.vjp`) also the state before every
+    K-th step (b, l / K, n, e), the rows backward's (`pallas_triton._bwd_rows_kernel`) input, stored from
+    registers.
 
 Each takes the padded inputs of `pallas_triton` and returns what its Triton counterpart returns (`_segment_states`,
 `_forward`, the rows backward's segment adjoints), to float32 rounding, so that the two lowerings mix: the Triton
@@ -141,12 +144,13 @@ def _start_ring(ins, bar, bi, e0, E, T, stages, K, chunk_start):
   return fetch
 
 
-def _kernel(*refs, meta, T, stages, write_y, save, E, poly, has_h0):
+def _kernel(*refs, meta, T, stages, write_y, save, E, poly, has_h0, has_hin):
   """One (channel block, segment, batch). Refs, in order:
   in: u, delta (b, l, e), A2 = A^T log2(e) (n, e) float32, BC (b, l, 2n) float32 (B_t then C_t; pass 1 copies
     the first n columns: B alone (b, l, n), or B from these rows), [D (e,)], [z (b, l, width)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` [h0 (b, n, e)] and, with several segments, h_loc (b, s - 1, n, e) and dsum
-    (b, s - 1, e) from pass 1.
+    [delta_bias (e,)], and when `write_y` either h_in (b, s, n, e), every segment's incoming state
+    (`chain_states`), or [h0 (b, n, e)] and, with several segments, h_loc (b, s - 1, n, e) and dsum (b, s - 1, e)
+    from pass 1, which each program chains up to its segment.
   out: `write_y`: y (b, l, e), h_last (b, n, e), [h_sub (b, l / K, n, e) with `save`, K = `meta.unroll_bwd`
     dividing T]; else h_out (b, s - 1, n, e), dsum (b, s - 1, e).
   scratch: the u, delta, [z] and BC rings, the out tiles, the ring's barriers."""
@@ -156,8 +160,10 @@ def _kernel(*refs, meta, T, stages, write_y, save, E, poly, has_h0):
   d_g = take(write_y and meta.has_d)
   z_g = take(write_y and meta.has_z)
   bias_g = take(meta.has_bias)
+  hin_g = take(write_y and has_hin)
   h0_g = take(write_y and has_h0)
-  hl_g, ds_g = take(write_y and meta.S > 1), take(write_y and meta.S > 1)
+  chain_here = write_y and meta.S > 1 and not has_hin
+  hl_g, ds_g = take(chain_here), take(chain_here)
   out0, out1 = take(), take()
   h_sub = take(save)
   u_s, dl_s = take(), take()
@@ -178,7 +184,9 @@ def _kernel(*refs, meta, T, stages, write_y, save, E, poly, has_h0):
   bias = _load_row(bias_g.at[cols]).astype(jnp.float32) if bias_g is not None else None
   Dv = _load_row(d_g.at[cols]).astype(jnp.float32) if d_g is not None else None
   zero = plgpu.layout_cast(jnp.zeros((E,), jnp.float32), _row_layout(E))  # a splat would change the carry's layout
-  if write_y:
+  if hin_g is not None:
+    h = tuple(_load_row(hin_g.at[bi, si, k, cols]) for k in range(n))
+  elif write_y:
     h = tuple(_load_row(h0_g.at[bi, k, cols]) for k in range(n)) if has_h0 else (zero,) * n
     if hl_g is not None:
 
@@ -299,6 +307,82 @@ def _adjoint_kernel(*refs, meta, T, stages, E, poly):
     out[bi, si, m, cols] = c[m]
 
 
+def _chain_kernel(*refs, stages, E, has_h0):
+  """One (channel block, batch): every segment's incoming state, h_in[0] = h0 (or zeros) and
+  h_in[s + 1] = exp2(dsum_s A2) h_in[s] + h_loc_s, one channel per thread with its n states in registers, as each
+  pass-2 program would chain them up to its own segment. Refs, in order:
+  in: h_loc (b, s - 1, n, e), dsum (b, s - 1, e), A2 (n, e), [h0 (b, n, e)], all float32.
+  out: h_in (b, s, n, e) float32.
+  scratch: the h_loc (stages, n, E) and dsum (stages, 1, E) rings, their barriers: segment k's rows arrive by TMA
+  `stages` segments ahead, so the loop waits on one copy's latency at its start only, not at every segment (the
+  chain's few exps and FMAs per segment are far shorter than a global load)."""
+  refs = list(refs)
+  take = lambda cond=True: refs.pop(0) if cond else None  # noqa: E731
+  hl_g, ds_g, a2_g = take(), take(), take()
+  h0_g = take(has_h0)
+  out = take()
+  hl_s, ds_s, bar = take(), take(), take()
+  assert not refs, refs
+  n = a2_g.shape[0]
+  K = hl_g.shape[1]  # s - 1 segments to chain over
+  ei, bi = lax.axis_index("e"), lax.axis_index("b")
+  e0 = pl.multiple_of(ei * E, E)
+  cols = pl.ds(e0, E)
+
+  def fetch(k, slot):
+    plgpu.copy_gmem_to_smem(hl_g.at[bi, k, :, cols], hl_s.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(ds_g.at[bi, pl.ds(k, 1), cols], ds_s.at[slot], bar.at[slot])
+
+  for k in range(min(stages, K)):
+    fetch(k, k)
+  A2 = [_load_row(a2_g.at[m, cols]) for m in range(n)]
+  zero = plgpu.layout_cast(jnp.zeros((E,), jnp.float32), _row_layout(E))
+  h = tuple(_load_row(h0_g.at[bi, m, cols]) for m in range(n)) if has_h0 else (zero,) * n
+  for m in range(n):
+    out[bi, 0, m, cols] = h[m]
+
+  def body(k, h):
+    slot = lax.rem(k, stages)
+    plgpu.barrier_wait(bar.at[slot])
+    ds = _load_row(ds_s.at[slot, 0])
+    h = tuple(jnp.exp2(ds * A2[m]) * h[m] + _load_row(hl_s.at[slot, m]) for m in range(n))
+    plgpu.commit_smem()  # every thread is done with this slot before the copy engine refills it
+
+    @pl.when(k + stages < K)
+    def _():
+      fetch(k + stages, slot)
+
+    for m in range(n):
+      out[bi, k + 1, m, cols] = h[m]
+    return h
+
+  lax.fori_loop(0, K, body, h)
+
+
+def chain_states(h_loc, dsum, A2, h0, *, stages=8, cpt=1):
+  """Every segment's incoming state (b, s, n, e) float32 from pass 1's outputs, h_loc (b, s - 1, n, e) and dsum
+  (b, s - 1, e), A2 = A^T log2(e) (n, e) and h0 (b, n, e) float32 or None (zeros): one small launch, so that no
+  pass-2 program repeats the chain of the segments before its own (`fwd_main(h_in=...)`). `stages` segments'
+  rows in flight; `cpt` channels per thread."""
+  b, K, n, e = h_loc.shape
+  E = E_BLOCK * cpt
+  stages = _stages(stages, K)
+  ins = [h_loc, dsum, A2] + ([] if h0 is None else [h0])
+  call = plgpu.kernel(
+    functools.partial(_chain_kernel, stages=stages, E=E, has_h0=h0 is not None),
+    out_type=jax.ShapeDtypeStruct((b, K + 1, n, e), jnp.float32),
+    scratch_types=[
+      plgpu.SMEM((stages, n, E), jnp.float32),
+      plgpu.SMEM((stages, 1, E), jnp.float32),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    ],
+    grid=(e // E, b),
+    grid_names=("e", "b"),
+    compiler_params=plgpu.CompilerParams(**_PARAMS),
+  )
+  return call(*ins)
+
+
 def _chunk(seg_len, want, multiple=1):
   """The chunk length T: the largest divisor of the segment length up to `want` that is a multiple of
   `multiple` (which divides the segment length), at least `multiple`."""
@@ -309,7 +393,21 @@ def _chunk(seg_len, want, multiple=1):
 
 
 def _call(
-  meta, ins, out_type, write_y, has_z, bc_width, dtype, T, stages, cpt, save=False, poly=0, has_h0=True, segments=None
+  meta,
+  ins,
+  out_type,
+  write_y,
+  has_z,
+  bc_width,
+  dtype,
+  T,
+  stages,
+  cpt,
+  save=False,
+  poly=0,
+  has_h0=True,
+  segments=None,
+  has_hin=False,
 ):
   b, lp, e = ins[0].shape
   E = E_BLOCK * cpt
@@ -322,7 +420,16 @@ def _call(
   scratch.append(plgpu.Barrier(num_arrivals=3 + has_z, num_barriers=stages))
   call = plgpu.kernel(
     functools.partial(
-      _kernel, meta=meta, T=T, stages=stages, write_y=write_y, save=save, E=E, poly=poly, has_h0=has_h0
+      _kernel,
+      meta=meta,
+      T=T,
+      stages=stages,
+      write_y=write_y,
+      save=save,
+      E=E,
+      poly=poly,
+      has_h0=has_h0,
+      has_hin=has_hin,
     ),
     out_type=out_type,
     scratch_types=scratch,
@@ -355,11 +462,14 @@ def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, 
   return tuple(_call(meta, ins, out, False, False, n, u.dtype, T, stages, cpt, poly=poly, segments=S1))
 
 
-def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False, poly=0):
+def fwd_main(
+  meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stages=2, cpt=1, save=False, poly=0, h_in=None
+):
   """Pass 2 from the padded inputs: (y (b, l, e), the last state (b, n, e) float32[, h_sub (b, l / K, n, e)
   float32 the state before every K = `meta.unroll_bwd`-th step, with `save`]). h0 (b, n, e) float32, or None for
-  zeros (no array to build and read); seg: pass 1's outputs (None with one segment). With `save`, T is a multiple
-  of K. `poly`: as `segment_states`'."""
+  zeros (no array to build and read); seg: pass 1's outputs (None with one segment), which each program chains up
+  to its own segment; or h_in (b, s, n, e) float32, every segment's incoming state (`chain_states`; then h0 and seg
+  are not read). With `save`, T is a multiple of K. `poly`: as `segment_states`'."""
   b, lp, e = u.shape
   n = A2.shape[0]
   T = _chunk(meta.seg_len, T, meta.unroll_bwd if save else 1)
@@ -367,14 +477,20 @@ def fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0, seg, *, T=16, stage
   ins += [D] if meta.has_d else []
   ins += [z] if meta.has_z else []
   ins += [delta_bias] if meta.has_bias else []
+  if h_in is not None:
+    ins.append(h_in)
+    h0 = seg = None
   ins += ([] if h0 is None else [h0]) + ([] if seg is None else list(seg))
   out = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((b, n, e), jnp.float32)]
   out += [jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, n, e), jnp.float32)] if save else []
   zdt = z.dtype if z is not None else u.dtype
   stages = _stages(stages, meta.seg_len // T)
   return tuple(
-    _call(meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save, poly=poly, has_h0=h0 is not None)
-  )
+    _call(
+      meta, ins, out, True, meta.has_z, 2 * n, zdt, T, stages, cpt, save=save, poly=poly, has_h0=h0 is not None,
+      has_hin=h_in is not None,
+    )
+  )  # fmt: skip
 
 
 def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, cpt=1, poly=0):
@@ -405,4 +521,4 @@ def _stages(want, K):
   return max(1, min(want, K))
 
 
-__all__ = ["E_BLOCK", "bc_rows", "exp2_fma", "fwd_main", "segment_adjoints", "segment_states"]
+__all__ = ["E_BLOCK", "bc_rows", "chain_states", "exp2_fma", "fwd_main", "segment_adjoints", "segment_states"]

@@ -160,6 +160,14 @@ class SelectiveScanConfig:
       pass 1 took 0.349 with none, 0.335 with 2 and 0.346 / 0.386 / 0.413 with 4 / 6 / 8; pass 2 0.445 with
       none and 0.460-0.551 with 2-8, and mamba-1.4b's SPSA iteration did not get faster with 2 / 0 (114.0
       against 114.1 ms in one lease) or 4 / 3 (115.8 against 113.6).
+    segment_chain: where each segment's incoming state is chained from pass 1's outputs. "pass2": every pass-2
+      program chains the segments before its own (segment s repeats s chain steps, on average s / 2 of its L_s
+      own: 6% of pass 2's steps at 8K and batch 2, s = 32, 25% at batch 1, s = 64); "xla": an unrolled XLA scan
+      gives them all once, (b, s, n, e), and pass 2 reads its own; "mosaic": a small Mosaic GPU kernel does
+      (`pallas_mosaic.chain_states`, the segments' rows arriving by TMA several ahead; a Hopper GPU). Round 10's
+      Triton chain kernel took the main kernel from 0.366 to 0.309 ms at 8K, batch 1, and cost 0.050 ms itself
+      (each segment waited on its loads; scans.md); "xla" and "mosaic" are not timed yet (round 25), so "pass2"
+      stays the default.
     barrier_segment_states: pass 1's outputs reach their users (pass 2, and under `jax.checkpoint` the saved
       residuals) through `lax.optimization_barrier`. Without it, in a rematerialised gradient over the layer scan,
       XLA's dynamic-slice fusion put the Mosaic GPU pass 1 in a fusion that writes the stacked residual and kept a
@@ -197,6 +205,7 @@ class SelectiveScanConfig:
   mosaic_poly_pass2: int = 0
   mosaic_poly_adjoint: int = 0
   barrier_segment_states: bool = True
+  segment_chain: str = "pass2"
 
 
 DEFAULT_CONFIG = SelectiveScanConfig()
@@ -247,6 +256,7 @@ class _Meta:
   mosaic_vjp: bool = False  # the forward under `jax.vjp` in Mosaic GPU (`SelectiveScanConfig.vjp_fwd_lowering`)
   mosaic_adjoint: bool = False  # the backward's pass 1 in Mosaic GPU (`SelectiveScanConfig.adjoint_lowering`)
   mosaic_poly: tuple[int, int, int] = (0, 0, 0)  # `SelectiveScanConfig.mosaic_poly_*`: pass 1, pass 2, adjoint
+  chain: str = "pass2"  # `SelectiveScanConfig.segment_chain`
 
   @property
   def ragged(self):
@@ -391,15 +401,16 @@ def _step_delta(r, t, seg0, meta, bias, raw=None):
   return d, x
 
 
-def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
+def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool, chained: bool = False):
   """One (channel block, segment, batch): walk the segment's steps from its incoming state.
 
   The state is held as n separate (e,) rows: one channel per thread (see the module docstring).
   Refs in: u, delta (L_s, e), A2 = A^T log2(e) (n, e), B (L_s, n) float32 (with `pack_bc` and `write_y`: BC (L_s,
     n) uint32, `_pack_bc`'s words), [C (L_s, n) float32 (not with `pack_bc`), D (e,), z (L_s, e)] when `write_y`,
-    [delta_bias (e,)], and when `write_y` h0 (n, e) the scan's initial state and,
-    with several segments, h_loc (s - 1, n, e) the end states from zero and dsum (s - 1, e) the sums of
-    delta of all segments but the last (pass 1's outputs), chained here up to this segment.
+    [delta_bias (e,)], and when `write_y` either (`chained`) h_in (n, e) this segment's incoming state
+    (`_chain_states`), or h0 (n, e) the scan's initial state and, with several segments, h_loc (s - 1, n, e) the
+    end states from zero and dsum (s - 1, e) the sums of delta of all segments but the last (pass 1's outputs),
+    chained here up to this segment.
   Refs out: [y (L_s, e)] when `write_y`, else dsum (e,) = sum of delta; h_out (n, e) float32 the segment's end
     state (from zero when not `write_y`); [h_sub (L_s / K, n, e) float32 the state before every K-th step,
     (L_s / K, e, n) without `bwd_rows`] when `save`.
@@ -415,7 +426,9 @@ def _fwd_kernel(*refs, names, meta: _Meta, write_y: bool, save: bool):
   zeros = jnp.zeros(r.A2.shape[1:], jnp.float32)
 
   fma = functools.partial(_fma, interpret=meta.interpret)
-  if write_y:
+  if write_y and chained:
+    h = tuple(r.h_in[k, :] for k in range(n))
+  elif write_y:
     h = tuple(r.h0[k, :] for k in range(n))
     if meta.S > 1:
 
@@ -749,6 +762,31 @@ def _last_segment_dsum(meta, delta, delta_bias):
   return (jax.nn.softplus(x) if meta.softplus else x).sum(1)
 
 
+def chain_states_xla(h_loc, dsum, A2, h0):
+  """Every segment's incoming state (b, s, n, e) float32 from pass 1's h_loc (b, s - 1, n, e) and dsum
+  (b, s - 1, e), A2 = A^T log2(e) (n, e) and h0 (b, n, e) float32 or None (zeros): h_in[0] = h0,
+  h_in[s + 1] = exp2(dsum_s A2) h_in[s] + h_loc_s, as each pass-2 program chains them up to its own segment; an
+  XLA scan, unrolled (a while loop's steps each cost a round trip to the host on a GPU)."""
+  h0 = jnp.zeros(h_loc.shape[:1] + h_loc.shape[2:], jnp.float32) if h0 is None else h0
+  dec = jnp.exp2(dsum[:, :, None, :] * A2)  # (b, s - 1, n, e)
+
+  def step(h, inp):
+    loc, d = inp
+    h = d * h + loc
+    return h, h
+
+  xs = (jnp.moveaxis(h_loc, 1, 0), jnp.moveaxis(dec, 1, 0))
+  _, hs = jax.lax.scan(step, h0, xs, unroll=True if h_loc.shape[1] <= 64 else 16)
+  return jnp.concatenate([h0[:, None], jnp.moveaxis(hs, 0, 1)], axis=1)
+
+
+def _chain_states(meta, seg, A2, h0):
+  """`SelectiveScanConfig.segment_chain` ("xla" or "mosaic"): every segment's incoming state (b, s, n, e)."""
+  if meta.chain == "mosaic":
+    return pallas_mosaic.chain_states(*seg, A2, h0, cpt=meta.mosaic_cpt)
+  return chain_states_xla(*seg, A2, h0)
+
+
 def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   """y (b, l_pad, e), the last state (b, e, n) float32, [the states every K steps] when `save`.
 
@@ -757,10 +795,11 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
   n = A.shape[-1]
   f32 = jnp.float32
   A2 = A.astype(f32).T * _LOG2E  # (n, e)
+  h0t = None if h0 is None else jnp.swapaxes(h0, 1, 2)  # (b, n, e); the Mosaic GPU kernel starts from zeros without
+  h_in = None if seg is None or meta.chain == "pass2" else _chain_states(meta, seg, A2, h0t)  # (b, s, n, e)
   if meta.mosaic_vjp if save else meta.mosaic:
-    h0t = None if h0 is None else jnp.swapaxes(h0, 1, 2)  # the kernel starts from zeros without one
     kw = dict(T=meta.mosaic_chunk, stages=meta.mosaic_stages, cpt=meta.mosaic_cpt, save=save, poly=meta.mosaic_poly[1])
-    res = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, **kw)
+    res = pallas_mosaic.fwd_main(meta, u, delta, A2, B, C, D, z, delta_bias, h0t, seg, h_in=h_in, **kw)
     return res[0], jnp.swapaxes(res[1], 1, 2), res[2] if save else None
   h0 = jnp.zeros((b, e, n), f32) if h0 is None else h0
   common = [("u", "seq_e", u), ("delta", "seq_e", delta), ("A2", "ne", A2)]
@@ -773,12 +812,16 @@ def _forward(meta, save, u, delta, A, B, C, D, z, delta_bias, h0, seg):
     ins = common + [("B", "seq_n", B.astype(f32)), ("C", "seq_n", C.astype(f32))]
   ins += [("D", "vec_e", D)] if meta.has_d else []
   ins += [("z", "seq_z", z)] if meta.has_z else []
-  ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
+  if h_in is None:
+    ins += bias_in + [("h0", "b_ne", jnp.swapaxes(h0, 1, 2))] + chain_in
+  else:
+    ins += bias_in + [("h_in", "seg_ne", h_in)]
   outs = [("y", "seq_e", jax.ShapeDtypeStruct(u.shape, u.dtype)), ("h_out", "seg_ne", seg_ne)]
   if save:
     sub = (n, e) if meta.bwd_rows else (e, n)
     outs.append(("h_sub", _sub_kind(meta), jax.ShapeDtypeStruct((b, lp // meta.unroll_bwd, *sub), f32)))
-  res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", write_y=True, save=save)
+  kw = dict(write_y=True, save=save, chained=h_in is not None)
+  res = _call(_fwd_kernel, meta, meta.block_e, meta.num_warps, ins, outs, "selective_scan_fwd", **kw)
   y, h_out = res[0], res[1]
   return y, jnp.swapaxes(h_out[:, -1], 1, 2), res[2] if save else None
 
@@ -944,6 +987,20 @@ def _use_mosaic(cfg: SelectiveScanConfig, e: int, n: int, interpret: bool, optio
   return use_mosaic(getattr(cfg, option), option, fits, interpret, needs)
 
 
+def _segment_chain(cfg: SelectiveScanConfig, e: int, interpret: bool) -> str:
+  """`cfg.segment_chain`, checked: "pass2", "xla", or "mosaic" where a Mosaic GPU kernel can run."""
+  chain = cfg.segment_chain
+  if chain not in ("pass2", "xla", "mosaic"):
+    raise ValueError(f"segment_chain must be 'pass2', 'xla' or 'mosaic', not {chain!r}")
+  block = pallas_mosaic.E_BLOCK * cfg.mosaic_channels_per_thread
+  if chain == "mosaic" and (interpret or e % block):
+    raise ValueError(
+      f"segment_chain='mosaic' needs d_inner a multiple of {block} (128 x mosaic_channels_per_thread) and a "
+      f"compiled run on a Hopper GPU; got d_inner={e}, interpret={interpret}. Use 'xla' or 'pass2'."
+    )
+  return chain
+
+
 def selective_scan_pallas(
   u: jax.Array,  # (b, l, e)
   delta: jax.Array,  # (b, l, e)
@@ -994,7 +1051,7 @@ def selective_scan_pallas(
     cfg.pack_bc and bf16_bc, z_start, interpret, cfg.fast_math, _use_mosaic(cfg, e, n, interpret), cfg.mosaic_chunk,
     cfg.mosaic_stages, cfg.mosaic_channels_per_thread, _use_mosaic(cfg, e, n, interpret, "vjp_fwd_lowering"),
     _use_mosaic(cfg, e, n, interpret, "adjoint_lowering"),
-    (cfg.mosaic_poly_pass1, cfg.mosaic_poly_pass2, cfg.mosaic_poly_adjoint),
+    (cfg.mosaic_poly_pass1, cfg.mosaic_poly_pass2, cfg.mosaic_poly_adjoint), _segment_chain(cfg, e, interpret),
   )  # fmt: skip
 
   def pad_l(a):
@@ -1014,4 +1071,10 @@ def selective_scan_pallas(
   return (y, h) if return_last_state else y
 
 
-__all__ = ["SelectiveScanConfig", "DEFAULT_CONFIG", "default_config_overrides", "selective_scan_pallas"]
+__all__ = [
+  "SelectiveScanConfig",
+  "DEFAULT_CONFIG",
+  "chain_states_xla",
+  "default_config_overrides",
+  "selective_scan_pallas",
+]
