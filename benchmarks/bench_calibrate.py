@@ -132,7 +132,7 @@ def kernel_switch_args(p: argparse.ArgumentParser) -> None:
   """The A/B switches of the kernels that are read when a step is traced (bench_calibrate.py and profile_model.py)."""
   p.add_argument(
     "--conv-forward",
-    choices=("default", "tile", "walk"),
+    choices=("default", "tile", "walk", "mosaic", "auto"),
     default="default",
     help="the causal conv's forward kernel on GPU (causal_conv.pallas_triton.FWD_KERNEL); default: its own setting",
   )

@@ -8,11 +8,14 @@ gradient added in the same function (what the Mamba1 mixer's in_proj gradient do
   PYTHONPATH=. python benchmarks/bench_causal_conv.py --lens 8192 --out $OUT/causal_conv.jsonl
 
 With --fwd-variants, the forward alone instead: each "kernel:rows:n" variant of the Pallas forward (tile: rows per
-program and num_warps; walk: rows per program and channels per thread, see pallas_triton.FWD_KERNEL) timed and
+program and num_warps; walk: rows per program and channels per thread; mosaic, the Mosaic GPU forward on Hopper:
+rows per program and rows per TMA copy; see pallas_triton.FWD_KERNEL) timed and
 checked against XLA's forward, a table printed and one JSON row per variant and case appended to --out:
 
   PYTHONPATH=. python benchmarks/bench_causal_conv.py --lens 8192 --batches 2 --out $OUT/conv_fwd.jsonl \
     --fwd-variants tile:64:4,tile:128:4,tile:32:4,tile:64:8,walk:128:4,walk:128:2,walk:256:4,walk:64:4
+  PYTHONPATH=. python benchmarks/bench_causal_conv.py --lens 8192 --batches 1,2 --out $OUT/conv_fwd.jsonl \
+    --fwd-variants tile:64:4,mosaic:256:32,mosaic:512:32,mosaic:256:16,mosaic:128:32
 
 (--interpret runs the kernels in Pallas' interpreter: a CPU smoke test at tiny lengths, e.g. --lens 8, not a timing.)
 """
@@ -84,14 +87,23 @@ def _case(name, d, start, width, l, b, variants=(DEFAULT_VARIANT,)):
 
 
 # the module constants a forward variant sets (read when the conv is traced)
-FWD_KNOBS = ("FWD_KERNEL", "BLOCK_T", "FWD_TILE_WARPS", "FWD_BLOCK_T", "FWD_CHANNELS_PER_THREAD")
+FWD_KNOBS = (
+  "FWD_KERNEL",
+  "BLOCK_T",
+  "FWD_TILE_WARPS",
+  "FWD_BLOCK_T",
+  "FWD_CHANNELS_PER_THREAD",
+  "MOSAIC_ROWS",
+  "MOSAIC_CHUNK",
+)
 
 
 def parse_fwd_variant(v: str) -> tuple[str, int, int]:
-  """ "kernel:rows:n" -> (kernel, rows per program, n): n is num_warps for "tile", channels per thread for "walk"."""
+  """ "kernel:rows:n" -> (kernel, rows per program, n): n is num_warps for "tile", channels per thread for "walk",
+  rows per TMA copy for "mosaic" (the Mosaic GPU forward, Hopper)."""
   kernel, rows, n = v.split(":")
-  if kernel not in ("tile", "walk"):
-    raise ValueError(f"forward variant {v!r}: the kernel is 'tile' or 'walk'")
+  if kernel not in ("tile", "walk", "mosaic"):
+    raise ValueError(f"forward variant {v!r}: the kernel is 'tile', 'walk' or 'mosaic'")
   return kernel, int(rows), int(n)
 
 
@@ -99,8 +111,10 @@ def _set_fwd_variant(kernel, rows, n):
   pt.FWD_KERNEL = kernel
   if kernel == "tile":
     pt.BLOCK_T, pt.FWD_TILE_WARPS = rows, n
-  else:
+  elif kernel == "walk":
     pt.FWD_BLOCK_T, pt.FWD_CHANNELS_PER_THREAD = rows, n
+  else:
+    pt.MOSAIC_ROWS, pt.MOSAIC_CHUNK = rows, n
 
 
 def _fwd_case(name, d, start, width, l, b, variants, interpret=False):
@@ -162,7 +176,8 @@ def main():
     "--fwd-variants",
     default=None,
     help="forward only: comma-separated kernel:rows:n (tile:64:4 = 64 rows per program, 4 warps; walk:128:4 = 128 "
-    "rows per program, 4 channels per thread), each timed against XLA's forward instead of the backward cases",
+    "rows per program, 4 channels per thread; mosaic:256:32 = 256 rows per program, 32 per TMA copy), each timed "
+    "against XLA's forward instead of the backward cases",
   )
   ap.add_argument(
     "--interpret", action="store_true", help="with --fwd-variants: Pallas' interpreter (a CPU smoke test, not a timing)"

@@ -11,7 +11,7 @@ from jax.test_util import check_grads
 from mamba_jax import ops
 from mamba_jax.ops.causal_conv import pallas_triton as pt
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla
-from tests.conftest import float64, rel_err
+from tests.conftest import float64, kernel_call_lines, operand_types, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -203,3 +203,66 @@ def test_gradient_lowers_to_the_forward_and_backward_kernels(kernel, fwd, monkey
     want = jax.grad(lambda s, w, bb: jnp.sum(causal_conv1d_xla(s, w, bb) ** 2), argnums=(0, 1, 2))(src, weight, bias)
     for a, e in zip(got, want, strict=True):
       assert rel_err(a, e) < 1e-5
+
+
+ON_HOPPER = jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+_HOPPER = pytest.mark.skipif(not ON_HOPPER, reason="the Mosaic GPU forward runs only on a Hopper GPU")
+
+
+@pytest.mark.parametrize(
+  "name, b, l, d, start, width",
+  [("mamba-1.4b x", 2, 8192, 8192, 0, 4096), ("mamba2-1.3b x|B|C", 1, 8192, 8768, 4096, 4352)],
+)
+def test_mosaic_forward_lowers_at_the_models_windows(name, b, l, d, start, width, monkeypatch):
+  """FWD_KERNEL = "mosaic": the forward is one Mosaic GPU call reading the window in place (the source, whole,
+  is its operand) and writing (b, l, c); the gradient keeps the Triton backward (lowered for CUDA, no GPU
+  needed)."""
+  monkeypatch.setattr(pt, "FWD_KERNEL", "mosaic")
+  S = jax.ShapeDtypeStruct
+  args = (S((b, l, d), jnp.bfloat16), S((4, width), jnp.bfloat16), S((width,), jnp.bfloat16))
+  f = lambda s, w, bb: pt.causal_conv1d_pallas(s, w, bb, start=start, width=width)  # noqa: E731
+  calls = kernel_call_lines(f, *args)
+  assert not calls["triton"] and len(calls["mosaic"]) == 1, name
+  assert operand_types(calls["mosaic"][0])[0] == f"tensor<{b}x{l}x{d}xbf16>"
+  assert calls["mosaic"][0].rsplit("-> ", 1)[-1].strip() == f"tensor<{b}x{l}x{width}xbf16>"
+  grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2), argnums=(0, 1, 2))  # needs the output
+  calls = kernel_call_lines(grad, *args)
+  assert len(calls["mosaic"]) == 1 and len(calls["triton"]) == 1 and "causal_conv1d_bwd" in calls["triton"][0]
+
+
+def test_mosaic_forward_refuses_what_it_cannot_run_and_auto_falls_back(monkeypatch):
+  src, weight, bias = _inputs(1, 64, 256, 256)
+  monkeypatch.setattr(pt, "FWD_KERNEL", "mosaic")
+  with pytest.raises(ValueError, match="FWD_KERNEL='mosaic' needs .*interpret=True"):
+    pt.causal_conv1d_pallas(src, weight, bias, interpret=True)
+  monkeypatch.setattr(pt, "FWD_KERNEL", "auto")  # the interpreter: the tile forward
+  got = pt.causal_conv1d_pallas(src, weight, bias, interpret=INTERPRET)
+  assert rel_err(got, _numpy_reference(src, weight, bias, 0, 256, True)) < 1e-5
+  assert pt.pallas_mosaic.fits(128, 256, 64, chunk=32, cpt=1)
+  assert not pt.pallas_mosaic.fits(64, 256, 64, chunk=32, cpt=1)  # start inside a 128-channel block
+  assert not pt.pallas_mosaic.fits(0, 256, 70, chunk=32, cpt=1)  # a ragged last copy
+  assert not pt.pallas_mosaic.fits(0, 128, 64, chunk=32, cpt=2)  # fewer channels than a 256-channel program
+
+
+@_HOPPER
+@pytest.mark.parametrize(
+  "b, l, d, start, width, rows, chunk, cpt, dtype",
+  [
+    (2, 512, 512, 0, 256, 256, 32, 1, jnp.bfloat16),  # mamba-1.4b's layout: the window first
+    (1, 448, 768, 256, 384, 128, 32, 1, jnp.bfloat16),  # an inner window; 448 rows: 64-row programs
+    (2, 256, 512, 256, 256, 256, 16, 2, jnp.float32),  # two channels per thread, float32
+  ],
+)
+@pytest.mark.parametrize("silu,with_bias", [(True, True), (False, False)])
+def test_mosaic_forward_matches_float64_reference(b, l, d, start, width, rows, chunk, cpt, dtype, silu, with_bias,
+                                                  monkeypatch):  # fmt: skip
+  for name, value in (("FWD_KERNEL", "mosaic"), ("MOSAIC_ROWS", rows), ("MOSAIC_CHUNK", chunk), ("MOSAIC_CPT", cpt)):
+    monkeypatch.setattr(pt, name, value)
+  src, weight, bias = _inputs(b, l, d, width, dtype=dtype, seed=l)
+  bias = bias if with_bias else None
+  got = jax.jit(lambda s, w, bb: pt.causal_conv1d_pallas(s, w, bb, start=start, width=width, silu=silu))(
+    src, weight, bias
+  )
+  want = _numpy_reference(src, weight, bias, start, width, silu)
+  assert got.shape == (b, l, width) and got.dtype == dtype
+  assert rel_err(got, want) < (1e-2 if dtype == jnp.bfloat16 else 1e-5)

@@ -1,4 +1,4 @@
-"""Pallas Mosaic GPU helpers shared by the selective scan's and the SSD's kernels."""
+"""Pallas Mosaic GPU helpers shared by the selective scan's, the SSD's and the causal conv's kernels."""
 
 import inspect
 
@@ -12,3 +12,13 @@ def load(ref, layout, **kw):
   if idx is not None and idx.default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout, **kw)
   return plgpu.load(ref, layout=layout, **kw)
+
+
+def row_layout(E):
+  """An (e,) row of E = 128 c channels across a warpgroup (lane semantics): channels [c i, c i + c) in thread i."""
+  return plgpu.Layout.WG_STRIDED((E,), vec_size=E // 128)
+
+
+def load_row(ref):
+  """An (e,) row of a shared- or global-memory ref into registers (`row_layout`)."""
+  return load(ref, row_layout(ref.shape[-1]), optimized=False)

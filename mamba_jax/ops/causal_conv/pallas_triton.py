@@ -21,7 +21,9 @@ and holding the last k - 1 in registers. The walk's row loads clip the index int
 (as the backward's), so the same code runs compiled and interpreted, with no padding. On an H200 (round 22,
 mamba-1.4b's x window at 8K, batch 2) the walk took 112 us against the tile's 123-126, but mamba-1.4b's SPSA
 iteration did not move (119.8 against 120.5 ms in one lease), and at batch 1 and on Mamba2's window it lost; the tile
-stays the default. Both kernels take the weight and bias in their dtype and cast them inside.
+stays the default. Both kernels take the weight and bias in their dtype and cast them inside. A third forward, in
+Mosaic GPU (`pallas_mosaic.py`: the walk's work per program with the rows arriving and leaving by TMA), is chosen
+with FWD_KERNEL = "mosaic" or "auto" (round 25; not timed yet).
 
 The backward (`_bwd_kernel`, under gradient calibration) is a kernel too: each program walks its BWD_BLOCK_T rows of
 one w-channel stripe step by step, BWD_CHANNELS_PER_THREAD channels per thread, the last k - 1 inputs and
@@ -46,13 +48,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mamba_jax.ops._lowering import use_mosaic
+from mamba_jax.ops.causal_conv import pallas_mosaic
 from mamba_jax.ops.causal_conv.reference import causal_conv1d_xla, window_bounds
 
 F32 = jnp.float32
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
 MIN_BLOCK_W = 16
 MAX_BLOCK_W = 128
-FWD_KERNEL = "tile"  # the forward: "tile" (`_kernel`) or "walk" (`_walk_kernel`); read when the conv is traced
+# the forward: "tile" (`_kernel`), "walk" (`_walk_kernel`), "mosaic" (`pallas_mosaic.forward`, Hopper) or "auto"
+# (Mosaic GPU on a Hopper GPU where the window fits, else the tile); read when the conv is traced
+FWD_KERNEL = "tile"
+MOSAIC_ROWS = 256  # rows per program of the Mosaic GPU forward
+MOSAIC_CHUNK = 32  # rows per TMA copy of the Mosaic GPU forward
+MOSAIC_STAGES = 2  # copies in flight in the Mosaic GPU forward
+MOSAIC_CPT = 1  # channels per thread of the Mosaic GPU forward
 BLOCK_T = 64  # rows per program of the tile forward
 FWD_TILE_WARPS = 4  # the tile forward's warps
 FWD_BLOCK_T = 128  # rows per program of the walk forward
@@ -221,13 +231,29 @@ def _walk_forward(meta: _Meta, src, weight, bias):
   )(*args)
 
 
+def _mosaic_forward(meta: _Meta, src, weight, bias):
+  kw = dict(rows=MOSAIC_ROWS, chunk=MOSAIC_CHUNK, stages=MOSAIC_STAGES, cpt=MOSAIC_CPT)
+  bias = bias if meta.has_bias else None
+  return pallas_mosaic.forward(src, weight, bias, start=meta.start, width=meta.width, silu=meta.silu, **kw)
+
+
 def _forward(meta: _Meta, src, weight, bias):
   """The forward FWD_KERNEL names (read here, when the conv is traced)."""
+  if FWD_KERNEL in ("mosaic", "auto"):
+    fits = pallas_mosaic.fits(meta.start, meta.width, src.shape[1], chunk=MOSAIC_CHUNK, cpt=MOSAIC_CPT)
+    needs = (
+      f"a window of whole {pallas_mosaic.E_BLOCK * MOSAIC_CPT}-channel blocks, a length that is a multiple of "
+      f"MOSAIC_CHUNK = {MOSAIC_CHUNK} and a compiled run; got the window [{meta.start}, {meta.start + meta.width}), "
+      f"length {src.shape[1]}, interpret={meta.interpret}"
+    )
+    if use_mosaic(FWD_KERNEL, "causal_conv1d FWD_KERNEL", fits, meta.interpret, needs):
+      return _mosaic_forward(meta, src, weight, bias)
+    return _tile_forward(meta, src, weight, bias)
   if FWD_KERNEL == "walk":
     return _walk_forward(meta, src, weight, bias)
   if FWD_KERNEL == "tile":
     return _tile_forward(meta, src, weight, bias)
-  raise ValueError(f"causal_conv1d: FWD_KERNEL {FWD_KERNEL!r} is neither 'tile' nor 'walk'")
+  raise ValueError(f"causal_conv1d: FWD_KERNEL {FWD_KERNEL!r} is none of 'tile', 'walk', 'mosaic' and 'auto'")
 
 
 def _bwd_kernel(*refs, T, U, k, l, silu, has_bias):

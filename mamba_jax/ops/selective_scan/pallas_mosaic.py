@@ -52,21 +52,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mamba_jax.ops._dt import softplus_from_exp2
-from mamba_jax.ops._mosaic_gpu import load as mosaic_load
+from mamba_jax.ops._mosaic_gpu import load_row as _load_row
+from mamba_jax.ops._mosaic_gpu import row_layout as _row_layout
 
 E_BLOCK = 128  # channels per program with one channel per thread of the warpgroup (`channels_per_thread` 1)
 _LOG2E = 1.4426950408889634
 _PARAMS = dict(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane, unsafe_no_auto_barriers=True)
-
-
-def _row_layout(E):
-  """An (e,) row of E = 128 c channels, channels [c i, c i + c) in thread i."""
-  return plgpu.Layout.WG_STRIDED((E,), vec_size=E // 128)
-
-
-def _load_row(ref):
-  """An (e,) row of a shared- or global-memory ref into registers (`_row_layout`)."""
-  return mosaic_load(ref, _row_layout(ref.shape[-1]), optimized=False)
 
 
 def _log2(x):
