@@ -388,7 +388,10 @@ def test_remat_stores_states_once():
 
   stored = f"tensor<{b}x{l // pt.DEFAULT_CONFIG.unroll_bwd}x{n}x{e}xf32>"  # (b, l / K, n, e)
   S_ = pt._segments(l, b, e, pt.DEFAULT_CONFIG)[1]
-  seg_states = [f"tensor<{b}x{S_}x{n}x{e}xf32>", f"tensor<{b}x{S_}x{e}xf32>"]  # pass 1's results
+  seg_states = [
+    f"tensor<{b}x{S_ - 1}x{n}x{e}xf32>",
+    f"tensor<{b}x{S_ - 1}x{e}xf32>",
+  ]  # pass 1: all segments but the last
   # remat: the primal pass's 2 launches (pass 1 and 2), then the 4 of fwd + bwd; with the model's policy the
   # backward's recomputation reuses pass 1's segment states, so pass 1 runs once (the recomputed copy is dead code,
   # which XLA removes).
