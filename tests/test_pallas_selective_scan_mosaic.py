@@ -449,3 +449,15 @@ def test_segment_chain_outside_pass_2_matches_the_inline_chain(chain):
   assert rel_err(h, h_p) < 1e-5 and rel_err(y, y_p) < 1e-2  # y in bf16
   for k, a, p in zip(names, g, g_p, strict=True):
     assert rel_err(a, p) < (4e-3 if a.dtype == jnp.bfloat16 else 1e-4), k
+
+
+def test_divisor_up_to_against_brute_force():
+  from mamba_jax.ops._mosaic_gpu import divisor_up_to  # noqa: PLC0415
+
+  for n in (16, 48, 256, 300, 448, 8192):
+    for multiple in (1, 2, 4, 8, 16):
+      if n % multiple:
+        continue
+      for want in (1, 5, 16, 32, 100, 256, 10000):
+        ok = [d for d in range(multiple, max(want, multiple) + 1, multiple) if n % d == 0]
+        assert divisor_up_to(n, want, multiple) == max(ok), (n, want, multiple)

@@ -22,3 +22,12 @@ def row_layout(E):
 def load_row(ref):
   """An (e,) row of a shared- or global-memory ref into registers (`row_layout`)."""
   return load(ref, row_layout(ref.shape[-1]), optimized=False)
+
+
+def divisor_up_to(n: int, want: int, multiple: int = 1) -> int:
+  """The largest divisor of n up to `want` that is a multiple of `multiple` (which divides n), at least
+  `multiple`: a kernel's rows per copy or per program that tile n exactly."""
+  for d in range(max(want, multiple) // multiple * multiple, 0, -multiple):
+    if n % d == 0:
+      return d
+  return multiple

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from mamba_jax.ops._mosaic_gpu import load_row
+from mamba_jax.ops._mosaic_gpu import divisor_up_to, load_row
 
 E_BLOCK = 128  # channels per program with one channel per thread
 _LOG2E = 1.4426950408889634
@@ -38,14 +38,6 @@ def fits(start: int, width: int, l: int, *, chunk: int, cpt: int) -> bool:
   """Whether `forward` runs this window: whole channel blocks, whole copies of rows."""
   E = E_BLOCK * cpt
   return start % E == 0 and width % E == 0 and l % chunk == 0
-
-
-def _rows(l, want, chunk):
-  """r: the largest multiple of `chunk` dividing l, up to `want` (at least `chunk`, which divides l)."""
-  for r in range(max(want, chunk) // chunk * chunk, chunk, -chunk):
-    if l % r == 0:
-      return r
-  return chunk
 
 
 def _kernel(*refs, k, T, R, stages, E, start, silu, has_bias):
@@ -118,7 +110,7 @@ def forward(src, weight, bias, *, start, width, silu, rows=256, chunk=32, stages
       f"causal_conv1d (Mosaic GPU): the window [{start}, {start + width}) needs start and width multiples of {E} "
       f"and the length ({l}) a multiple of {chunk} rows"
     )
-  R = _rows(l, rows, chunk)
+  R = divisor_up_to(l, rows, chunk)  # rows per program: a multiple of the copies, tiling l
   stages = max(1, min(stages, R // chunk))
   has_bias = bias is not None
   kernel = functools.partial(_kernel, k=k, T=chunk, R=R, stages=stages, E=E, start=start, silu=silu, has_bias=has_bias)

@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from mamba_jax.ops._dt import softplus_from_exp2
+from mamba_jax.ops._mosaic_gpu import divisor_up_to as _divisor_up_to
 from mamba_jax.ops._mosaic_gpu import load_row as _load_row
 from mamba_jax.ops._mosaic_gpu import row_layout as _row_layout
 
@@ -374,15 +375,6 @@ def chain_states(h_loc, dsum, A2, h0, *, stages=8, cpt=1):
   return call(*ins)
 
 
-def _chunk(seg_len, want, multiple=1):
-  """The chunk length T: the largest divisor of the segment length up to `want` that is a multiple of
-  `multiple` (which divides the segment length), at least `multiple`."""
-  for T in range(max(want, multiple) // multiple * multiple, 0, -multiple):
-    if seg_len % T == 0:
-      return T
-  return multiple
-
-
 def _call(
   meta,
   ins,
@@ -444,7 +436,7 @@ def segment_states(meta, u, delta, A2, B, delta_bias, *, T=16, stages=2, cpt=1, 
   the FMA units (`exp2_fma`)."""
   b, lp, e = u.shape
   n = A2.shape[0]
-  T = _chunk(meta.seg_len, T)
+  T = _divisor_up_to(meta.seg_len, T)
   ins = [u, delta, A2, B.astype(jnp.float32)] + ([delta_bias] if meta.has_bias else [])
   f32 = jnp.float32
   S1 = meta.S - 1
@@ -463,7 +455,7 @@ def fwd_main(
   are not read). With `save`, T is a multiple of K. `poly`: as `segment_states`'."""
   b, lp, e = u.shape
   n = A2.shape[0]
-  T = _chunk(meta.seg_len, T, meta.unroll_bwd if save else 1)
+  T = _divisor_up_to(meta.seg_len, T, meta.unroll_bwd if save else 1)
   ins = [u, delta, A2, bc_rows(B, C)]
   ins += [D] if meta.has_d else []
   ins += [z] if meta.has_z else []
@@ -490,7 +482,7 @@ def segment_adjoints(meta, delta, dy, A2, C, z, delta_bias, *, T=16, stages=2, c
   A2 = A^T log2(e) (n, e) float32; dy the cotangent of y (b, l, e). `poly`: as `segment_states`'."""
   b, lp, e = delta.shape
   n = A2.shape[0]
-  T = _chunk(meta.seg_len, T)
+  T = _divisor_up_to(meta.seg_len, T)
   stages = _stages(stages, meta.seg_len // T)
   E = E_BLOCK * cpt
   ins = [delta, dy, A2, C.astype(jnp.float32)] + ([z] if meta.has_z else []) + ([delta_bias] if meta.has_bias else [])
